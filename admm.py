@@ -1,0 +1,214 @@
+"""ADMM weight pruning: projections onto sparsity sets, the ADMM state, masks and sparsity reports.
+
+The formulation follows Ye, Xu et al., *Adversarial Robustness vs. Model Compression, or Both?*
+(ICCV 2019), Sec. 3, and Ye, Feng et al., *Progressive DNN Compression* (arXiv:1903.09769):
+
+    min_W  f(W) + sum_i g_i(Z_i)   s.t.  W_i = Z_i,         g_i = indicator of the sparsity set S_i
+
+solved with the scaled augmented Lagrangian (Eq. 5-8 of the ICCV paper; Boyd et al. 2011, Sec. 3.1.1):
+
+    W-step:  min_W f(W) + sum_i rho_i/2 ||W_i - Z_i + U_i||_F^2      (SGD for ``update_every`` epochs)
+    Z-step:  Z_i = Pi_{S_i}(W_i + U_i)                                (Euclidean projection)
+    U-step:  U_i = U_i + W_i - Z_i
+
+Everything here is plain tensor maths on the weights' own device; nothing goes through numpy.
+"""
+import fnmatch
+
+import torch
+from torch import nn
+
+SCHEMES = ("irregular", "filter", "column")
+
+
+# --------------------------------------------------------------------------- projections
+
+def n_pruned(n, ratio):
+    """Number of the ``n`` groups a ``ratio`` removes: Python's ``round(ratio * n)`` (half to even)."""
+    return int(round(ratio * n))
+
+
+def group_scores(w, scheme):
+    """Score of each prunable group of ``w`` ([out, in, kh, kw] conv or [out, in] linear weight).
+
+    irregular: |w| per element (numel scores); filter: L2 norm of each output channel
+    (``out`` scores); column: L2 norm of each input position (in, kh, kw) across all filters
+    (``in*kh*kw`` scores). Computed in float32 so low-precision weights rank correctly.
+    """
+    w2 = w.detach().float().flatten(1) if w.dim() > 1 else w.detach().float().view(1, -1)
+    if scheme == "irregular":
+        return w2.abs().flatten()
+    if scheme == "filter":
+        return w2.norm(dim=1)
+    if scheme == "column":
+        return w2.norm(dim=0)
+    raise ValueError(f"unknown sparsity type {scheme!r}; choose one of {list(SCHEMES)}")
+
+
+def prune_mask(w, ratio, scheme):
+    """Boolean mask (shape of ``w``) keeping exactly ``n - round(ratio*n)`` groups of largest score.
+
+    The Euclidean projection onto "at most k nonzero groups" keeps the k groups of largest
+    norm. Ties are broken by position (the lower flat index is kept) via a stable sort, so the
+    result is deterministic on every device, unlike a percentile threshold, which keeps every
+    group tied with the threshold and misses the target.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
+    score = group_scores(w, scheme)
+    n = score.numel()
+    keep = torch.zeros(n, dtype=torch.bool, device=w.device)
+    order = torch.argsort(score, descending=True, stable=True)
+    keep[order[: n - n_pruned(n, ratio)]] = True
+    if scheme == "irregular":
+        return keep.view_as(w)
+    out = w.shape[0] if w.dim() > 1 else 1
+    if scheme == "filter":
+        return keep.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
+    return keep.view(1, -1).expand(out, -1).reshape(w.shape)
+
+
+def project(w, ratio, scheme):
+    """Euclidean projection of ``w`` onto the sparsity set: ``w * prune_mask(w, ratio, scheme)``."""
+    return w * prune_mask(w, ratio, scheme)
+
+
+# --------------------------------------------------------------------------- which layers
+
+def prunable_weights(model):
+    """{name: weight} of every Conv2d and Linear layer, keyed by the model's own parameter names."""
+    return {f"{mod_name}.weight" if mod_name else "weight": mod.weight
+            for mod_name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+
+
+def resolve_ratios(model, prune_ratios):
+    """Expand ``prune_ratios`` (names or fnmatch patterns such as ``conv*.weight``) to {name: ratio}.
+
+    Entries apply in the order written; a later entry overrides an earlier one for the names it
+    matches. An entry that matches no prunable weight is an error listing the valid names.
+    Layers with ratio 0 are dropped (nothing to prune).
+    """
+    names = list(prunable_weights(model))
+    out = {}
+    for key, ratio in prune_ratios.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
+        if not hits:
+            raise ValueError(f"prune.prune_ratios: {key!r} matches no prunable weight; "
+                             f"valid names: {', '.join(names)}")
+        ratio = float(ratio)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {ratio}")
+        out.update({n: ratio for n in hits})
+    return {n: r for n, r in out.items() if r > 0}
+
+
+# --------------------------------------------------------------------------- ADMM state
+
+class ADMM:
+    """ADMM auxiliary variables Z, scaled duals U and penalties rho, one of each per pruned layer.
+
+    ``ratios`` ({name: ratio}) and ``scheme`` say which sparsity set S_i each layer projects to.
+    Weights are passed in at each call as {name: tensor}; the object never holds the model.
+    """
+
+    def __init__(self, weights, ratios, scheme, rho):
+        self.ratios, self.scheme = dict(ratios), scheme
+        # Initialise Z = Pi_S(W), U = 0 (ICCV'19 Sec. 3.2).
+        self.Z = {n: project(weights[n].detach(), r, scheme) for n, r in self.ratios.items()}
+        self.U = {n: torch.zeros_like(z) for n, z in self.Z.items()}
+        self.rho = {n: float(rho) for n in self.ratios}
+
+    def penalty(self, weights):
+        """sum_i rho_i/2 * ||W_i - Z_i + U_i||_F^2, differentiable w.r.t. the weights (Eq. 6)."""
+        return sum(self.rho[n] / 2 * (weights[n] - self.Z[n] + self.U[n]).pow(2).sum() for n in self.Z)
+
+    @torch.no_grad()
+    def update(self, weights, rho_growth=1.0):
+        """Z = Pi_S(W + U); U = U + W - Z (Eq. 7-8); then rho *= rho_growth.
+
+        When rho grows the scaled dual is rescaled, U *= rho_old / rho_new, so the unscaled
+        multiplier lambda = rho * U is unchanged (Boyd et al. 2011, Sec. 3.4.1).
+        Returns ``residuals`` measured after the update.
+        """
+        for n, r in self.ratios.items():
+            w = weights[n].detach()
+            self.Z[n] = project(w + self.U[n], r, self.scheme)
+            self.U[n] = self.U[n] + w - self.Z[n]
+            self.rho[n] *= rho_growth
+            self.U[n] = self.U[n] / rho_growth
+        return self.residuals(weights)
+
+    @torch.no_grad()
+    def residuals(self, weights):
+        """Per-layer primal residual ||W - Z|| / ||W||; it falls as W converges to the sparse set."""
+        return {n: ((weights[n] - self.Z[n]).norm() / weights[n].norm().clamp_min(1e-12)).item()
+                for n in self.Z}
+
+    def state_dict(self):
+        return {"Z": self.Z, "U": self.U, "rho": self.rho, "ratios": self.ratios, "scheme": self.scheme}
+
+    @classmethod
+    def from_state_dict(cls, state, device=None):
+        self = cls.__new__(cls)
+        self.ratios, self.scheme, self.rho = dict(state["ratios"]), state["scheme"], dict(state["rho"])
+        self.Z = {n: t.to(device) for n, t in state["Z"].items()}
+        self.U = {n: t.to(device) for n, t in state["U"].items()}
+        return self
+
+
+# --------------------------------------------------------------------------- masks
+
+def hard_prune(weights, ratios, scheme):
+    """Project each weight in place (W = Pi_S(W)) and return the {name: bool mask} it kept."""
+    masks = {}
+    with torch.no_grad():
+        for n, r in ratios.items():
+            masks[n] = prune_mask(weights[n], r, scheme)
+            weights[n].mul_(masks[n])
+    return masks
+
+
+def nonzero_masks(weights, names):
+    """Masks of the weights that are currently nonzero (for ``masked_progressive``)."""
+    return {n: weights[n].detach() != 0 for n in names}
+
+
+@torch.no_grad()
+def apply_masks(weights, masks):
+    for n, m in masks.items():
+        weights[n].mul_(m)
+
+
+def attach_masks(optimizer, weights, masks):
+    """Re-apply ``masks`` after every ``optimizer.step()``, so neither momentum nor weight decay
+    can revive a pruned weight. Returns the hook handle (``.remove()`` to detach)."""
+    apply_masks(weights, masks)
+    return optimizer.register_step_post_hook(lambda *_: apply_masks(weights, masks))
+
+
+# --------------------------------------------------------------------------- reports
+
+@torch.no_grad()
+def layer_sparsity(w):
+    """{"element", "column", "filter"}: zero fraction of elements, of columns (input positions
+    across all filters) and of filters (output channels)."""
+    w2 = w.detach().flatten(1) if w.dim() > 1 else w.detach().view(1, -1)
+    nz = w2 != 0
+    return {"element": 1.0 - nz.float().mean().item(),
+            "column": 1.0 - nz.any(dim=0).float().mean().item(),
+            "filter": 1.0 - nz.any(dim=1).float().mean().item()}
+
+
+def sparsity_report(model, ratios, scheme):
+    """Sparsity of every prunable layer (with its target ``ratio``, 0 if not pruned), plus, over
+    the pruned layers (ratio > 0): ``overall``, their zero fraction, and ``compression_rate``,
+    their total weights / nonzero weights."""
+    layers, total, zeros = [], 0, 0
+    for n, w in prunable_weights(model).items():
+        nnz = int((w != 0).sum())
+        layers.append({"name": n, "shape": list(w.shape), "ratio": ratios.get(n, 0.0), "params": w.numel(),
+                       "nonzero": nnz, **layer_sparsity(w)})
+        if n in ratios:
+            total, zeros = total + w.numel(), zeros + w.numel() - nnz
+    return {"type": scheme, "overall": zeros / total if total else 0.0,
+            "compression_rate": total / max(total - zeros, 1) if total else 1.0, "layers": layers}

@@ -1,0 +1,94 @@
+"""Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints."""
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger("admm_at")
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, paths, files). Entry scripts print it as one
+    line, ``error: <message>``, and exit with status 2, without a traceback."""
+
+
+def get_device(name):
+    """``auto`` -> cuda if available, else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device: {name!r} is not a device ({e}); use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} requested but CUDA is not available; use device=auto or cpu")
+    return dev
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(log_file=None):
+    """Log to the console and, if given, append to ``log_file``. Safe to call more than once."""
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    for h in list(LOG.handlers):
+        LOG.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(console)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        LOG.addHandler(fh)
+    return LOG
+
+
+def git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(obj, path):
+    """Write ``obj`` atomically: a temp file in the same folder, fsync, then rename over ``path``.
+    A crash mid-save leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with ``weights_only=True`` (tensors and plain data only; a file
+    that would run code is refused). Any failure is a one-line ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
+                        f"(truncated, corrupt, or containing code) - {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this project (no 'model'/'config' entries)")
+    return ckpt

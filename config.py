@@ -1,0 +1,192 @@
+"""One config path: ``configs/<name>.yaml`` over ``DEFAULTS``, then ``--set section.key=value``.
+
+Every key a config may hold is in ``DEFAULTS``; its default also fixes its type. An unknown key
+or a wrong type is a ``UserError`` naming the key (and the nearest valid key). Floats accept a
+fraction string such as ``8/255``. The resolved config is a plain dict, saved into every
+checkpoint and as ``config.yaml`` in the run folder.
+"""
+import copy
+import difflib
+from fractions import Fraction
+
+import yaml
+
+from common import UserError
+
+_STAGE = {
+    "epochs": 10,          # epochs of this stage
+    "lr": 0.01,            # peak learning rate
+    "optimizer": "sgd",    # sgd | adam
+    "momentum": 0.9,       # sgd only
+    "weight_decay": 0.0,
+    "schedule": "cosine",  # cosine | step | constant (evaluated per epoch)
+    "milestones": [],      # step schedule: epochs at which lr *= gamma
+    "gamma": 0.1,
+}
+
+DEFAULTS = {
+    "seed": 0,
+    "device": "auto",              # auto | cpu | cuda | cuda:N
+    "data": {
+        "dataset": "demo",         # demo | mnist | fashion_mnist | cifar10
+        "root": "data",            # where torchvision datasets live / are downloaded to
+        "download": True,
+        "synthetic": False,        # random tensors of the dataset's shape (smoke tests, benchmarks)
+        "train_limit": 0,          # use the first N training examples (0 = all)
+        "batch_size": 128,
+        "test_batch_size": 500,
+    },
+    "model": {"arch": "lenet", "width": 4},
+    "adv": {                       # the training (and default evaluation) adversary, L-inf PGD
+        "eps": 0.3,                # pixel units in [0, 1]
+        "step_size": 0.01,
+        "steps": 40,
+        "restarts": 1,
+        "random_start": True,
+    },
+    "eval": {                      # the evaluation PGD (per epoch, final report, eval.py defaults), eps = adv.eps
+        "steps": 20,
+        "step_size": 0.01,
+        "restarts": 1,
+        "limit": 1000,             # test examples for the per-epoch evaluation (0 = all)
+        "every": 1,                # evaluate every N epochs (and always at a stage's last epoch)
+    },
+    "prune": {
+        "sparsity_type": "irregular",  # irregular | filter | column
+        "prune_ratios": {},        # {param name or fnmatch pattern: fraction pruned in [0, 1)}
+        "rho": 0.01,               # initial ADMM penalty
+        "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
+        "update_every": 1,         # epochs between Z/U updates
+        "masked_progressive": False,  # keep already-zero weights at zero during ADMM
+    },
+    "pretrain": dict(_STAGE),
+    "admm": dict(_STAGE),
+    "retrain": dict(_STAGE),
+}
+
+CHOICES = {
+    "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
+    "prune.sparsity_type": ("irregular", "filter", "column"),
+    **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
+    **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},
+}
+NON_NEGATIVE = ("adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
+                *(f"{s}.{k}" for s in ("pretrain", "admm", "retrain") for k in ("epochs", "momentum", "weight_decay")))
+POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "eval.restarts", "eval.every",
+            "prune.update_every", "prune.rho_growth", *(f"{s}.lr" for s in ("pretrain", "admm", "retrain")))
+
+
+def parse_float(value, key):
+    """A float from a number or a fraction string such as ``8/255``."""
+    if isinstance(value, bool):
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+
+
+def _coerce(key, value, default):
+    """``value`` checked against the type of ``default``."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        return parse_float(value, key)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{key}: expected a list of integers, got {value!r}")
+        return value
+    if key == "prune.prune_ratios":
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping of parameter name -> ratio, got {value!r}")
+        return {str(k): parse_float(v, f"{key}.{k}") for k, v in value.items()}
+    raise AssertionError(key)
+
+
+def _merge(base, new, prefix=""):
+    if not isinstance(new, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {new!r}")
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            near = difflib.get_close_matches(str(k), list(base), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(base)}"
+            raise UserError(f"unknown config key {key!r}{hint}")
+        if isinstance(base[k], dict) and key != "prune.prune_ratios":
+            _merge(base[k], v, key + ".")
+        else:
+            base[k] = _coerce(key, v, base[k])
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def validate(cfg):
+    """Value checks beyond types. Model-dependent checks (prune_ratios names) happen once the
+    model is built, still before any training."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise UserError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for name, r in cfg["prune"]["prune_ratios"].items():
+        if not 0.0 <= r < 1.0:
+            raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
+    from models import available
+    if cfg["model"]["arch"] not in available():
+        raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")
+    return cfg
+
+
+def parse_set(item):
+    """``section.key=value`` -> (dotted key, YAML-parsed value)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip(), raw
+
+
+def load_config(path=None, overrides=()):
+    """DEFAULTS <- YAML file <- ``--set`` overrides, validated. Returns a plain nested dict."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        _merge(cfg, data)
+    for item in overrides:
+        key, value = parse_set(item)
+        *parents, leaf = key.split(".")
+        nested = value
+        for p in reversed([*parents, leaf]):
+            nested = {p: nested}
+        _merge(cfg, nested)
+    return validate(cfg)

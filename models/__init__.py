@@ -1,0 +1,51 @@
+"""Model registry: ``build_model(arch, width, num_classes, in_channels, mean, std)``.
+
+Each architecture registers itself by name with ``@register``; nothing here is an if/elif chain.
+Width convention (Ye et al. ICCV 2019, Sec. 4): ``width`` is the paper's scaling factor w.
+For LeNet the layers are conv 2w -> conv 4w -> fc 64w -> classes, so w=16 is the Madry MNIST
+net (32, 64, 1024). For VGG-16 and ResNet-18, w=16 is the standard width (first conv has
+64 = 4w channels) and every layer scales linearly with w.
+
+Inputs are images in [0, 1]; each model normalizes internally (``Normalize``), so attack
+epsilons stay in pixel units.
+"""
+import torch
+from torch import nn
+
+_REGISTRY = {}
+
+
+def register(name):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def available():
+    return sorted(_REGISTRY)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers so they follow the model's device and dtype."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def build_model(arch, width, num_classes=10, in_channels=1, image_size=28, mean=(0.0,), std=(1.0,)):
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {available()}")
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"model.width must be a positive integer, got {width!r}")
+    return _REGISTRY[arch](width=width, num_classes=num_classes, in_channels=in_channels,
+                           image_size=image_size, normalize=Normalize(mean, std))
+
+
+# Importing the modules registers the architectures.
+from models import lenet, resnet, vgg  # noqa: E402,F401
