@@ -53,7 +53,8 @@ DEFAULTS = {
     },
     "prune": {
         "sparsity_type": "irregular",  # irregular | filter | column
-        "prune_ratios": {},        # {param name or fnmatch pattern: fraction pruned in [0, 1)}
+        "prune_ratios": {},        # {param name or fnmatch pattern: fraction pruned in [0, 1)},
+                                   # or {arch: {...}}, one table per arch, picked by model.arch
         "rho": 0.01,               # initial ADMM penalty
         "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
         "update_every": 1,         # epochs between Z/U updates
@@ -111,10 +112,16 @@ def _coerce(key, value, default):
             raise UserError(f"{key}: expected a list of integers, got {value!r}")
         return value
     if key == "prune.prune_ratios":
-        if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping of parameter name -> ratio, got {value!r}")
-        return {str(k): parse_float(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):  # one table per arch
+            return {str(arch): _ratio_table(f"{key}.{arch}", v) for arch, v in value.items()}
+        return _ratio_table(key, value)
     raise AssertionError(key)
+
+
+def _ratio_table(key, value):
+    if not isinstance(value, dict):
+        raise UserError(f"{key}: expected a mapping of parameter name -> ratio, got {value!r}")
+    return {str(k): parse_float(v, f"{key}.{k}") for k, v in value.items()}
 
 
 def _merge(base, new, prefix=""):
@@ -150,12 +157,18 @@ def validate(cfg):
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    for name, r in cfg["prune"]["prune_ratios"].items():
-        if not 0.0 <= r < 1.0:
-            raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
     from models import available
     if cfg["model"]["arch"] not in available():
         raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")
+    ratios = cfg["prune"]["prune_ratios"]
+    if any(isinstance(v, dict) for v in ratios.values()):  # {arch: {name: ratio}}: pick this arch's table
+        if cfg["model"]["arch"] not in ratios:
+            raise UserError(f"prune.prune_ratios has tables for {', '.join(ratios)} but none for "
+                            f"model.arch={cfg['model']['arch']}; add one")
+        cfg["prune"]["prune_ratios"] = ratios = ratios[cfg["model"]["arch"]]
+    for name, r in ratios.items():
+        if not 0.0 <= r < 1.0:
+            raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
     return cfg
 
 

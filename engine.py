@@ -293,9 +293,13 @@ def _run(args, adversarial):
     train, test, info = data_lib.load_data(cfg)
     model = model_from_config(cfg, info, device)
     try:
-        admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
+        ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     except ValueError as e:
         raise UserError(str(e)) from None
+    last = list(admm_lib.prunable_weights(model))[-1]
+    if cfg["prune"]["sparsity_type"] == "filter" and last in ratios:
+        raise UserError(f"prune.prune_ratios.{last}: filter pruning the output layer would delete classes; "
+                        f"set its ratio to 0 or use irregular/column pruning for it")
     prev = STAGES[STAGES.index(stages[0]) - 1] if stages[0] != "pretrain" else None
     start = args.init or (os.path.join(out, f"{prev}.pt") if prev else None)
     if args.init and not os.path.isfile(args.init):
