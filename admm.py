@@ -194,9 +194,10 @@ def layer_sparsity(w):
     across all filters) and of filters (output channels)."""
     w2 = w.detach().flatten(1) if w.dim() > 1 else w.detach().view(1, -1)
     nz = w2 != 0
-    return {"element": 1.0 - nz.float().mean().item(),
-            "column": 1.0 - nz.any(dim=0).float().mean().item(),
-            "filter": 1.0 - nz.any(dim=1).float().mean().item()}
+    # Integer counts, so the fractions are exact (k / n), not float32 means.
+    return {"element": 1.0 - nz.sum().item() / nz.numel(),
+            "column": 1.0 - nz.any(dim=0).sum().item() / nz.shape[1],
+            "filter": 1.0 - nz.any(dim=1).sum().item() / nz.shape[0]}
 
 
 def sparsity_report(model, ratios, scheme):
