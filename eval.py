@@ -12,7 +12,7 @@ import sys
 import data as data_lib
 from common import UserError, get_device, load_checkpoint, seed_everything
 from config import parse_float
-from engine import format_report, load_weights, model_from_config, report, standard_attacks
+from evaluation import format_report, load_weights, model_from_config, report, standard_attacks
 
 
 def main(argv=None):
