@@ -45,14 +45,21 @@ INFO = {
 
 def _demo(cfg):
     """The bundled 5,000 real MNIST digits (sorted by class, 500 per class). Fixed split: per
-    class, the first 400 are train and the last 100 test, so 4,000 train / 1,000 test."""
+    class, the first 400 are train and the last 100 test, so 4,000 train / 1,000 test. Each split
+    is then put in a fixed random order (seed 0), so that "the first N examples" (train_limit,
+    eval limit) covers every class instead of the first classes only."""
     with np.load(DEMO_FILE) as d:
-        images, labels = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long()
+        images, labels = torch.from_numpy(d["images"]).unsqueeze(1), torch.from_numpy(d["labels"]).long()
     train = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
         train[(labels == c).nonzero().flatten()[:DEMO_TRAIN_PER_CLASS]] = True
-    images = images.unsqueeze(1)
-    return Split(images[train], labels[train]), Split(images[~train], labels[~train])
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for part in (train, ~train):
+        idx = part.nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        splits.append(Split(images[idx], labels[idx]))
+    return tuple(splits)
 
 
 def _torchvision(cls_name, folder):

@@ -41,7 +41,7 @@ class Normalize(nn.Module):
 def build_model(arch, width, num_classes=10, in_channels=1, image_size=28, mean=(0.0,), std=(1.0,)):
     if arch not in _REGISTRY:
         raise ValueError(f"unknown arch {arch!r}; choose one of {available()}")
-    if not (isinstance(width, int) and width >= 1):
+    if isinstance(width, bool) or not (isinstance(width, int) and width >= 1):
         raise ValueError(f"model.width must be a positive integer, got {width!r}")
     return _REGISTRY[arch](width=width, num_classes=num_classes, in_channels=in_channels,
                            image_size=image_size, normalize=Normalize(mean, std))

@@ -9,9 +9,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A small but real run: 1,000 training digits, short stages, weak PGD for speed.
-FAST = ["data.train_limit=1000", "pretrain.epochs=3", "admm.epochs=2", "retrain.epochs=2",
-        "adv.steps=3", "adv.step_size=0.1", "eval.steps=5", "eval.step_size=0.05", "eval.limit=300"]
+# A small but real run: 1,500 training digits, short stages, a small eps and weak PGD for speed.
+FAST = ["data.train_limit=1500", "pretrain.epochs=4", "pretrain.lr=0.005", "admm.epochs=2", "retrain.epochs=2",
+        "adv.eps=0.1", "adv.steps=3", "adv.step_size=0.05", "eval.steps=5", "eval.step_size=0.025",
+        "eval.limit=300"]
 
 
 def run(script, *args):
