@@ -60,9 +60,12 @@ DEFAULTS = {
         "update_every": 1,         # epochs between Z/U updates
         "masked_progressive": False,  # keep already-zero weights at zero during ADMM
     },
-    "pretrain": dict(_STAGE),
-    "admm": dict(_STAGE),
-    "retrain": dict(_STAGE),
+    "checkpoint": {
+        "every_steps": 0,          # also rewrite <stage>.last.pt every N training steps (0 = once per epoch)
+    },
+    "pretrain": copy.deepcopy(_STAGE),
+    "admm": copy.deepcopy(_STAGE),
+    "retrain": copy.deepcopy(_STAGE),
 }
 
 CHOICES = {
@@ -71,7 +74,7 @@ CHOICES = {
     **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},
 }
-NON_NEGATIVE = ("adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
+NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
                 *(f"{s}.{k}" for s in ("pretrain", "admm", "retrain") for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", *(f"{s}.lr" for s in ("pretrain", "admm", "retrain")))
@@ -195,11 +198,19 @@ def load_config(path=None, overrides=()):
         except yaml.YAMLError as e:
             raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         _merge(cfg, data)
+    layers = {}
     for item in overrides:
         key, value = parse_set(item)
+        if key.startswith("prune.prune_ratios."):  # one layer: the rest of the key is a parameter name
+            layers[key[len("prune.prune_ratios."):]] = parse_float(value, key)
+            continue
         *parents, leaf = key.split(".")
         nested = value
         for p in reversed([*parents, leaf]):
             nested = {p: nested}
         _merge(cfg, nested)
-    return validate(cfg)
+    cfg = validate(cfg)  # picks the per-arch ratio table, if any
+    if layers:  # per-layer overrides go on top of the (selected) table, as its last entries
+        cfg["prune"]["prune_ratios"].update(layers)
+        validate(cfg)
+    return cfg

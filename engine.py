@@ -13,8 +13,11 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,8 @@ import yaml
 import admm as admm_lib
 import data as data_lib
 from attacks import PGD
-from common import LOG, UserError, get_device, git_hash, load_checkpoint, save_checkpoint, seed_everything, setup_logging
+from common import (LOG, UserError, get_device, git_hash, load_checkpoint, rng_state, save_checkpoint, seed_everything,
+                    set_rng_state, setup_logging)
 from config import load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, progress, report, standard_attacks
 
@@ -58,51 +62,139 @@ def lr_at(scfg, epoch):
 
 # --------------------------------------------------------------------------- one stage
 
-def train_stage(stage, model, cfg, train, test, info, attack, device, out, init=None):
-    """Run one stage on ``model`` (already holding its starting weights) and save ``<out>/<stage>.pt``.
+class Interrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the run's state is saved; carries the exit message."""
 
-    ``init`` is the checkpoint the stage starts from (None for pretraining from scratch); its
-    masks are kept through the stage, so a pruned weight never comes back.
-    Returns the checkpoint dict that was saved.
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class GracefulStop:
+    """While active, SIGINT/SIGTERM only set ``signum``; the training loop then saves a last
+    checkpoint at the next step and stops. A second signal stops at once (the last saved state
+    stays valid: saves are atomic)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        LOG.warning(f"got {signal.Signals(signum).name}: saving at the next step (send again to stop now)")
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class RunContext:
+    """What every stage needs besides the model: settings, data, the training attack, where to save.
+    (The model, optimizer, masks and ADMM state are created and owned by ``train_stage``.)"""
+    cfg: dict
+    train: data_lib.Split
+    test: data_lib.Split
+    info: data_lib.DatasetInfo
+    attack: object  # training attack, or None for natural training
+    device: torch.device
+    out: str
+    stop: GracefulStop
+    resume_command: str
+
+
+def train_stage(stage, model, run, init=None, resume=None):
+    """Run one stage on ``model`` and save ``<out>/<stage>.pt``; return that checkpoint.
+
+    ``init`` is the checkpoint the stage starts from (its weights are already in ``model``; its
+    masks are kept, so a pruned weight never comes back), None when pretraining from scratch.
+    ``resume`` is this stage's ``<stage>.last.pt``: model, optimizer, masks, ADMM state, epoch,
+    step and RNG states are restored from it and training continues exactly where it stopped.
+    ``<out>/<stage>.last.pt`` is rewritten after every epoch (and every ``checkpoint.every_steps``
+    steps) and removed once the stage's final checkpoint is written.
     """
-    scfg, pcfg = cfg[stage], cfg["prune"]
-    seed_everything(cfg["seed"] + STAGES.index(stage))
+    cfg, scfg, pcfg, device = run.cfg, run.cfg[stage], run.cfg["prune"], run.device
     weights = admm_lib.prunable_weights(model)
     ratios = admm_lib.resolve_ratios(model, pcfg["prune_ratios"])
     scheme = pcfg["sparsity_type"]
     optimizer = make_optimizer(model.parameters(), scfg)
-
-    masks = dict(init["masks"]) if init and init.get("masks") else {}
-    masks = {n: m.to(device) for n, m in masks.items()}
-    admm_state = None
-    if stage == "admm":
-        if pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
-            masks.update(admm_lib.nonzero_masks(weights, weights))
-        admm_state = admm_lib.ADMM(weights, ratios, scheme, pcfg["rho"])
-    elif stage == "retrain":
-        # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks.
-        pruned = admm_lib.hard_prune(weights, ratios, scheme)
-        masks = {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        masks = {n: m.to(device) for n, m in (resume["masks"] or {}).items()}
+        admm_state = admm_lib.ADMM.from_state_dict(resume["admm"], device) if resume["admm"] else None
+        start_epoch, start_step, metrics = resume["epoch"], resume["step"], resume["metrics"]
+        partial_sums = resume["sums"].to(device)
+        set_rng_state(resume["rng"])
+        LOG.info(f"== resuming {stage} at epoch {start_epoch + 1}, step {start_step}")
+    else:
+        seed_everything(cfg["seed"] + STAGES.index(stage))
+        masks = {n: m.to(device) for n, m in ((init or {}).get("masks") or {}).items()}
+        admm_state = None
+        if stage == "admm":
+            if pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
+                masks.update(admm_lib.nonzero_masks(weights, weights))
+            admm_state = admm_lib.ADMM(weights, ratios, scheme, pcfg["rho"])
+        elif stage == "retrain":
+            # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks.
+            pruned = admm_lib.hard_prune(weights, ratios, scheme)
+            masks = {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
+        start_epoch, start_step, metrics, partial_sums = 0, 0, {}, None
     hook = admm_lib.attach_masks(optimizer, weights, masks) if masks else None
+    last_path = os.path.join(run.out, f"{stage}.last.pt")
 
-    LOG.info(f"== {stage}: {scfg['epochs']} epochs, {'PGD' if attack else 'natural'} training"
+    def save(path, epoch, step, sums):
+        ckpt = {"stage": stage, "epoch": epoch, "step": step, "arch": cfg["model"]["arch"],
+                "width": cfg["model"]["width"], "dataset": cfg["data"]["dataset"],
+                "adversarial": run.attack is not None, "config": cfg,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "admm": admm_state.state_dict() if admm_state else None,
+                "masks": {n: m.cpu() for n, m in masks.items()} or None,
+                "metrics": metrics, "rng": rng_state(), "sums": sums.cpu(), "git": git_hash()}
+        save_checkpoint(ckpt, path)
+        return ckpt
+
+    def check_finite(bad_step, epoch):
+        # One host sync, only where state is about to be saved or the epoch ends.
+        if bad_step.item() >= 0:
+            raise UserError(f"{stage} stage: loss is not finite (nan/inf) at epoch {epoch + 1}, step "
+                            f"{bad_step.item() + 1}; stopped without saving this state. The last good checkpoint "
+                            f"is intact: lower {stage}.lr (or prune.rho) and continue with: {run.resume_command}")
+
+    def stop(epoch, step):
+        if run.stop.signum is not None:
+            raise Interrupted(f"stopped by {signal.Signals(run.stop.signum).name} in {stage} epoch {epoch + 1} "
+                              f"after step {step}; saved {last_path}. Resume with: {run.resume_command}",
+                              run.stop.signum)
+
+    LOG.info(f"== {stage}: {scfg['epochs']} epochs, {'PGD' if run.attack else 'natural'} training"
              + (f", {scheme} pruning of {len(ratios)} layers" if stage != "pretrain" else ""))
     LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {'loss':>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
              f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
     eval_attack = standard_attacks(cfg, ["pgd"])["pgd"]
-    row = {}
-    for epoch in range(scfg["epochs"]):
+    batch_size, every = cfg["data"]["batch_size"], cfg["checkpoint"]["every_steps"]
+    for epoch in range(start_epoch, scfg["epochs"]):
         t0 = time.time()
         lr = lr_at(scfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        # Running sums stay on the device; one host sync per epoch, not per step.
-        sums = torch.zeros(5, device=device)  # loss, penalty, natural correct, adversarial correct, n
-        batches = data_lib.batches(train, cfg["data"]["batch_size"], device, shuffle=True,
-                                   augment=info.augment, seed=cfg["seed"] * 1000 + epoch)
-        for x, y in progress(batches, data_lib.num_batches(train, cfg["data"]["batch_size"]), f"{stage} {epoch + 1}"):
-            x_train = attack(model, x, y) if attack else x
+        # Running sums stay on the device: loss, penalty, natural correct, adversarial correct, n.
+        sums = partial_sums if epoch == start_epoch and partial_sums is not None else torch.zeros(5, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        skip = start_step if epoch == start_epoch else 0
+        batches = data_lib.batches(run.train, batch_size, device, shuffle=True, augment=run.info.augment,
+                                   seed=cfg["seed"] * 1000 + epoch)
+        for step, (x, y) in enumerate(progress(batches, data_lib.num_batches(run.train, batch_size),
+                                               f"{stage} {epoch + 1}")):
+            if step < skip:  # already trained before the resume; replayed to keep order and augmentation
+                continue
+            x_train = run.attack(model, x, y) if run.attack else x
             logits = model(x_train)
             loss = F.cross_entropy(logits, y)
             penalty = admm_state.penalty(weights) if admm_state else torch.zeros((), device=device)
@@ -110,16 +202,22 @@ def train_stage(stage, model, cfg, train, test, info, attack, device, out, init=
             (loss + penalty).backward()
             optimizer.step()
             with torch.no_grad():
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + penalty), step, bad_step)
                 adv_correct = (logits.argmax(1) == y).sum()
-                if attack:  # clean accuracy needs its own forward, in eval mode like the test
+                if run.attack:  # clean accuracy needs its own forward, in eval mode like the test
                     model.eval()
                     nat_correct = count_correct(model, x, y)
                     model.train()
                 else:
                     nat_correct = adv_correct
-                sums += torch.stack([loss.detach() * len(y), penalty.detach() * len(y),
-                                     nat_correct.float(), adv_correct.float(), torch.tensor(float(len(y)), device=device)])
-        loss_avg, pen_avg, tr_nat, tr_adv, n = (sums[:4] / sums[4]).tolist() + [sums[4].item()]
+                sums += torch.stack([loss.detach() * len(y), penalty.detach() * len(y), nat_correct.float(),
+                                     adv_correct.float(), torch.tensor(float(len(y)), device=device)])
+            if run.stop.signum is not None or (every and (step + 1) % every == 0):
+                check_finite(bad_step, epoch)
+                save(last_path, epoch, step + 1, sums)
+                stop(epoch, step + 1)
+        check_finite(bad_step, epoch)
+        loss_avg, pen_avg, tr_nat, tr_adv = (sums[:4] / sums[4]).tolist()
 
         residual = float("nan")
         if admm_state and (epoch + 1) % pcfg["update_every"] == 0:
@@ -129,37 +227,27 @@ def train_stage(stage, model, cfg, train, test, info, attack, device, out, init=
                      "||W-Z||/||W||: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
         te = {"natural": float("nan"), "pgd": float("nan")}
         if (epoch + 1) % cfg["eval"]["every"] == 0 or epoch + 1 == scfg["epochs"]:
-            te, _ = evaluate(model, test, {"natural": None, "pgd": eval_attack}, cfg["data"]["test_batch_size"],
+            te, _ = evaluate(model, run.test, {"natural": None, "pgd": eval_attack}, cfg["data"]["test_batch_size"],
                              device, cfg["eval"]["limit"], desc="test")
-        row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": loss_avg, "penalty": pen_avg,
-               "train_natural": tr_nat, "train_adv": tr_adv if attack else float("nan"),
-               "test_natural": te["natural"], "test_pgd": te["pgd"], "admm_residual": residual,
-               "time": time.time() - t0}
+        best = max(metrics.get("best_test_pgd", float("-inf")), te["pgd"] if math.isfinite(te["pgd"]) else float("-inf"))
+        # best_test_pgd is informational only: the saved model is always the last epoch's.
+        metrics = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": loss_avg, "penalty": pen_avg,
+                   "train_natural": tr_nat, "train_adv": tr_adv if run.attack else float("nan"),
+                   "test_natural": te["natural"], "test_pgd": te["pgd"], "best_test_pgd": best,
+                   "admm_residual": residual, "time": time.time() - t0}
         LOG.info(f"{stage:8} {epoch + 1:4d} {lr:8.5f} {loss_avg:7.4f} {pen_avg:8.4f} {tr_nat:6.3f} "
-                 f"{row['train_adv']:6.3f} {te['natural']:6.3f} {te['pgd']:6.3f} {residual:6.4f} {row['time']:5.1f}s")
-        if not math.isfinite(loss_avg):
-            raise UserError(f"{stage} stage: loss became {loss_avg} in epoch {epoch + 1}; lower {stage}.lr "
-                            f"(or prune.rho); {out}/{stage}.pt was not written")
+                 f"{metrics['train_adv']:6.3f} {te['natural']:6.3f} {te['pgd']:6.3f} {residual:6.4f} "
+                 f"{metrics['time']:5.1f}s")
+        save(last_path, epoch + 1, 0, torch.zeros(5))
+        stop(epoch + 1, 0)
     if hook:
         hook.remove()
-    ckpt = make_checkpoint(stage, scfg["epochs"], model, optimizer, cfg, attack is not None,
-                           admm_state, masks, row)
-    save_checkpoint(ckpt, os.path.join(out, f"{stage}.pt"))
-    LOG.info(f"saved {os.path.join(out, f'{stage}.pt')}")
+    ckpt = save(os.path.join(run.out, f"{stage}.pt"), scfg["epochs"], 0, torch.zeros(5))
+    if os.path.exists(last_path):
+        os.remove(last_path)
+    LOG.info(f"saved {os.path.join(run.out, f'{stage}.pt')}")
     return ckpt
 
-
-def make_checkpoint(stage, epoch, model, optimizer, cfg, adversarial, admm_state, masks, metrics):
-    """A plain dict (tensors, numbers, strings) that loads with ``weights_only=True``."""
-    return {"stage": stage, "epoch": epoch, "arch": cfg["model"]["arch"], "width": cfg["model"]["width"],
-            "dataset": cfg["data"]["dataset"], "adversarial": adversarial, "config": cfg,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "admm": admm_state.state_dict() if admm_state else None,
-            "masks": {n: m.cpu() for n, m in masks.items()} or None,
-            "metrics": metrics, "git": git_hash()}
-
-
-# --------------------------------------------------------------------------- reports
 
 # --------------------------------------------------------------------------- command line
 
@@ -173,19 +261,34 @@ def parse_args(argv, adversarial):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
     p.add_argument("--init", help="checkpoint to start the (first) stage from, instead of the run folder's")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (finished stages are skipped)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing checkpoints already in --out")
     return p.parse_args(argv)
 
 
 def run(argv=None, adversarial=True):
-    """Entry point of main.py / adv_main.py. User errors exit with one line and status 2."""
+    """Entry point of main.py / adv_main.py. User errors exit with one line and status 2;
+    SIGINT/SIGTERM save the state and exit with 128 + signal number."""
     try:
         _run(parse_args(argv, adversarial), adversarial)
     except UserError as e:
         LOG.error(f"error: {e}") if LOG.handlers else print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        LOG.warning(str(e))
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("interrupted; finished stages are saved in the run folder", file=sys.stderr)
+        print("stopped; the last saved checkpoints in the run folder are intact (continue with --resume)",
+              file=sys.stderr)
         sys.exit(130)
+
+
+def _resume_command(args, out, adversarial):
+    cmd = ["python", "adv_main.py" if adversarial else "main.py", "--config", args.config, "--out", out]
+    cmd += (["--stage", args.stage] if args.stage != "all" else [])
+    cmd += [a for o in args.overrides for a in ("--set", o)] + ["--resume"]
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def _run(args, adversarial):
@@ -193,9 +296,12 @@ def _run(args, adversarial):
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     stages = STAGES if args.stage == "all" else (args.stage,)
     device = get_device(cfg["device"])
+    if args.resume and args.init:
+        raise UserError("--resume continues from the run folder's own checkpoints; drop --init")
 
-    # Everything that can be checked is checked before any work: model names, input checkpoint.
+    # Everything that can be checked is checked before any work: names, files, folder.
     train, test, info = data_lib.load_data(cfg)
+    seed_everything(cfg["seed"])  # the initial weights depend on the seed only
     model = model_from_config(cfg, info, device)
     try:
         ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
@@ -205,37 +311,85 @@ def _run(args, adversarial):
     if cfg["prune"]["sparsity_type"] == "filter" and last in ratios:
         raise UserError(f"prune.prune_ratios.{last}: filter pruning the output layer would delete classes; "
                         f"set its ratio to 0 or use irregular/column pruning for it")
-    prev = STAGES[STAGES.index(stages[0]) - 1] if stages[0] != "pretrain" else None
-    start = args.init or (os.path.join(out, f"{prev}.pt") if prev else None)
-    if args.init and not os.path.isfile(args.init):
-        raise UserError(f"--init {args.init} does not exist")
-    if start and not os.path.isfile(start):
-        raise UserError(f"stage {stages[0]} starts from {start}, which does not exist; run --stage {prev} "
-                        f"first (same --out) or pass --init CKPT")
-    init = load_checkpoint(start, map_location=device) if start else None
-    if init:
-        load_weights(model, init, start, cfg)
 
+    path = lambda name: os.path.join(out, name)  # noqa: E731
+    existing = [f for s in stages for f in (f"{s}.pt", f"{s}.last.pt") if os.path.isfile(path(f))]
+    if existing and not (args.resume or args.overwrite):
+        raise UserError(f"{out} already holds {', '.join(existing)}; continue that run with --resume, "
+                        f"replace it with --overwrite, or choose another --out")
+    todo = list(stages)
+    if args.resume:
+        if not existing:
+            raise UserError(f"nothing to resume in {out}: no checkpoint of stage(s) {', '.join(stages)}; "
+                            f"run without --resume")
+        while todo and os.path.isfile(path(f"{todo[0]}.pt")):
+            todo.pop(0)
+    resume = load_checkpoint(path(f"{todo[0]}.last.pt"), device) \
+        if todo and args.resume and os.path.isfile(path(f"{todo[0]}.last.pt")) else None
+    init = None
+    if resume:
+        if resume.get("adversarial") != adversarial:
+            raise UserError(f"{path(todo[0] + '.last.pt')} was written by "
+                            f"{'adv_main.py' if resume.get('adversarial') else 'main.py'}; resume it with that script")
+        load_weights(model, resume, path(f"{todo[0]}.last.pt"), cfg)
+    elif todo:
+        prev = STAGES[STAGES.index(todo[0]) - 1] if todo[0] != "pretrain" else None
+        start = args.init or (path(f"{prev}.pt") if prev else None)
+        if args.init and not os.path.isfile(args.init):
+            raise UserError(f"--init {args.init} does not exist")
+        if start and not os.path.isfile(start):
+            raise UserError(f"stage {todo[0]} starts from {start}, which does not exist; run --stage {prev} "
+                            f"first (same --out) or pass --init CKPT")
+        init = load_checkpoint(start, map_location=device) if start else None
+        if init:
+            load_weights(model, init, start, cfg)
+    elif args.stage == "all":  # everything done already: report on the final model
+        load_weights(model, load_checkpoint(path("retrain.pt"), device), path("retrain.pt"), cfg)
+
+    changed = []
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w") as f:
+        for f in os.listdir(out):  # temp files of a save that was killed
+            if f.startswith(".tmp-"):
+                os.remove(path(f))
+        if args.resume and os.path.isfile(path("config.yaml")):
+            with open(path("config.yaml")) as f:
+                old = yaml.safe_load(f)
+            changed = [k for k in sorted(set(_flat(old)) | set(_flat(cfg))) if _flat(old).get(k) != _flat(cfg).get(k)]
+        with open(path("config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     except OSError as e:
         raise UserError(f"cannot write to run folder {out}: {e.strerror}; choose another --out") from None
-    setup_logging(os.path.join(out, "log.txt"))
+    setup_logging(path("log.txt"))
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "
-             f"({len(train.labels)} train / {len(test.labels)} test)"
-             + (f", init {start}" if start else ""))
+             f"({len(train.labels)} train / {len(test.labels)} test)")
+    if args.resume and changed:
+        LOG.warning(f"resuming with a config that differs from the run's in: {', '.join(changed)}")
+    if not todo:
+        LOG.info(f"all of {', '.join(stages)} already complete in {out}")
     attack = train_attack(cfg, adversarial)
     if attack:
         LOG.info(f"training attack: {attack!r}")
 
-    for stage in stages:
-        init = train_stage(stage, model, cfg, train, test, info, attack, device, out, init)
+    with GracefulStop() as stop:
+        ctx = RunContext(cfg, train, test, info, attack, device, out, stop, _resume_command(args, out, adversarial))
+        for stage in todo:
+            init = train_stage(stage, model, ctx, init, resume if stage == todo[0] else None)
 
     if args.stage == "all":
         rep = report(model, cfg, test, device, standard_attacks(cfg))
-        LOG.info("final model (" + os.path.join(out, "retrain.pt") + "):\n" + format_report(rep))
-        with open(os.path.join(out, "eval.json"), "w") as f:
+        LOG.info("final model (" + path("retrain.pt") + "):\n" + format_report(rep))
+        with open(path("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
+
+
+def _flat(d, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and k != "prune_ratios":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,211 @@
+"""Runs that survive: kill and resume, atomic saves, safe loading, NaN stops, config validation.
+Every case runs the real scripts as a user would and checks the exit code and the message."""
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import UserError, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["data.train_limit=640", "pretrain.epochs=2", "admm.epochs=4", "retrain.epochs=1", "adv.steps=2",
+         "eval.steps=2", "eval.limit=100", "checkpoint.every_steps=2"]
+
+
+def cmd(script, out, *overrides, extra=()):
+    return [sys.executable, os.path.join(ROOT, script), "--config", "configs/demo.yaml", "--out", str(out),
+            *[a for o in (*SMALL, *overrides) for a in ("--set", o)], *extra]
+
+
+def run(args):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the small config."""
+    out = tmp_path_factory.mktemp("ref")
+    proc = run(cmd("adv_main.py", out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_sigkill_mid_admm_then_resume_gives_identical_weights(tmp_path, reference):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd("adv_main.py", out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "admm.last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, possibly in the middle of a save
+    proc.wait()
+    assert not (out / "retrain.pt").exists(), "the run finished before it could be killed"
+    assert (out / "pretrain.pt").exists() and not (out / "admm.pt").exists()
+
+    resumed = run(cmd("adv_main.py", out, extra=["--resume"]))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming admm" in resumed.stdout
+    a, b = weights(reference / "retrain.pt"), weights(out / "retrain.pt")
+    assert a.keys() == b.keys()
+    for k in a:  # same seed, CPU: bit-identical to the uninterrupted run
+        assert torch.equal(a[k], b[k]), k
+    assert not list(out.glob(".tmp-*")) and not (out / "admm.last.pt").exists()
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(cmd("adv_main.py", out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "pretrain.last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    ckpt = load_checkpoint(str(out / "pretrain.last.pt"))
+    assert ckpt["stage"] == "pretrain" and ckpt["step"] > 0
+    resumed = run(cmd("adv_main.py", out, extra=["--resume"]))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(reference / "retrain.pt"), weights(out / "retrain.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.pt")
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["x.pt"]  # no temp file left behind
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    target = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"model": _Evil(str(target)), "config": {}}, f)
+    with pytest.raises(UserError, match="weights-only"):
+        load_checkpoint(str(bad))
+    proc = run([sys.executable, "eval.py", "--ckpt", str(bad)])
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
+    proc = run(cmd("adv_main.py", tmp_path / "r", extra=["--stage", "admm", "--init", str(bad)]))
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
+    assert not target.exists()
+
+
+def test_nan_loss_stops_with_stage_epoch_step_and_keeps_last_good_state(tmp_path, reference):
+    out = tmp_path / "nan"
+    os.makedirs(out)
+    (out / "pretrain.pt").write_bytes((reference / "pretrain.pt").read_bytes())
+    before = digest(out / "pretrain.pt")
+    # An absurd learning rate: step 1 is finite, its update makes step 2's loss non-finite.
+    proc = run(cmd("adv_main.py", out, "admm.optimizer=sgd", "admm.lr=1e30", "checkpoint.every_steps=1",
+                   extra=["--stage", "admm"]))
+    assert proc.returncode == 2
+    assert "admm stage: loss is not finite" in proc.stderr and "epoch 1, step 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert digest(out / "pretrain.pt") == before and not (out / "admm.pt").exists()
+    last = load_checkpoint(str(out / "admm.last.pt"))  # the state after step 1 is intact
+    assert last["step"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_existing_results_are_not_overwritten(tmp_path, reference):
+    before = digest(reference / "retrain.pt")
+    proc = run(cmd("adv_main.py", reference))
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "--overwrite" in proc.stderr
+    assert digest(reference / "retrain.pt") == before
+
+
+@pytest.fixture(scope="module")
+def pretrained(reference):
+    return str(reference / "pretrain.pt")
+
+
+def _truncated(tmp_path, pretrained):
+    p = tmp_path / "trunc.pt"
+    p.write_bytes(open(pretrained, "rb").read()[:1000])
+    return ["--stage", "admm", "--init", str(p)]
+
+
+# (overrides, extra args, words the one-line message must contain)
+BAD_INPUTS = {
+    "unknown key": (["adv.epss=0.1"], [], ["adv.epss", "did you mean adv.eps"]),
+    "unknown section": (["advv.eps=0.1"], [], ["advv", "did you mean adv"]),
+    "wrong type": (["adv.steps=ten"], [], ["adv.steps", "integer"]),
+    "wrong bool": (["data.synthetic=maybe"], [], ["data.synthetic", "true or false"]),
+    "ratio 1": (["prune.prune_ratios={conv1.weight: 1.0}"], [], ["conv1.weight", "[0, 1)"]),
+    "ratio negative": (["prune.prune_ratios={conv1.weight: -0.1}"], [], ["conv1.weight", "[0, 1)"]),
+    "negative eps": (["adv.eps=-0.1"], [], ["adv.eps", ">= 0"]),
+    "negative steps": (["adv.steps=-3"], [], ["adv.steps", ">= 0"]),
+    "bad fraction": (["adv.eps=8/0"], [], ["adv.eps", "fraction"]),
+    "unknown arch": (["model.arch=vgg19"], [], ["model.arch", "vgg19", "lenet"]),
+    "unknown dataset": (["data.dataset=imagenet"], [], ["data.dataset", "imagenet", "cifar10"]),
+    "unknown sparsity type": (["prune.sparsity_type=block"], [], ["prune.sparsity_type", "block", "filter"]),
+    "unknown optimizer": (["admm.optimizer=rmsprop"], [], ["admm.optimizer", "rmsprop", "sgd"]),
+    "unknown parameter name": (["prune.prune_ratios={conv3.weight: 0.5}"], [],
+                               ["conv3.weight", "valid names", "conv1.weight", "fc2.weight"]),
+    "missing stage input": ([], ["--stage", "retrain"], ["admm.pt", "does not exist", "--init"]),
+    "missing init file": ([], ["--stage", "admm", "--init", "/nonexistent/p.pt"], ["/nonexistent/p.pt"]),
+    "missing dataset": (["data.dataset=mnist", "data.root=/nonexistent/data", "data.download=false"], [],
+                        ["MNIST", "/nonexistent/data"]),
+    "missing config": ([], ["--config", "configs/nope.yaml"], ["configs/nope.yaml"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_a_one_line_error(tmp_path, name):
+    overrides, extra, words = BAD_INPUTS[name]
+    proc = run(cmd("adv_main.py", tmp_path / "r", *overrides, extra=extra))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not (tmp_path / "r" / "pretrain.pt").exists()
+
+
+def test_checkpoint_of_another_width_is_refused(tmp_path, pretrained):
+    proc = run(cmd("adv_main.py", tmp_path / "r", "model.width=8", extra=["--stage", "admm", "--init", pretrained]))
+    assert proc.returncode == 2 and "model.width=4" in proc.stderr and "8" in proc.stderr
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, pretrained):
+    proc = run(cmd("adv_main.py", tmp_path / "r", extra=_truncated(tmp_path, pretrained)))
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_run_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    proc = run(cmd("adv_main.py", blocker / "run"))
+    assert proc.returncode == 2 and "cannot write to run folder" in proc.stderr and "--out" in proc.stderr
+    assert blocker.read_text() == "a file, not a folder"
