@@ -36,13 +36,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup_logging(log_file=None):
-    """Log to the console and, if given, append to ``log_file``. Safe to call more than once."""
+def setup_logging(log_file=None, enabled=True):
+    """Log to the console and, if given, append to ``log_file``. Safe to call more than once.
+    ``enabled=False`` (torchrun ranks other than 0) drops every message."""
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
     for h in list(LOG.handlers):
         LOG.removeHandler(h)
         h.close()
+    if not enabled:
+        LOG.addHandler(logging.NullHandler())
+        return LOG
     # Progress rows go to stdout, warnings and errors to stderr.
     out = logging.StreamHandler(sys.stdout)
     out.addFilter(lambda r: r.levelno < logging.WARNING)

@@ -37,7 +37,9 @@ DEFAULTS = {
         "test_batch_size": 500,
     },
     "model": {"arch": "lenet", "width": 4},
-    "adv": {                       # the training (and default evaluation) adversary, L-inf PGD
+    "adv": {                       # the training adversary (L-inf); eps is also the evaluation eps
+        "method": "pgd",           # pgd (Madry) | fgsm_rs (Wong et al. 2020) | free (Shafahi et al. 2019)
+        "free_replays": 4,         # free: replays m per minibatch (stage epochs are divided by m)
         "eps": 0.3,                # pixel units in [0, 1]
         "step_size": 0.01,
         "steps": 40,
@@ -60,6 +62,11 @@ DEFAULTS = {
         "update_every": 1,         # epochs between Z/U updates
         "masked_progressive": False,  # keep already-zero weights at zero during ADMM
     },
+    "perf": {                      # GPU fast paths; no-ops on CPU
+        "amp": "off",              # off | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+        "channels_last": False,
+        "compile": False,          # torch.compile the model
+    },
     "checkpoint": {
         "every_steps": 0,          # also rewrite <stage>.last.pt every N training steps (0 = once per epoch)
     },
@@ -71,12 +78,14 @@ DEFAULTS = {
 CHOICES = {
     "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
     "prune.sparsity_type": ("irregular", "filter", "column"),
+    "adv.method": ("pgd", "fgsm_rs", "free"),
+    "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},
 }
 NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
                 *(f"{s}.{k}" for s in ("pretrain", "admm", "retrain") for k in ("epochs", "momentum", "weight_decay")))
-POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "eval.restarts", "eval.every",
+POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", *(f"{s}.lr" for s in ("pretrain", "admm", "retrain")))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
 
 from common import UserError
 
@@ -124,16 +125,24 @@ def _augment(x, generator):
     return torch.where(flip, x.flip(3), x)
 
 
-def batches(split, batch_size, device, shuffle=False, augment=False, seed=0, limit=0):
+def batches(split, batch_size, device, shuffle=False, augment=False, seed=0, epoch=0, limit=0, rank=0, world=1):
     """Yield (x float [B, C, H, W] in [0, 1] on ``device``, y int64 [B]) over ``split``.
 
-    ``limit`` keeps the first N examples (0 = all). With ``shuffle``, the order comes from a
-    generator seeded with ``seed`` (pass seed + epoch for a new, reproducible order per epoch).
+    ``limit`` keeps the first N examples (0 = all). With ``shuffle``, the order is a
+    ``DistributedSampler``'s for (seed, epoch): this process (``rank`` of ``world``) gets every
+    world-th example of one permutation shared by all ranks, so the ranks' i-th batches together
+    are the single-process run's i-th batch of size world * batch_size. Without ``shuffle`` the
+    first ``limit`` examples are split the same way, without padding (evaluation).
     """
     n = min(limit, len(split.labels)) if limit else len(split.labels)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-    for i in range(0, n, batch_size):
+    if shuffle:
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+    else:
+        order = torch.arange(rank, n, world)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)  # augmentation
+    for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         x = split.images[idx].to(device, non_blocking=True).float().div_(255)
         if augment:
@@ -141,6 +150,7 @@ def batches(split, batch_size, device, shuffle=False, augment=False, seed=0, lim
         yield x, split.labels[idx].to(device, non_blocking=True)
 
 
-def num_batches(split, batch_size, limit=0):
+def num_batches(split, batch_size, limit=0, world=1):
     n = min(limit, len(split.labels)) if limit else len(split.labels)
-    return (n + batch_size - 1) // batch_size
+    per_rank = (n + world - 1) // world
+    return (per_rank + batch_size - 1) // batch_size

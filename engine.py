@@ -10,6 +10,7 @@ Each stage starts from the previous stage's checkpoint in the run folder (or ``-
 writes ``<out>/<stage>.pt``. The two entry scripts differ only in the training attack.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import yaml
 
 import admm as admm_lib
 import data as data_lib
+import distributed as dist
 from attacks import PGD
 from common import (LOG, UserError, get_device, git_hash, load_checkpoint, rng_state, save_checkpoint, seed_everything,
                     set_rng_state, setup_logging)
@@ -37,10 +39,15 @@ STAGES = ("pretrain", "admm", "retrain")
 # --------------------------------------------------------------------------- building blocks
 
 def train_attack(cfg, adversarial):
-    """The training adversary: PGD from ``cfg['adv']`` for adversarial training, else None."""
-    if not adversarial:
-        return None
+    """The attack that makes each training batch, from ``cfg['adv']``: PGD (Madry et al. 2018),
+    or ``fgsm_rs`` (Wong et al. 2020: one step of 1.25 eps from a uniform random start, which is
+    PGD with steps=1). None for natural training and for ``free``, whose perturbation is made
+    inside the training step (``free_step``)."""
     a = cfg["adv"]
+    if not adversarial or a["method"] == "free":
+        return None
+    if a["method"] == "fgsm_rs":
+        return PGD(a["eps"], 1.25 * a["eps"], 1, 1, True)
     return PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"])
 
 
@@ -50,14 +57,86 @@ def make_optimizer(params, scfg):
     return torch.optim.Adam(params, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
 
 
-def lr_at(scfg, epoch):
-    """Learning rate for ``epoch`` (0-based). Derived from the epoch, so resuming needs no
-    scheduler state."""
+def lr_at(scfg, epoch, epochs):
+    """Learning rate for ``epoch`` (0-based) of ``epochs``. Derived from the epoch, so resuming
+    needs no scheduler state."""
     if scfg["schedule"] == "cosine":
-        return scfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / max(scfg["epochs"], 1)))
+        return scfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
     if scfg["schedule"] == "step":
         return scfg["lr"] * scfg["gamma"] ** sum(epoch >= m for m in scfg["milestones"])
     return scfg["lr"]
+
+
+class Precision:
+    """Mixed precision from ``perf.amp`` (off | bf16 | fp16); a no-op unless the device is CUDA.
+
+    Training runs under autocast in the chosen dtype, with a gradient scaler for fp16. The attack
+    never runs in fp16: its input gradient can underflow to 0, and sign(0) = 0 silently weakens
+    the attack. It uses bf16 (fp32's exponent range) where the GPU supports it, else fp32.
+    """
+
+    def __init__(self, mode, device):
+        self.on = device.type == "cuda" and mode != "off"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler("cuda") if self.on and mode == "fp16" else None
+        self.attack_bf16 = self.on and torch.cuda.is_bf16_supported()
+
+    def train(self):
+        return torch.autocast("cuda", self.dtype) if self.on else contextlib.nullcontext()
+
+    def attack(self):
+        return torch.autocast("cuda", torch.bfloat16) if self.attack_bf16 else contextlib.nullcontext()
+
+    def step(self, loss, optimizer):
+        """backward + optimizer step (through the scaler for fp16)."""
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+FP32 = Precision("off", torch.device("cpu"))
+
+
+def train_step(net, model, x, y, optimizer, attack=None, penalty=None, precision=FP32):
+    """One step of min-max training (Madry et al. 2018, Eq. 2.1; ICCV'19 Eq. 4 with the ADMM term):
+    x_adv = attack(model, x, y), then one optimizer step on CE(net(x_adv), y) + penalty().
+
+    ``net`` is the model as trained (possibly DDP-wrapped or compiled), ``model`` the plain module
+    the attack runs on. Returns (loss, penalty, logits on x_adv), detached, on the device.
+    """
+    if attack is not None:
+        with precision.attack():
+            x = attack(model, x, y)
+    with precision.train():
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+    pen = penalty() if penalty else torch.zeros((), device=x.device)
+    optimizer.zero_grad(set_to_none=True)
+    precision.step(loss + pen, optimizer)
+    return loss.detach(), pen.detach(), logits.detach()
+
+
+def free_step(net, x, y, optimizer, delta, eps, replays, penalty=None, precision=FP32):
+    """Adversarial training for free (Shafahi et al. 2019, Alg. 1): ``replays`` optimizer steps on
+    the same minibatch; each backward gives both the weights' gradient and the input gradient,
+    used for an FGSM step of size eps on the perturbation ``delta`` ([B, C, H, W], updated in
+    place and carried over to the next minibatch). Returns the last replay's (loss, penalty, logits)."""
+    d = delta[: len(x)]
+    for _ in range(replays):
+        d = d.detach().requires_grad_(True)
+        with precision.train():
+            logits = net((x + d).clamp(0, 1))
+            loss = F.cross_entropy(logits, y)
+        pen = penalty() if penalty else torch.zeros((), device=x.device)
+        optimizer.zero_grad(set_to_none=True)
+        precision.step(loss + pen, optimizer)
+        d = (d + eps * d.grad.sign()).clamp(-eps, eps)  # a scaled (fp16) gradient has the same sign
+    delta[: len(x)] = d.detach()
+    return loss.detach(), pen.detach(), logits.detach()
 
 
 # --------------------------------------------------------------------------- one stage
@@ -72,8 +151,9 @@ class Interrupted(Exception):
 
 class GracefulStop:
     """While active, SIGINT/SIGTERM only set ``signum``; the training loop then saves a last
-    checkpoint at the next step and stops. A second signal stops at once (the last saved state
-    stays valid: saves are atomic)."""
+    checkpoint at the next step (every ``STOP_CHECK_EVERY`` steps under torchrun, where the ranks
+    agree on it) and stops. A second signal stops at once (the last saved state stays valid:
+    saves are atomic)."""
 
     def __init__(self):
         self.signum = None
@@ -92,16 +172,29 @@ class GracefulStop:
         for s, h in self._old.items():
             signal.signal(s, h)
 
+    def requested(self, step=None):
+        """Whether to stop after ``step`` (0-based; None: at an epoch's end). Under torchrun the
+        ranks agree on it through an all-reduce every STOP_CHECK_EVERY steps."""
+        if not dist.launched():
+            return self.signum is not None
+        if step is not None and (step + 1) % STOP_CHECK_EVERY:
+            return False
+        return dist.all_sum(torch.tensor([float(self.signum or 0)])).item() > 0
+
+
+STOP_CHECK_EVERY = 20
+
 
 @dataclass
 class RunContext:
-    """What every stage needs besides the model: settings, data, the training attack, where to save.
+    """What every stage needs besides the model: settings, data, the training method, where to save.
     (The model, optimizer, masks and ADMM state are created and owned by ``train_stage``.)"""
     cfg: dict
     train: data_lib.Split
     test: data_lib.Split
     info: data_lib.DatasetInfo
-    attack: object  # training attack, or None for natural training
+    method: str     # natural | pgd | fgsm_rs | free
+    attack: object  # the training attack (pgd, fgsm_rs), else None
     device: torch.device
     out: str
     stop: GracefulStop
@@ -116,21 +209,29 @@ def train_stage(stage, model, run, init=None, resume=None):
     ``resume`` is this stage's ``<stage>.last.pt``: model, optimizer, masks, ADMM state, epoch,
     step and RNG states are restored from it and training continues exactly where it stopped.
     ``<out>/<stage>.last.pt`` is rewritten after every epoch (and every ``checkpoint.every_steps``
-    steps) and removed once the stage's final checkpoint is written.
+    steps) and removed once the stage's final checkpoint is written. Under torchrun every rank
+    runs this; only rank 0 logs and saves.
     """
     cfg, scfg, pcfg, device = run.cfg, run.cfg[stage], run.cfg["prune"], run.device
     weights = admm_lib.prunable_weights(model)
     ratios = admm_lib.resolve_ratios(model, pcfg["prune_ratios"])
     scheme = pcfg["sparsity_type"]
     optimizer = make_optimizer(model.parameters(), scfg)
+    precision = Precision(cfg["perf"]["amp"], device)
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if precision.scaler and resume.get("scaler"):
+            precision.scaler.load_state_dict(resume["scaler"])
         masks = {n: m.to(device) for n, m in (resume["masks"] or {}).items()}
         admm_state = admm_lib.ADMM.from_state_dict(resume["admm"], device) if resume["admm"] else None
         start_epoch, start_step, metrics = resume["epoch"], resume["step"], resume["metrics"]
-        partial_sums = resume["sums"].to(device)
+        # The saved sums are over all ranks; rank 0 carries them on.
+        partial_sums = resume["sums"].to(device) * (1.0 if dist.is_main() else 0.0)
         set_rng_state(resume["rng"])
+        if resume.get("world", 1) != dist.world():
+            LOG.warning(f"resuming on {dist.world()} processes, saved on {resume.get('world', 1)}: "
+                        "the rest of this epoch sees the data in another order")
         LOG.info(f"== resuming {stage} at epoch {start_epoch + 1}, step {start_step}")
     else:
         seed_everything(cfg["seed"] + STAGES.index(stage))
@@ -146,41 +247,55 @@ def train_stage(stage, model, run, init=None, resume=None):
             masks = {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
         start_epoch, start_step, metrics, partial_sums = 0, 0, {}, None
     hook = admm_lib.attach_masks(optimizer, weights, masks) if masks else None
+    penalty = (lambda: admm_state.penalty(weights)) if admm_state else None
+    net, attack_model = wrap_for_training(model, cfg, device)
     last_path = os.path.join(run.out, f"{stage}.last.pt")
 
     def save(path, epoch, step, sums):
+        """The checkpoint dict (built on every rank: the next stage starts from it); rank 0 writes it."""
         ckpt = {"stage": stage, "epoch": epoch, "step": step, "arch": cfg["model"]["arch"],
                 "width": cfg["model"]["width"], "dataset": cfg["data"]["dataset"],
-                "adversarial": run.attack is not None, "config": cfg,
+                "adversarial": run.method != "natural", "method": run.method, "config": cfg,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
                 "admm": admm_state.state_dict() if admm_state else None,
                 "masks": {n: m.cpu() for n, m in masks.items()} or None,
-                "metrics": metrics, "rng": rng_state(), "sums": sums.cpu(), "git": git_hash()}
-        save_checkpoint(ckpt, path)
+                "metrics": metrics, "rng": rng_state(), "sums": sums.cpu(), "world": dist.world(), "git": git_hash()}
+        if dist.is_main():
+            save_checkpoint(ckpt, path)
         return ckpt
 
     def check_finite(bad_step, epoch):
         # One host sync, only where state is about to be saved or the epoch ends.
-        if bad_step.item() >= 0:
-            raise UserError(f"{stage} stage: loss is not finite (nan/inf) at epoch {epoch + 1}, step "
-                            f"{bad_step.item() + 1}; stopped without saving this state. The last good checkpoint "
-                            f"is intact: lower {stage}.lr (or prune.rho) and continue with: {run.resume_command}")
+        if dist.all_sum((bad_step >= 0).float()).item() > 0:
+            where = f"step {bad_step.item() + 1}" if bad_step.item() >= 0 else "a step on another rank"
+            raise UserError(f"{stage} stage: loss is not finite (nan/inf) at epoch {epoch + 1}, {where}; stopped "
+                            f"without saving this state. The last good checkpoint is intact: lower {stage}.lr "
+                            f"(or prune.rho) and continue with: {run.resume_command}")
 
     def stop(epoch, step):
-        if run.stop.signum is not None:
-            raise Interrupted(f"stopped by {signal.Signals(run.stop.signum).name} in {stage} epoch {epoch + 1} "
-                              f"after step {step}; saved {last_path}. Resume with: {run.resume_command}",
-                              run.stop.signum)
+        name = signal.Signals(run.stop.signum).name if run.stop.signum else "a signal on another rank"
+        raise Interrupted(f"stopped by {name} in {stage} epoch {epoch + 1} after step {step}; saved {last_path}. "
+                          f"Resume with: {run.resume_command}", run.stop.signum or signal.SIGTERM)
 
-    LOG.info(f"== {stage}: {scfg['epochs']} epochs, {'PGD' if run.attack else 'natural'} training"
-             + (f", {scheme} pruning of {len(ratios)} layers" if stage != "pretrain" else ""))
+    replays = cfg["adv"]["free_replays"] if run.method == "free" else 1
+    epochs = math.ceil(scfg["epochs"] / replays)  # free: each minibatch is replayed m times
+    delta = None
+    if run.method == "free":
+        i = run.info
+        delta = torch.zeros(cfg["data"]["batch_size"], i.in_channels, i.image_size, i.image_size, device=device)
+    LOG.info(f"== {stage}: {epochs} epochs, {run.method} training"
+             + (f" ({replays} replays per minibatch)" if run.method == "free" else "")
+             + (f", {scheme} pruning of {len(ratios)} layers" if stage != "pretrain" else "")
+             + (f", {dist.world()} processes" if dist.launched() else ""))
     LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {'loss':>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
              f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
     eval_attack = standard_attacks(cfg, ["pgd"])["pgd"]
     batch_size, every = cfg["data"]["batch_size"], cfg["checkpoint"]["every_steps"]
-    for epoch in range(start_epoch, scfg["epochs"]):
+    channels_last = cfg["perf"]["channels_last"] and device.type == "cuda"
+    for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        lr = lr_at(scfg, epoch)
+        lr = lr_at(scfg, epoch, epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
@@ -189,34 +304,37 @@ def train_stage(stage, model, run, init=None, resume=None):
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         skip = start_step if epoch == start_epoch else 0
         batches = data_lib.batches(run.train, batch_size, device, shuffle=True, augment=run.info.augment,
-                                   seed=cfg["seed"] * 1000 + epoch)
-        for step, (x, y) in enumerate(progress(batches, data_lib.num_batches(run.train, batch_size),
-                                               f"{stage} {epoch + 1}")):
+                                   seed=cfg["seed"], epoch=epoch, rank=dist.rank(), world=dist.world())
+        total = data_lib.num_batches(run.train, batch_size, world=dist.world())
+        for step, (x, y) in enumerate(progress(batches, total, f"{stage} {epoch + 1}") if dist.is_main() else batches):
             if step < skip:  # already trained before the resume; replayed to keep order and augmentation
                 continue
-            x_train = run.attack(model, x, y) if run.attack else x
-            logits = model(x_train)
-            loss = F.cross_entropy(logits, y)
-            penalty = admm_state.penalty(weights) if admm_state else torch.zeros((), device=device)
-            optimizer.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
-            optimizer.step()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if run.method == "free":
+                loss, pen, logits = free_step(net, x, y, optimizer, delta, cfg["adv"]["eps"], replays, penalty,
+                                              precision)
+            else:
+                loss, pen, logits = train_step(net, attack_model, x, y, optimizer, run.attack, penalty, precision)
             with torch.no_grad():
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + penalty), step, bad_step)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + pen), step, bad_step)
                 adv_correct = (logits.argmax(1) == y).sum()
-                if run.attack:  # clean accuracy needs its own forward, in eval mode like the test
+                if run.method != "natural":  # clean accuracy needs its own forward, in eval mode like the test
                     model.eval()
-                    nat_correct = count_correct(model, x, y)
+                    nat_correct = count_correct(attack_model, x, y)
                     model.train()
                 else:
                     nat_correct = adv_correct
-                sums += torch.stack([loss.detach() * len(y), penalty.detach() * len(y), nat_correct.float(),
-                                     adv_correct.float(), torch.tensor(float(len(y)), device=device)])
-            if run.stop.signum is not None or (every and (step + 1) % every == 0):
+                sums += torch.stack([loss * len(y), pen * len(y), nat_correct.float(), adv_correct.float(),
+                                     torch.tensor(float(len(y)), device=device)])
+            stopping = run.stop.requested(step)
+            if stopping or (every and (step + 1) % every == 0):
                 check_finite(bad_step, epoch)
-                save(last_path, epoch, step + 1, sums)
-                stop(epoch, step + 1)
+                save(last_path, epoch, step + 1, dist.all_sum(sums.clone()))
+                if stopping:
+                    stop(epoch, step + 1)
         check_finite(bad_step, epoch)
+        dist.all_sum(sums)
         loss_avg, pen_avg, tr_nat, tr_adv = (sums[:4] / sums[4]).tolist()
 
         residual = float("nan")
@@ -225,28 +343,57 @@ def train_stage(stage, model, run, init=None, resume=None):
             residual = max(res.values())
             LOG.info(f"   admm update after epoch {epoch + 1}: rho={next(iter(admm_state.rho.values())):.4g} "
                      "||W-Z||/||W||: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+            if dist.launched():  # Z, U, rho and masks are computed, not communicated: check they agree
+                if not dist.same_on_all_ranks(_fingerprint(admm_state, masks)):
+                    raise RuntimeError("ADMM state differs between ranks; this is a bug, please report it")
+                LOG.info(f"   ADMM state identical on {dist.world()} ranks")
         te = {"natural": float("nan"), "pgd": float("nan")}
-        if (epoch + 1) % cfg["eval"]["every"] == 0 or epoch + 1 == scfg["epochs"]:
+        if (epoch + 1) % cfg["eval"]["every"] == 0 or epoch + 1 == epochs:
             te, _ = evaluate(model, run.test, {"natural": None, "pgd": eval_attack}, cfg["data"]["test_batch_size"],
                              device, cfg["eval"]["limit"], desc="test")
         best = max(metrics.get("best_test_pgd", float("-inf")), te["pgd"] if math.isfinite(te["pgd"]) else float("-inf"))
         # best_test_pgd is informational only: the saved model is always the last epoch's.
         metrics = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": loss_avg, "penalty": pen_avg,
-                   "train_natural": tr_nat, "train_adv": tr_adv if run.attack else float("nan"),
+                   "train_natural": tr_nat, "train_adv": tr_adv if run.method != "natural" else float("nan"),
                    "test_natural": te["natural"], "test_pgd": te["pgd"], "best_test_pgd": best,
                    "admm_residual": residual, "time": time.time() - t0}
         LOG.info(f"{stage:8} {epoch + 1:4d} {lr:8.5f} {loss_avg:7.4f} {pen_avg:8.4f} {tr_nat:6.3f} "
                  f"{metrics['train_adv']:6.3f} {te['natural']:6.3f} {te['pgd']:6.3f} {residual:6.4f} "
                  f"{metrics['time']:5.1f}s")
         save(last_path, epoch + 1, 0, torch.zeros(5))
-        stop(epoch + 1, 0)
+        if run.stop.requested():
+            stop(epoch + 1, 0)
     if hook:
         hook.remove()
-    ckpt = save(os.path.join(run.out, f"{stage}.pt"), scfg["epochs"], 0, torch.zeros(5))
-    if os.path.exists(last_path):
+    ckpt = save(os.path.join(run.out, f"{stage}.pt"), epochs, 0, torch.zeros(5))
+    if dist.is_main() and os.path.exists(last_path):
         os.remove(last_path)
     LOG.info(f"saved {os.path.join(run.out, f'{stage}.pt')}")
     return ckpt
+
+
+def _fingerprint(admm_state, masks):
+    """Per-layer sums of Z, |Z|, U, rho and mask sizes: equal on all ranks iff (almost surely) the
+    states are."""
+    rows = [torch.stack([admm_state.Z[n].sum(), admm_state.Z[n].abs().sum(), admm_state.U[n].sum(),
+                         torch.tensor(admm_state.rho[n], device=admm_state.Z[n].device)]) for n in admm_state.Z]
+    rows += [m.sum().float().view(1) for m in masks.values()]
+    return torch.cat([r.flatten().float().cpu() for r in rows])
+
+
+def wrap_for_training(model, cfg, device):
+    """(net, attack_model): the module the training forward runs through (DDP under torchrun,
+    compiled with ``perf.compile``) and the one attacks and clean forwards use (never DDP: an
+    attack needs no gradient all-reduce). ``perf.channels_last`` and ``perf.compile`` apply on
+    CUDA only."""
+    if device.type == "cuda" and cfg["perf"]["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.launched() else model
+    attack_model = model
+    if device.type == "cuda" and cfg["perf"]["compile"]:
+        net, attack_model = torch.compile(net), torch.compile(model)
+    return net, attack_model
 
 
 # --------------------------------------------------------------------------- command line
@@ -273,7 +420,8 @@ def run(argv=None, adversarial=True):
     try:
         _run(parse_args(argv, adversarial), adversarial)
     except UserError as e:
-        LOG.error(f"error: {e}") if LOG.handlers else print(f"error: {e}", file=sys.stderr)
+        if dist.is_main():  # under torchrun every rank hits the same error; say it once
+            LOG.error(f"error: {e}") if LOG.handlers else print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
         LOG.warning(str(e))
@@ -282,6 +430,8 @@ def run(argv=None, adversarial=True):
         print("stopped; the last saved checkpoints in the run folder are intact (continue with --resume)",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        dist.close()
 
 
 def _resume_command(args, out, adversarial):
@@ -295,7 +445,7 @@ def _run(args, adversarial):
     cfg = load_config(args.config, args.overrides)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     stages = STAGES if args.stage == "all" else (args.stage,)
-    device = get_device(cfg["device"])
+    device = dist.init(get_device(cfg["device"]))
     if args.resume and args.init:
         raise UserError("--resume continues from the run folder's own checkpoints; drop --init")
 
@@ -349,6 +499,8 @@ def _run(args, adversarial):
     changed = []
     try:
         os.makedirs(out, exist_ok=True)
+        if not dist.is_main():
+            raise _NotMain
         for f in os.listdir(out):  # temp files of a save that was killed
             if f.startswith(".tmp-"):
                 os.remove(path(f))
@@ -358,30 +510,39 @@ def _run(args, adversarial):
             changed = [k for k in sorted(set(_flat(old)) | set(_flat(cfg))) if _flat(old).get(k) != _flat(cfg).get(k)]
         with open(path("config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
+    except _NotMain:
+        pass
     except OSError as e:
         raise UserError(f"cannot write to run folder {out}: {e.strerror}; choose another --out") from None
-    setup_logging(path("log.txt"))
+    setup_logging(path("log.txt") if dist.is_main() else None, enabled=dist.is_main())
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "
-             f"({len(train.labels)} train / {len(test.labels)} test)")
+             f"({len(train.labels)} train / {len(test.labels)} test)"
+             + (f"; {dist.world()} processes x batch {cfg['data']['batch_size']}" if dist.launched() else ""))
     if args.resume and changed:
         LOG.warning(f"resuming with a config that differs from the run's in: {', '.join(changed)}")
     if not todo:
         LOG.info(f"all of {', '.join(stages)} already complete in {out}")
+    method = cfg["adv"]["method"] if adversarial else "natural"
     attack = train_attack(cfg, adversarial)
     if attack:
-        LOG.info(f"training attack: {attack!r}")
+        LOG.info(f"training attack ({method}): {attack!r}")
 
     with GracefulStop() as stop:
-        ctx = RunContext(cfg, train, test, info, attack, device, out, stop, _resume_command(args, out, adversarial))
+        ctx = RunContext(cfg, train, test, info, method, attack, device, out, stop,
+                         _resume_command(args, out, adversarial))
         for stage in todo:
             init = train_stage(stage, model, ctx, init, resume if stage == todo[0] else None)
 
-    if args.stage == "all":
+    if args.stage == "all" and dist.is_main():
         rep = report(model, cfg, test, device, standard_attacks(cfg))
         LOG.info("final model (" + path("retrain.pt") + "):\n" + format_report(rep))
         with open(path("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
+
+
+class _NotMain(Exception):
+    """Only rank 0 writes to the run folder."""
 
 
 def _flat(d, prefix=""):
