@@ -1,0 +1,89 @@
+"""Adversarial training step against its floor, and the ADMM step against the plain step.
+
+    python bench/train_step.py [--device cpu|cuda]
+
+floor = k x (attack forward + input backward) + 1 x (clean training step), all measured here.
+Targets: adversarial step <= 1.10 x floor; ADMM-stage step <= 1.05 x adversarial step.
+Also reports what switching the parameters' requires_grad off during the attack would save, and
+the cost of the extra clean forward that measures natural training accuracy.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import machine, time_many, verdict
+
+import admm as admm_lib
+from attacks import PGD
+from engine import make_optimizer, train_step
+from models import build_model
+
+CASES = [("lenet", 4, 1, 28, 128, 10), ("vgg16", 4, 3, 32, 32, 3)]
+
+
+def bench(arch, width, channels, size, batch, k, device):
+    torch.manual_seed(0)
+    model = build_model(arch, width, 10, channels, size).to(device)
+    opt = make_optimizer(model.parameters(), {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4})
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    attack = PGD(eps=8 / 255, step_size=2 / 255, steps=k, random_start=True)
+    weights = admm_lib.prunable_weights(model)
+    ratios = {n: 0.8 for n in weights}
+    state = admm_lib.ADMM(weights, ratios, "irregular", 1e-3)
+
+    def attack_iter():  # one PGD iteration's work: forward + gradient w.r.t. the input, eval mode
+        model.eval()
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+        model.train()
+
+    def attack_iter_frozen():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        attack_iter()
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def clean_forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+
+    t = time_many({
+        "attack_iter": attack_iter,
+        "attack_iter_frozen": attack_iter_frozen,
+        "clean_step": lambda: train_step(model, model, x, y, opt),
+        "adv_step": lambda: train_step(model, model, x, y, opt, attack),
+        "admm_step": lambda: train_step(model, model, x, y, opt, attack, lambda: state.penalty(weights)),
+        "clean_forward": clean_forward,
+    }, device, warmup=2, reps=9 if arch == "lenet" else 5)
+    floor = k * t["attack_iter"] + t["clean_step"]
+    r_adv, r_admm = t["adv_step"] / floor, t["admm_step"] / t["adv_step"]
+    print(f"\n{arch} w={width} {size}x{size} batch {batch} PGD-{k} on {device}")
+    print(f"  attack iteration {t['attack_iter'] * 1e3:8.2f} ms   (params requires_grad off: "
+          f"{t['attack_iter_frozen'] * 1e3:.2f} ms, ratio {t['attack_iter_frozen'] / t['attack_iter']:.3f})")
+    print(f"  clean train step {t['clean_step'] * 1e3:8.2f} ms")
+    print(f"  floor            {floor * 1e3:8.2f} ms   = {k} x attack iteration + clean step")
+    print(f"  adversarial step {t['adv_step'] * 1e3:8.2f} ms   ratio to floor {r_adv:.3f}")
+    print(f"  ADMM-stage step  {t['admm_step'] * 1e3:8.2f} ms   ratio to adversarial step {r_admm:.3f}")
+    print(f"  clean forward (natural train accuracy) {t['clean_forward'] * 1e3:.2f} ms = "
+          f"{t['clean_forward'] / t['adv_step']:.1%} of a step; sampled every 10th step: "
+          f"{t['clean_forward'] / t['adv_step'] / 10:.2%}")
+    ok = verdict(r_adv <= 1.10, f"{arch}: adversarial step / floor = {r_adv:.3f} <= 1.10")
+    return verdict(r_admm <= 1.05, f"{arch}: ADMM step / adversarial step = {r_admm:.3f} <= 1.05") and ok
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    print(machine())
+    results = [bench(*case, torch.device(args.device)) for case in CASES]
+    print("\nall PASS" if all(results) else "\nsome FAIL")
+
+
+if __name__ == "__main__":
+    main()
