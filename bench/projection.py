@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import torch
 
-from common import machine, time_many, verdict
+from benchutil import machine, time_many, verdict
 
 import admm as admm_lib
 from models import build_model

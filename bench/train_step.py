@@ -12,7 +12,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import machine, time_many, verdict
+from benchutil import machine, time_many, verdict
 
 import admm as admm_lib
 from attacks import PGD

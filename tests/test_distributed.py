@@ -43,3 +43,20 @@ def test_two_processes_half_batch_match_one_process(tmp_path):
     pre_a = torch.load(tmp_path / "one" / "pretrain.pt", weights_only=True)["model"]
     pre_b = torch.load(tmp_path / "two" / "pretrain.pt", weights_only=True)["model"]
     assert max((pre_a[k] - pre_b[k]).abs().max().item() for k in pre_a) < 1e-6  # float rounding only
+
+
+def test_autocast_settings_are_a_noop_on_cpu(tmp_path):
+    """perf.amp / channels_last / compile are GPU fast paths; on CPU the run is unchanged."""
+    base = [*SETTINGS[:6], "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1"]
+
+    def final(out, *extra):
+        sets = [a for o in (*base, *extra) for a in ("--set", o)]
+        proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return torch.load(out / "retrain.pt", weights_only=True)["model"]
+
+    a = final(tmp_path / "plain")
+    b = final(tmp_path / "fast", "perf.amp=fp16", "perf.channels_last=true", "perf.compile=true")
+    assert all(torch.equal(a[k], b[k]) for k in a)
