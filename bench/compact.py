@@ -1,12 +1,12 @@
 """CPU inference latency of compact exports against the dense (masked) models they come from.
 
-    python bench/compact.py [--archs vgg16,resnet18] [--width 16] [--batch 64] [--threads 1] [--reps 3]
+    python bench/compact.py [--archs vgg16,resnet18] [--width 16] [--batch 64] [--threads 1] [--reps 5]
 
 VGG-16 and ResNet-18 on 32x32 inputs with random weights and random BN statistics, hard-pruned
 with ``admm.hard_prune`` at the same ratio in every conv (the output layer stays dense, as in
 the shipped configs): filter pruning at 50 % and 75 %, column pruning at 75 %. For each, the
 compact model of ``compact.compact_model`` is checked against the masked model, then both are
-timed in turns in this one process (best of ``--reps`` after a warm-up). Printed: MAC
+timed in turns in this one process (median of ``--reps`` after a warm-up). Printed: MAC
 reduction (dense / compact), measured speed-up, and for filter pruning PASS/FAIL of the target
 "speed-up >= half the MAC reduction".
 
@@ -16,14 +16,13 @@ of the kept columns only (a gather) and one smaller matmul. Its row is "column i
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchutil import machine, time_many, verdict  # also puts the repo root on sys.path
 import admm  # noqa: E402
 import compact  # noqa: E402
 from config import load_config  # noqa: E402
@@ -103,13 +102,13 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (set explicitly; default 1)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per model (best is kept), after one warm-up")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per model (the median is kept), after one warm-up")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs "
-          f"(load average {load:.2f}), batch {args.batch}, best of {args.reps} after 1 warm-up")
-    print(f"{'arch':9} {'pruning':13} {'model':15} {'MACs/img':>14} {'MAC red.':>9} {'latency':>10} {'speed-up':>9}  target")
+    print(f"{machine()} (load average {load:.2f}); batch {args.batch}, median of {args.reps} after 1 warm-up")
+    print(f"{'arch':9} {'pruning':13} {'model':15} {'MACs/img':>14} {'MAC red.':>9} {'latency':>10} "
+          f"{'speed-up':>9}  target")
     x = torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t_start, verdicts = time.time(), []
     for arch in args.archs.split(","):
@@ -127,17 +126,18 @@ def main(argv=None):
                 for name, m in models.items():  # a fast but wrong model would make a false figure
                     err = ((m(x[:8]) - ref).abs().max() / ref.abs().max()).item()
                     assert err < 1e-4, f"{arch} {scheme} {name}: outputs differ from the masked model ({err:.2e})"
-            t = compact.latency(models, x, reps=args.reps)
+            with torch.no_grad():
+                t = time_many({k: (lambda m=m: m(x)) for k, m in models.items()}, warmup=1, reps=args.reps)
             for name in models:
                 red, speed = macs["dense (masked)"] / macs[name], t["dense (masked)"] / t[name]
-                verdict = ""
+                target = ""
                 if name != "dense (masked)" and scheme == "filter":
-                    verdict = f"{'PASS' if speed >= red / 2 else 'FAIL'} (>= {red / 2:.2f}x)"
-                    verdicts.append(verdict.startswith("PASS"))
+                    target = f"{'PASS' if speed >= red / 2 else 'FAIL'} (>= {red / 2:.2f}x)"
+                    verdicts.append(speed >= red / 2)
                 print(f"{arch:9} {f'{scheme} {ratio:.0%}':13} {name:15} {macs[name]:14,d} {red:8.2f}x "
-                      f"{t[name] * 1e3:8.1f}ms {speed:8.2f}x  {verdict}", flush=True)
-    print(f"filter pruning target (speed-up >= MAC reduction / 2): {sum(verdicts)}/{len(verdicts)} PASS; "
-          f"total time {time.time() - t_start:.0f} s")
+                      f"{t[name] * 1e3:8.1f}ms {speed:8.2f}x  {target}", flush=True)
+    verdict(all(verdicts), f"filter pruning, speed-up >= MAC reduction / 2 in {sum(verdicts)} of {len(verdicts)} "
+                           f"cases (total time {time.time() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":

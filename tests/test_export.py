@@ -1,0 +1,288 @@
+"""Compact export (compact.py, export.py): the compact model computes what the masked model
+computes, sparse storage round-trips bit for bit, unpruned exports are identities, malformed
+files are refused, and the export is plain data."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import admm
+import compact
+from common import UserError, save_checkpoint
+from config import load_config
+from data import INFO
+from evaluation import model_from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETUPS = {"lenet": (2, "demo"), "vgg16": (1, "cifar10"), "resnet18": (1, "cifar10")}  # width, dataset
+SCHEMES = ("irregular", "filter", "column")
+
+
+def make(arch, scheme="irregular", ratio=0.5, seed=0):
+    """(masked model in eval mode, cfg): random weights, every layer pruned at ``ratio`` (but the
+    output layer for filter pruning), then BN statistics measured on random images (as after
+    retraining; a pruned filter's channel gets mean 0, variance 0) and random BN affine
+    parameters, so that such a channel carries a nonzero constant, its BN shift, half the time."""
+    torch.manual_seed(seed)
+    width, dataset = SETUPS[arch]
+    cfg = load_config(None, [f"model.arch={arch}", f"model.width={width}", f"data.dataset={dataset}",
+                             f"prune.sparsity_type={scheme}"])
+    model = model_from_config(cfg, INFO[dataset], "cpu")
+    weights = admm.prunable_weights(model)
+    names = list(weights)[:-1] if scheme == "filter" else list(weights)
+    if ratio:
+        admm.hard_prune(weights, {n: ratio for n in names}, scheme)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.momentum = None  # cumulative average over the calibration batch
+        model.train()(torch.rand(32, *compact.input_shape(cfg)))
+        for m in bns:
+            m.momentum = 0.1
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model.eval(), cfg
+
+
+def inputs(cfg, n=16):
+    return torch.rand(n, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(1))
+
+
+def roundtrip(model, cfg, tmp_path, storage="compact"):
+    path = str(tmp_path / f"export-{storage}.pt")
+    save_checkpoint(compact.export_model(model, cfg, storage), path)
+    small, cfg2, exp = compact.load_exported(path)
+    return small, exp, path
+
+
+def max_rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --------------------------------------------------------------------------- same outputs
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", list(SETUPS))
+def test_compact_model_matches_masked_model(arch, scheme, tmp_path):
+    masked, cfg = make(arch, scheme)
+    small, exp, _ = roundtrip(masked, cfg, tmp_path)
+    x = inputs(cfg)
+    with torch.no_grad():
+        ref, out = masked(x), small(x)
+    assert ref.std(0).max() > 1e-3 * ref.abs().max()  # the outputs depend on the input: a real comparison
+    assert max_rel_diff(out, ref) <= 1e-5
+    assert set(dict(small.named_parameters())) <= set(dict(masked.named_parameters()))  # real names
+    if scheme == "filter":  # the channels are really gone: fewer parameters and MACs
+        f = exp["figures"]
+        assert f["params"]["compact"] < 0.6 * f["params"]["dense"]
+        assert f["macs"]["compact"] < 0.6 * f["macs"]["dense"]
+
+
+@pytest.mark.parametrize("arch", list(SETUPS))
+def test_filter_pruned_channels_are_removed_with_their_bn_and_inputs(arch):
+    masked, cfg = make(arch, "filter")
+    small = compact.compact_model(masked, compact.input_shape(cfg))
+    assert not any(m.training for m in small.modules())  # new BN layers in train mode would use batch statistics
+    big, mods = dict(masked.named_modules()), dict(small.named_modules())
+    for g in compact.channel_groups(masked):
+        if len(g.producers) > 1:
+            continue  # a ResNet stream loses a channel only where all its writers pruned it (next test)
+        layer, bn = g.producers[0]
+        n = big[layer].weight.shape[0]
+        kept = n - admm.n_pruned(n, 0.5)
+        assert mods[layer].weight.shape[0] == kept, layer
+        if bn:
+            assert mods[bn].running_mean.shape == (kept,) and mods[bn].weight.shape == (kept,)
+        for c in g.consumers:
+            assert mods[c].weight.shape[1] == kept * big[c].weight.shape[1] // n, c
+
+
+def test_resnet_stream_channel_removed_only_where_every_writer_pruned_it():
+    masked, cfg = make("resnet18", ratio=0)
+    w = admm.prunable_weights(masked)
+    with torch.no_grad():  # layer2's stream: block 0 conv2, its shortcut, block 1 conv2
+        for n in ("layer2.0.conv2.weight", "layer2.0.shortcut.0.weight", "layer2.1.conv2.weight"):
+            w[n][0] = 0    # channel 0 zero in all three writers: removable
+        for n in ("layer2.0.conv2.weight", "layer2.1.conv2.weight"):
+            w[n][1] = 0    # channel 1 still written by the shortcut: must stay
+    small = compact.compact_model(masked, compact.input_shape(cfg))
+    assert small.layer2[0].conv2.out_channels == w["layer2.0.conv2.weight"].shape[0] - 1
+    width = small.layer2[0].conv2.out_channels
+    assert small.layer2[0].shortcut[1].num_features == small.layer2[1].bn2.num_features == width
+    assert small.layer3[0].conv1.in_channels == small.layer3[0].shortcut[0].in_channels == width
+    assert small.layer2[0].conv1.out_channels == masked.layer2[0].conv1.out_channels  # inner channels untouched
+    with torch.no_grad():
+        x = inputs(cfg)
+        assert max_rel_diff(small(x), masked(x)) <= 1e-5
+
+
+def test_column_pruned_input_channel_leaves_with_its_producer_filter():
+    masked, cfg = make("vgg16", ratio=0)
+    n = masked.features[0].out_channels
+    with torch.no_grad():
+        masked.features[3].weight[:, 0] = 0  # every column of input channel 0 of its only reader
+    small = compact.compact_model(masked, compact.input_shape(cfg))
+    assert small.features[0].out_channels == small.features[1].num_features == small.features[3].in_channels == n - 1
+    with torch.no_grad():
+        x = inputs(cfg)
+        assert max_rel_diff(small(x), masked(x)) <= 1e-5
+
+
+def test_resnet_stream_channel_unread_by_one_reader_is_kept():
+    masked, cfg = make("resnet18", ratio=0)
+    readers = ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"]  # of conv1 + layer1
+    mods = dict(masked.named_modules())
+    n = masked.conv1.out_channels
+    with torch.no_grad():
+        for c in readers:
+            mods[c].weight[:, 0] = 0  # channel 0 unread by every reader: removed
+        mods[readers[0]].weight[:, 1] = 0  # channel 1 unread by one reader only: kept, a map has one width
+    small = compact.compact_model(masked, compact.input_shape(cfg))
+    smods = dict(small.named_modules())
+    assert small.conv1.out_channels == small.layer1[1].bn2.num_features == n - 1
+    assert all(smods[c].in_channels == n - 1 for c in readers)
+    with torch.no_grad():
+        x = inputs(cfg)
+        assert max_rel_diff(small(x), masked(x)) <= 1e-5
+
+
+def test_constant_of_a_pruned_filter_is_folded_not_dropped():
+    """A zero filter followed by BN outputs the BN shift, not zero: without the fold the outputs change."""
+    masked, cfg = make("vgg16", "filter")
+    small = compact.compact_model(masked, compact.input_shape(cfg))
+    folded = [m for m in small.modules() if isinstance(m, compact.FoldedConv2d)]
+    assert folded
+    x = inputs(cfg)
+    with torch.no_grad():
+        for m in folded:
+            m.const_kernel.zero_()
+        assert max_rel_diff(small(x), masked(x)) > 1e-3
+
+
+# --------------------------------------------------------------------------- identity, sparse storage
+
+@pytest.mark.parametrize("arch", list(SETUPS))
+def test_export_of_unpruned_model_is_identity(arch, tmp_path):
+    masked, cfg = make(arch, ratio=0)
+    small, exp, _ = roundtrip(masked, cfg, tmp_path)
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in masked.state_dict().items()}
+    assert not any(isinstance(m, compact.FoldedConv2d) for m in small.modules())
+    x = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(small(x), masked(x))
+
+
+def bits(t):
+    """Bit pattern of a float tensor, with -0.0 read as +0.0 (masking a negative weight gives -0.0)."""
+    return (t + 0.0).view(torch.int32) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("arch", list(SETUPS))
+def test_sparse_storage_round_trips_bit_exactly(arch, tmp_path):
+    masked, cfg = make(arch, "irregular", ratio=0.8)
+    small, exp, path = roundtrip(masked, cfg, tmp_path, "sparse")
+    assert exp["sparse"], "no tensor was stored sparse"
+    # The compact model's weights: irregular pruning at 80 % leaves some output-layer columns all
+    # zero, so a few unread channels are gone; every other weight is the masked model's.
+    ref, _ = compact.compact_state(masked, compact.input_shape(cfg))
+    assert small.state_dict().keys() == ref.keys()
+    for name, t in small.state_dict().items():
+        assert torch.equal(bits(t), bits(ref[name])), name
+    _, _, dense_path = roundtrip(masked, cfg, tmp_path, "compact")
+    assert os.path.getsize(path) < 0.5 * os.path.getsize(dense_path)
+
+
+@pytest.mark.parametrize("density,encoding", [(0.5, "bitmask"), (0.01, "index"), (0.0, "index"), (1.0, "bitmask")])
+def test_sparse_encoding_round_trip(density, encoding):
+    t = torch.randn(7, 5, 3, 3)
+    t[torch.rand(t.shape) >= density] = 0
+    entry = compact.encode_sparse(t)
+    assert encoding in entry and len(entry["values"]) == int((t != 0).sum())
+    assert torch.equal(bits(compact.decode_sparse(entry)), bits(t))
+
+
+# --------------------------------------------------------------------------- file format
+
+def test_export_is_plain_data_loadable_weights_only(tmp_path):
+    masked, cfg = make("resnet18", "filter")
+    _, _, path = roundtrip(masked, cfg, tmp_path)
+    exp = torch.load(path, weights_only=True)
+    assert exp["format"] == compact.FORMAT and exp["config"] == cfg and exp["arch"] == "resnet18"
+
+    def leaves(o):
+        if isinstance(o, dict):
+            return [x for v in o.values() for x in leaves(v)]
+        return [x for v in o for x in leaves(v)] if isinstance(o, (list, tuple)) else [o]
+    assert all(isinstance(v, (torch.Tensor, str, int, float, bool, type(None))) for v in leaves(exp))
+    assert exp["shapes"]["layer1.0.conv1.weight"] == list(exp["state"]["layer1.0.conv1.weight"].shape)
+
+
+def _corrupt(kind, exp, path):
+    if kind == "truncated":
+        save_checkpoint(exp, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        return
+    if kind == "pickled module":
+        torch.save(nn.Linear(2, 2), path)
+        return
+    if kind == "not an export":
+        exp = {"model": {}, "something": 1}
+    elif kind == "wrong version":
+        exp["version"] = 99
+    elif kind == "missing tensor":
+        del exp["state"]["conv2.bias"]
+    elif kind == "wrong shape":  # each layer fine on its own, but conv2 no longer reads conv1's output
+        exp["state"]["conv2.weight"] = exp["state"]["conv2.weight"][:, :1]
+        exp["shapes"]["conv2.weight"] = list(exp["state"]["conv2.weight"].shape)
+    elif kind == "shapes disagree":
+        exp["shapes"]["conv1.bias"] = [3]
+    elif kind == "bad sparse entry":
+        entry = next(iter(exp["sparse"].values()))
+        entry["values"] = entry["values"][:-1]
+    elif kind == "no state":
+        del exp["state"]
+    save_checkpoint(exp, path)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "not a valid weights-only file"), ("pickled module", "not a valid weights-only file"),
+    ("not an export", "neither a checkpoint nor an export"), ("wrong version", "version 99"),
+    ("missing tensor", "'conv2.bias'"), ("wrong shape", "do not make a lenet model"),
+    ("shapes disagree", "'conv1.bias' has shape"), ("bad sparse entry", "values for"), ("no state", "'state'")])
+def test_malformed_export_is_refused_with_one_line(kind, message, tmp_path):
+    masked, cfg = make("lenet", "irregular", ratio=0.9)
+    path = str(tmp_path / "bad.pt")
+    _corrupt(kind, compact.export_model(masked, cfg, "sparse" if kind == "bad sparse entry" else "compact"), path)
+    with pytest.raises(UserError) as e:
+        compact.load_model(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- figures and the script
+
+def test_macs_of_lenet_by_hand():
+    masked, cfg = make("lenet", ratio=0)  # w=2: conv 4 -> conv 8 -> fc 128 -> 10 on 28x28
+    f = compact.count(masked, compact.input_shape(cfg))
+    assert f["macs"] == 4 * 25 * 28 * 28 + 8 * 4 * 25 * 14 * 14 + 8 * 49 * 128 + 128 * 10
+    assert f["params"] == sum(p.numel() for p in masked.parameters())
+
+
+def test_export_script_on_a_checkpoint(tmp_path):
+    masked, cfg = make("lenet", "filter", ratio=0.75)
+    ckpt = tmp_path / "retrain.pt"
+    save_checkpoint({"stage": "retrain", "epoch": 1, "arch": "lenet", "width": 2, "dataset": "demo", "config": cfg,
+                     "model": masked.state_dict(), "masks": None}, str(ckpt))
+    out, js = tmp_path / "model.export.pt", tmp_path / "fig.json"
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(ckpt), "--out", str(out), "--json", str(js)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "speed-up" in proc.stdout and "channels kept: conv1 1/4, conv2 2/8, fc1 32/128" in proc.stdout
+    assert os.path.getsize(out) < os.path.getsize(ckpt) / 3
+    model, cfg2, meta = compact.load_model(str(out))
+    assert meta["format"] == "export" and meta["compression"]["bytes"]["export"] == os.path.getsize(out)
+    assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no silent overwrite
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
