@@ -1,56 +1,105 @@
-"""Evaluate a checkpoint: per-layer sparsity and accuracy under attack.
+"""Evaluate a checkpoint: per-layer sparsity, accuracy under attack, worst case, sanity checks.
 
-    python eval.py --ckpt runs/demo/retrain.pt [--attacks natural,fgsm,pgd] [--eps E] [--steps K]
-                   [--step-size A] [--restarts R] [--limit N] [--json FILE]
+    python eval.py --ckpt runs/demo/retrain.pt [--attacks natural,fgsm,pgd,pgd_cw,pgd_l2,autoattack]
+                   [--eps E] [--steps K] [--step-size A] [--restarts R] [--eps-l2 E2]
+                   [--eps-sweep 0,0.05,...] [--plot FILE] [--no-checks] [--limit N] [--json FILE] [--seed S]
 
 Arch, width, dataset, prune settings and attack defaults come from the config stored in the checkpoint.
 """
 import argparse
 import json
+import os
 import sys
 
 import data as data_lib
-from common import UserError, get_device, load_checkpoint, seed_everything
+from common import UserError, get_device, load_checkpoint
 from config import parse_float
-from evaluation import format_report, load_weights, model_from_config, report, standard_attacks
+from evaluation import (ATTACKS, check_attacks, format_report, load_weights, model_from_config, report,
+                        standard_attacks, sweep_attacks)
+
+
+def plot_sweep(rep, path, title, num_classes):
+    """Robust accuracy vs eps, one line per attack, chance dashed, as a PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    sw = rep["eps_sweep"]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, accs in sw["accuracy"].items():
+        ax.plot(sw["eps"], accs, marker="o", label=name)
+    ax.axhline(1 / num_classes, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    ax.set(xlabel="eps (L-inf, pixel units in [0, 1])", ylabel="robust accuracy", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
-    p.add_argument("--attacks", default="natural,fgsm,pgd", help="comma-separated: natural, fgsm, pgd")
+    p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
     p.add_argument("--eps", help="L-inf radius in [0,1] pixel units, e.g. 0.3 or 8/255 (default: config adv.eps)")
-    p.add_argument("--steps", type=int, help="PGD steps (default: config adv.steps)")
-    p.add_argument("--step-size", help="PGD step size (default: config adv.step_size)")
-    p.add_argument("--restarts", type=int, help="PGD restarts (default: config adv.restarts)")
+    p.add_argument("--steps", type=int, help="PGD steps (default: config eval.steps)")
+    p.add_argument("--step-size", help="L-inf PGD step size (default: config eval.step_size)")
+    p.add_argument("--restarts", type=int, help="PGD restarts (default: config eval.restarts)")
+    p.add_argument("--eps-l2", help="L2 radius of pgd_l2 in pixel units (default 0.5 on cifar10, 2.0 otherwise); "
+                                    "its step size is 2.5 * eps_l2 / steps")
+    p.add_argument("--eps-sweep", help="comma-separated L-inf radii, e.g. 0,0.05,0.1,0.2,0.3: robust accuracy of "
+                                       "the L-inf attacks in --attacks at each, to the JSON and a PNG plot")
+    p.add_argument("--plot", help="PNG of the eps sweep (default: the --json path with .png, else eps_sweep.png)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="skip the three extra PGD runs of the sanity checks (eps/2, eps=1, 2x steps + 1 restart)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test examples (default: all)")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
-    p.add_argument("--seed", type=int, default=0, help="seed for PGD's random start (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     args = p.parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.ckpt)
-        cfg = ckpt["config"]
-        device = get_device(args.device or cfg["device"])
         if (args.steps is not None and args.steps < 0) or (args.restarts is not None and args.restarts < 1):
             raise UserError("--steps must be >= 0 and --restarts >= 1")
         if args.limit < 0:
             raise UserError("--limit must be >= 0")
-        eps = None if args.eps is None else parse_float(args.eps, "--eps")
-        step_size = None if args.step_size is None else parse_float(args.step_size, "--step-size")
-        if (eps is not None and eps < 0) or (step_size is not None and step_size < 0):
-            raise UserError("--eps and --step-size must be >= 0")
-        attacks = standard_attacks(cfg, [a.strip() for a in args.attacks.split(",") if a.strip()],
-                                   eps, args.steps, step_size, args.restarts)
+        eps, step_size, eps_l2 = (None if v is None else parse_float(v, flag) for v, flag in
+                                  ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
+        sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",") if v.strip()}) \
+            if args.eps_sweep else []
+        if any(v is not None and v < 0 for v in (eps, step_size, eps_l2, *sweep_eps)):
+            raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
+        if args.eps_sweep is not None and not sweep_eps:
+            raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
+        if sweep_eps:
+            try:
+                import matplotlib  # noqa: F401 - checked before any work, not after the sweep
+            except ImportError:
+                raise UserError("--eps-sweep plots with matplotlib: pip install matplotlib") from None
+        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        if not names:
+            raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
+
+        ckpt = load_checkpoint(args.ckpt)
+        cfg = ckpt["config"]
+        device = get_device(args.device or cfg["device"])
+        attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
+        checks = {} if args.no_checks else check_attacks(
+            standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
+        sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
         _, test, info = data_lib.load_data(cfg)
         model = model_from_config(cfg, info, device)
         load_weights(model, ckpt, args.ckpt, cfg)
-        seed_everything(args.seed)
-        rep = report(model, cfg, test, device, attacks, args.limit)
+        rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
         rep["checkpoint"] = {"path": args.ckpt, "stage": ckpt.get("stage"), "adversarial": ckpt.get("adversarial")}
+        if sweep:
+            plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
+            plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",
+                       info.num_classes)
+            rep["eps_sweep"]["plot"] = plot
         print(f"{args.ckpt}: {ckpt.get('stage')} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
               f"{cfg['data']['dataset']}")
         print(format_report(rep))
+        if sweep:
+            print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rep, f, indent=2)
