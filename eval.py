@@ -12,10 +12,10 @@ import os
 import sys
 
 import data as data_lib
-from common import UserError, get_device, load_checkpoint
+import compact
+from common import UserError, get_device
 from config import parse_float
-from evaluation import (ATTACKS, check_attacks, format_report, load_weights, model_from_config, report,
-                        standard_attacks, sweep_attacks)
+from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
 
 def plot_sweep(rep, path, title, num_classes):
@@ -78,26 +78,28 @@ def main(argv=None):
         if not names:
             raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
 
-        ckpt = load_checkpoint(args.ckpt)
-        cfg = ckpt["config"]
+        model, cfg, meta = compact.load_model(args.ckpt)  # a training checkpoint or an export.py file
         device = get_device(args.device or cfg["device"])
         attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
         checks = {} if args.no_checks else check_attacks(
             standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
         sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
         _, test, info = data_lib.load_data(cfg)
-        model = model_from_config(cfg, info, device)
-        load_weights(model, ckpt, args.ckpt, cfg)
+        model.to(device)
         rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
-        rep["checkpoint"] = {"path": args.ckpt, "stage": ckpt.get("stage"), "adversarial": ckpt.get("adversarial")}
+        rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
+        rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes
+        rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
+                             "adversarial": meta["adversarial"]}
         if sweep:
             plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
             plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",
                        info.num_classes)
             rep["eps_sweep"]["plot"] = plot
-        print(f"{args.ckpt}: {ckpt.get('stage')} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
+        print(f"{args.ckpt}: {meta['stage']} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
               f"{cfg['data']['dataset']}")
         print(format_report(rep))
+        print(compact.format_figures(meta["compression"]))
         if sweep:
             print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
         if args.json:

@@ -10,6 +10,7 @@ import torch
 
 import admm as admm_lib
 import data as data_lib
+import distributed as dist
 from attacks import FGSM, PGD, AutoAttack
 from common import UserError
 from models import build_model
@@ -71,16 +72,18 @@ def _num_examples(split, limit):
     return min(limit, len(split.labels)) if limit else len(split.labels)
 
 
-def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc="eval", seed=None):
+def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc="eval", seed=None, rank=0, world=1):
     """Which of the first ``limit`` examples of ``split`` (0 = all) ``model`` still classifies
     correctly under each attack in ``attacks`` ({name: attack, or None for natural}). Every attack
-    sees the same examples, batched on ``device``. Returns {name: bool tensor [n] on the CPU}."""
+    sees the same examples, batched on ``device``. Returns {name: bool tensor [n] on the CPU}.
+    With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated."""
     was_training = model.training
     model.eval()
     correct = {name: [] for name in attacks}
+    batches = data_lib.batches(split, batch_size, device, limit=limit, rank=rank, world=world)
     try:
-        for i, (x, y) in enumerate(progress(data_lib.batches(split, batch_size, device, limit=limit),
-                                            data_lib.num_batches(split, batch_size, limit), desc)):
+        for i, (x, y) in enumerate(progress(batches, data_lib.num_batches(split, batch_size, limit, world), desc)
+                                   if rank == 0 else batches):
             for name, attack in attacks.items():
                 with _rng(seed, name, i, device):
                     x_in = x if attack is None else attack(model, x, y)
@@ -94,10 +97,14 @@ def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc
 def evaluate(model, split, attacks, batch_size, device, limit=0, desc="eval", seed=None):
     """Accuracy (fraction in [0, 1]) of ``model`` on the first ``limit`` examples of ``split``
     under each attack in ``attacks`` ({name: attack or None for natural}), all on the same
-    examples. Returns ({name: accuracy}, number of examples)."""
-    correct = correct_per_example(model, split, attacks, batch_size, device, limit, desc, seed)
-    n = _num_examples(split, limit)
-    return {name: int(c.sum()) / max(n, 1) for name, c in correct.items()}, n
+    examples. Under torchrun each rank evaluates its share and the counts are all-reduced.
+    Returns ({name: accuracy}, number of examples)."""
+    correct = correct_per_example(model, split, attacks, batch_size, device, limit, desc, seed,
+                                  dist.rank(), dist.world())
+    counts = dist.all_sum(torch.tensor([float(c.sum()) for c in correct.values()] + [float(len(next(iter(correct.values()))))],
+                                       dtype=torch.float64, device=device if dist.launched() else "cpu"))
+    n = int(counts[-1])
+    return {name: c.item() / max(n, 1) for name, c in zip(correct, counts[:-1])}, n
 
 
 # --------------------------------------------------------------------------- attacks by name
