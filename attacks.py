@@ -53,7 +53,10 @@ def _input_grad(model, x, y, loss=ce_loss):
     """d loss(model(x), y) / dx, summed over the batch so each example's gradient does not
     depend on the batch size N."""
     x = x.detach().requires_grad_(True)
-    return torch.autograd.grad(loss(model(x), y).sum(), x)[0]
+    logits = model(x)
+    # Cross-entropy summed in one fused op; other losses are per example, then summed.
+    total = F.cross_entropy(logits, y, reduction="sum") if loss is ce_loss else loss(logits, y).sum()
+    return torch.autograd.grad(total, x)[0]
 
 
 # --------------------------------------------------------------------------- threat models
@@ -79,6 +82,13 @@ class LinfBall:
     def project(x_adv, x, eps):
         return torch.min(torch.max(x_adv, x - eps), x + eps)
 
+    @staticmethod
+    def projector(x, eps):
+        """Projection onto the ball and [0, 1] at once, with the per-pixel bounds computed once per
+        attack rather than at every step."""
+        lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+        return lambda x_adv: torch.min(torch.max(x_adv, lo), hi)
+
 
 class L2Ball:
     """{x' : ||x' - x||_2 <= eps}, per example: random start in a uniformly random direction at a
@@ -99,6 +109,11 @@ class L2Ball:
     def project(x_adv, x, eps):
         delta = x_adv - x
         return x + delta * (eps / _norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+
+    @staticmethod
+    def projector(x, eps):
+        """Projection onto the ball, then onto [0, 1]."""
+        return lambda x_adv: L2Ball.project(x_adv, x, eps).clamp(0, 1)
 
 
 BALLS = {"linf": LinfBall, "l2": L2Ball}
@@ -143,9 +158,9 @@ class PGD(_Attack):
         x_adv = x
         if self.random_start:
             x_adv = ball.random_start(x, self.eps).clamp(0, 1)
+        project = ball.projector(x, self.eps)
         for _ in range(self.steps):
-            x_adv = x_adv + ball.step(_input_grad(model, x_adv, y, loss), self.step_size)
-            x_adv = ball.project(x_adv, x, self.eps).clamp(0, 1)
+            x_adv = project(x_adv + ball.step(_input_grad(model, x_adv, y, loss), self.step_size))
         return x_adv.detach()
 
     def perturb(self, model, x, y):
