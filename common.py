@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -105,17 +106,24 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict with ``weights_only=True`` (tensors and plain data only; a file
-    that would run code is refused). Any failure is a one-line ``UserError``."""
+def load_file(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, so a file that would
+    run code is refused. Any failure is a one-line ``UserError``."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning would add lines to the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
                         f"(truncated, corrupt, or containing code) - {reason[:200]}") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A training checkpoint (see ``load_file``), checked to be one written by this project."""
+    ckpt = load_file(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this project (no 'model'/'config' entries)")
     return ckpt

@@ -39,7 +39,7 @@ from torch import nn
 
 import admm as admm_lib
 import data as data_lib
-from common import UserError
+from common import UserError, load_file
 from evaluation import load_weights, model_from_config
 from models.lenet import LeNet
 from models.resnet import ResNet18
@@ -441,18 +441,6 @@ def export_checkpoint(ckpt, path, storage=None):
     return export_model(model, cfg, storage, source), model
 
 
-def _read(path):
-    """torch.load with weights_only=True; any failure is a one-line UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot load {path}: not a valid weights-only file (truncated, corrupt, or "
-                        f"containing code) - {reason}") from None
-
-
 def is_export(obj):
     return isinstance(obj, dict) and "format" in obj
 
@@ -509,7 +497,7 @@ def model_from_export(exp, path="export"):
 
 def load_exported(path):
     """(compact model on the CPU in eval mode, config, export dict) of an export file."""
-    exp = _read(path)
+    exp = load_file(path)
     model, cfg = model_from_export(exp, path)
     return model.eval(), cfg, exp
 
@@ -531,7 +519,7 @@ def load_model(path, device="cpu"):
     "stage", "adversarial", "sparsity" (the pruned model's ``admm.sparsity_report``, also for an
     export, whose compact layers no longer show the zeros) and "compression" (``figures``; for a
     checkpoint the export is built in memory with the default storage and not written)."""
-    obj = _read(path)
+    obj = load_file(path)
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
         src = obj.get("source") or {}

@@ -2,8 +2,13 @@
 import os
 import sys
 
-import pytest
-import torch
+# Subprocesses (the scripts run as a user runs them) inherit this: one intra-op thread each, so
+# pytest-xdist's workers (requirements-dev.txt, -n 2 in pytest.ini) share the cores without
+# OpenMP threads spin-waiting for each other. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

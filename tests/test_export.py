@@ -248,7 +248,7 @@ def _corrupt(kind, exp, path):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("truncated", "not a valid weights-only file"), ("pickled module", "not a valid weights-only file"),
+    ("truncated", "not a valid weights-only"), ("pickled module", "not a valid weights-only"),
     ("not an export", "neither a checkpoint nor an export"), ("wrong version", "version 99"),
     ("missing tensor", "'conv2.bias'"), ("wrong shape", "do not make a lenet model"),
     ("shapes disagree", "'conv1.bias' has shape"), ("bad sparse entry", "values for"), ("no state", "'state'")])
