@@ -18,6 +18,18 @@ class UserError(Exception):
     line, ``error: <message>``, and exit with status 2, without a traceback."""
 
 
+def run_cli(main, *args):
+    """Run a command-line entry point: a ``UserError``, or an ``OSError`` on a file, ends it with
+    one line on stderr (``error: ...``) and exit status 2 instead of a traceback."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+    sys.exit(2)
+
+
 def get_device(name):
     """``auto`` -> cuda if available, else cpu; anything else is passed to ``torch.device``."""
     if name == "auto":

@@ -9,11 +9,10 @@ Arch, width, dataset, prune settings and attack defaults come from the config st
 import argparse
 import json
 import os
-import sys
 
 import data as data_lib
 import compact
-from common import UserError, get_device
+from common import UserError, get_device, run_cli
 from config import parse_float
 from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
@@ -56,62 +55,55 @@ def main(argv=None):
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     args = p.parse_args(argv)
-    try:
-        if (args.steps is not None and args.steps < 0) or (args.restarts is not None and args.restarts < 1):
-            raise UserError("--steps must be >= 0 and --restarts >= 1")
-        if args.limit < 0:
-            raise UserError("--limit must be >= 0")
-        eps, step_size, eps_l2 = (None if v is None else parse_float(v, flag) for v, flag in
-                                  ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
-        sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",") if v.strip()}) \
-            if args.eps_sweep else []
-        if any(v is not None and v < 0 for v in (eps, step_size, eps_l2, *sweep_eps)):
-            raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
-        if args.eps_sweep is not None and not sweep_eps:
-            raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
-        if sweep_eps:
-            try:
-                import matplotlib  # noqa: F401 - checked before any work, not after the sweep
-            except ImportError:
-                raise UserError("--eps-sweep plots with matplotlib: pip install matplotlib") from None
-        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
-        if not names:
-            raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
+    if (args.steps is not None and args.steps < 0) or (args.restarts is not None and args.restarts < 1):
+        raise UserError("--steps must be >= 0 and --restarts >= 1")
+    if args.limit < 0:
+        raise UserError("--limit must be >= 0")
+    eps, step_size, eps_l2 = (None if v is None else parse_float(v, flag) for v, flag in
+                              ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
+    sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",") if v.strip()}) \
+        if args.eps_sweep else []
+    if any(v is not None and v < 0 for v in (eps, step_size, eps_l2, *sweep_eps)):
+        raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
+    if args.eps_sweep is not None and not sweep_eps:
+        raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
+    if sweep_eps:
+        try:
+            import matplotlib  # noqa: F401 - checked before any work, not after the sweep
+        except ImportError:
+            raise UserError("--eps-sweep plots with matplotlib: pip install matplotlib") from None
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not names:
+        raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
 
-        model, cfg, meta = compact.load_model(args.ckpt)  # a training checkpoint or an export.py file
-        device = get_device(args.device or cfg["device"])
-        attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
-        checks = {} if args.no_checks else check_attacks(
-            standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
-        sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
-        _, test, info = data_lib.load_data(cfg)
-        model.to(device)
-        rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
-        rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
-        rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes
-        rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
-                             "adversarial": meta["adversarial"]}
-        if sweep:
-            plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
-            plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",
-                       info.num_classes)
-            rep["eps_sweep"]["plot"] = plot
-        print(f"{args.ckpt}: {meta['stage']} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
-              f"{cfg['data']['dataset']}")
-        print(format_report(rep))
-        print(compact.format_figures(meta["compression"]))
-        if sweep:
-            print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rep, f, indent=2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+    model, cfg, meta = compact.load_model(args.ckpt)  # a training checkpoint or an export.py file
+    device = get_device(args.device or cfg["device"])
+    attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
+    checks = {} if args.no_checks else check_attacks(
+        standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
+    sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
+    _, test, info = data_lib.load_data(cfg)
+    model.to(device)
+    rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
+    rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
+    rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes
+    rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
+                         "adversarial": meta["adversarial"]}
+    if sweep:
+        plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
+        plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",
+                   info.num_classes)
+        rep["eps_sweep"]["plot"] = plot
+    print(f"{args.ckpt}: {meta['stage']} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
+          f"{cfg['data']['dataset']}")
+    print(format_report(rep))
+    print(compact.format_figures(meta["compression"]))
+    if sweep:
+        print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

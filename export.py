@@ -10,12 +10,11 @@ read back after writing and its outputs checked against the masked model's. See 
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 import compact
-from common import UserError, load_checkpoint, save_checkpoint
+from common import UserError, load_checkpoint, run_cli, save_checkpoint
 
 
 def main(argv=None):
@@ -31,54 +30,47 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the steadiest figure on a shared machine)")
     args = p.parse_args(argv)
-    try:
-        if os.path.abspath(args.out) == os.path.abspath(args.ckpt):
-            raise UserError("--out must differ from --ckpt")
-        if os.path.exists(args.out) and not args.overwrite:
-            raise UserError(f"{args.out} exists; pass --overwrite to replace it")
-        if args.threads < 1:
-            raise UserError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-        ckpt = load_checkpoint(args.ckpt)
-        exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
-        save_checkpoint(exp, args.out)
-        model, cfg, exp = compact.load_exported(args.out)  # what a user gets back, read from disk
-        fig = compact.figures(exp, os.path.getsize(args.out))
+    if os.path.abspath(args.out) == os.path.abspath(args.ckpt):
+        raise UserError("--out must differ from --ckpt")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.threads < 1:
+        raise UserError("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.ckpt)
+    exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
+    save_checkpoint(exp, args.out)
+    model, cfg, exp = compact.load_exported(args.out)  # what a user gets back, read from disk
+    fig = compact.figures(exp, os.path.getsize(args.out))
 
-        masked.eval()
-        x = torch.rand(64, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ref, out = masked(x), model(x)
-        diff = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-        same = bool((out.argmax(1) == ref.argmax(1)).all())
-        fig["check"] = {"inputs": len(x), "max_rel_diff": diff, "same_predictions": same}
-        s = ckpt.get("stage")
-        print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
-              f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
-        print(compact.format_figures(fig))
-        print(f"check on {len(x)} random inputs: max |compact - masked| / max |masked| = {diff:.2e}, "
-              f"same predictions: {same}")
-        if not args.no_latency:
-            t = compact.latency({"dense": masked, "compact": model}, x)
-            fig["latency"] = {"batch": len(x), "threads": torch.get_num_threads(), "dense_s": t["dense"],
-                              "compact_s": t["compact"], "speedup": t["dense"] / t["compact"]}
-            print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense "
-                  f"{t['dense'] * 1e3:.1f} ms, compact {t['compact'] * 1e3:.1f} ms, "
-                  f"speed-up {t['dense'] / t['compact']:.2f}x")
-        if diff > 1e-5:
-            os.remove(args.out)
-            raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}); "
-                            f"removed {args.out}; please report this with the checkpoint")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+    masked.eval()
+    x = torch.rand(64, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = masked(x), model(x)
+    diff = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    same = bool((out.argmax(1) == ref.argmax(1)).all())
+    fig["check"] = {"inputs": len(x), "max_rel_diff": diff, "same_predictions": same}
+    s = ckpt.get("stage")
+    print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
+          f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
+    print(compact.format_figures(fig))
+    print(f"check on {len(x)} random inputs: max |compact - masked| / max |masked| = {diff:.2e}, "
+          f"same predictions: {same}")
+    if not args.no_latency:
+        t = compact.latency({"dense": masked, "compact": model}, x)
+        fig["latency"] = {"batch": len(x), "threads": torch.get_num_threads(), "dense_s": t["dense"],
+                          "compact_s": t["compact"], "speedup": t["dense"] / t["compact"]}
+        print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense "
+              f"{t['dense'] * 1e3:.1f} ms, compact {t['compact'] * 1e3:.1f} ms, "
+              f"speed-up {t['dense'] / t['compact']:.2f}x")
+    if diff > 1e-5:
+        os.remove(args.out)
+        raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}); "
+                        f"removed {args.out}; please report this with the checkpoint")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(fig, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
