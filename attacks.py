@@ -79,10 +79,6 @@ class LinfBall:
         return step_size * grad.sign()
 
     @staticmethod
-    def project(x_adv, x, eps):
-        return torch.min(torch.max(x_adv, x - eps), x + eps)
-
-    @staticmethod
     def projector(x, eps):
         """Projection onto the ball and [0, 1] at once, with the per-pixel bounds computed once per
         attack rather than at every step."""

@@ -1,4 +1,5 @@
 """Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints."""
+import functools
 import logging
 import os
 import random
@@ -75,6 +76,7 @@ def setup_logging(log_file=None, enabled=True):
     return LOG
 
 
+@functools.lru_cache(maxsize=None)
 def git_hash():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -88,6 +90,9 @@ def save_checkpoint(obj, path):
     A crash mid-save leaves the previous file intact."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is as readable as any file the user writes
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -112,7 +117,7 @@ def set_rng_state(state):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -220,6 +220,9 @@ def load_config(path=None, overrides=()):
         _merge(cfg, nested)
     cfg = validate(cfg)  # picks the per-arch ratio table, if any
     if layers:  # per-layer overrides go on top of the (selected) table, as its last entries
-        cfg["prune"]["prune_ratios"].update(layers)
+        table = cfg["prune"]["prune_ratios"]
+        for name, ratio in layers.items():
+            table.pop(name, None)  # re-inserted at the end, so it wins over earlier patterns
+            table[name] = ratio
         validate(cfg)
     return cfg

@@ -134,7 +134,9 @@ def free_step(net, x, y, optimizer, delta, eps, replays, penalty=None, precision
         pen = penalty() if penalty else torch.zeros((), device=x.device)
         optimizer.zero_grad(set_to_none=True)
         precision.step(loss + pen, optimizer)
-        d = (d + eps * d.grad.sign()).clamp(-eps, eps)  # a scaled (fp16) gradient has the same sign
+        # A scaled (fp16) gradient has the same sign; one the scaler found non-finite (its step was
+        # skipped) must not turn delta into NaN for good.
+        d = (d + eps * torch.nan_to_num(d.grad, nan=0.0, posinf=0.0, neginf=0.0).sign()).clamp(-eps, eps)
     delta[: len(x)] = d.detach()
     return loss.detach(), pen.detach(), logits.detach()
 
@@ -155,8 +157,8 @@ class GracefulStop:
     agree on it) and stops. A second signal stops at once (the last saved state stays valid:
     saves are atomic)."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, device):
+        self.signum, self.device = None, device  # the all-reduce runs on the device (NCCL needs CUDA tensors)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -179,7 +181,7 @@ class GracefulStop:
             return self.signum is not None
         if step is not None and (step + 1) % STOP_CHECK_EVERY:
             return False
-        return dist.all_sum(torch.tensor([float(self.signum or 0)])).item() > 0
+        return dist.all_sum(torch.tensor([float(self.signum or 0)], device=self.device)).item() > 0
 
 
 STOP_CHECK_EVERY = 20
@@ -237,7 +239,8 @@ def train_stage(stage, model, run, init=None, resume=None):
                         "the rest of this epoch sees the data in another order")
         LOG.info(f"== resuming {stage} at epoch {start_epoch + 1}, step {start_step}")
     else:
-        seed_everything(cfg["seed"] + STAGES.index(stage))
+        # Ranks draw different attack random starts (the weights are kept equal by DDP).
+        seed_everything(cfg["seed"] + STAGES.index(stage) + 1000 * dist.rank())
         masks = {n: m.to(device) for n, m in ((init or {}).get("masks") or {}).items()}
         admm_state = None
         if stage == "admm":
@@ -263,7 +266,8 @@ def train_stage(stage, model, run, init=None, resume=None):
                 "scaler": precision.scaler.state_dict() if precision.scaler else None,
                 "admm": admm_state.state_dict() if admm_state else None,
                 "masks": {n: m.cpu() for n, m in masks.items()} or None,
-                "metrics": metrics, "rng": rng_state(), "sums": sums.cpu(), "world": dist.world(), "git": git_hash()}
+                "metrics": metrics, "rng": rng_state(), "sums": sums.cpu(), "world": dist.world(), "git": git_hash(),
+                "free_delta": delta.cpu() if delta is not None else None}
         if dist.is_main():
             save_checkpoint(ckpt, path)
         return ckpt
@@ -284,9 +288,11 @@ def train_stage(stage, model, run, init=None, resume=None):
     replays = cfg["adv"]["free_replays"] if run.method == "free" else 1
     epochs = math.ceil(scfg["epochs"] / replays)  # free: each minibatch is replayed m times
     delta = None
-    if run.method == "free":
+    if run.method == "free":  # the perturbation carried from minibatch to minibatch (and saved with the state)
         i = run.info
         delta = torch.zeros(cfg["data"]["batch_size"], i.in_channels, i.image_size, i.image_size, device=device)
+        if resume and resume.get("free_delta") is not None:
+            delta.copy_(resume["free_delta"])
     LOG.info(f"== {stage}: {epochs} epochs, {run.method} training"
              + (f" ({replays} replays per minibatch)" if run.method == "free" else "")
              + (f", {scheme} pruning of {len(ratios)} layers" if stage != "pretrain" else "")
@@ -385,7 +391,7 @@ def _fingerprint(admm_state, masks):
     rows = [torch.stack([admm_state.Z[n].sum(), admm_state.Z[n].abs().sum(), admm_state.U[n].sum(),
                          torch.tensor(admm_state.rho[n], device=admm_state.Z[n].device)]) for n in admm_state.Z]
     rows += [m.sum().float().view(1) for m in masks.values()]
-    return torch.cat([r.flatten().float().cpu() for r in rows])
+    return torch.cat([r.flatten().float() for r in rows])
 
 
 def wrap_for_training(model, cfg, device):
@@ -433,6 +439,11 @@ def run(argv=None, adversarial=True):
     except Interrupted as e:
         LOG.warning(str(e))
         sys.exit(128 + e.signum)
+    except OSError as e:  # e.g. a full disk during a save: the previous checkpoint is intact
+        if dist.is_main():
+            print(f"error: {e.filename or ''}: {e.strerror}; the last saved checkpoints are intact "
+                  "(continue with --resume)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("stopped; the last saved checkpoints in the run folder are intact (continue with --resume)",
               file=sys.stderr)
@@ -464,6 +475,9 @@ def _run(args, adversarial):
         ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     except ValueError as e:
         raise UserError(str(e)) from None
+    if not ratios and set(stages) & {"admm", "retrain"}:
+        raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios, "
+                        "or run only --stage pretrain")
     last = list(admm_lib.prunable_weights(model))[-1]
     if cfg["prune"]["sparsity_type"] == "filter" and last in ratios:
         raise UserError(f"prune.prune_ratios.{last}: filter pruning the output layer would delete classes; "
@@ -480,7 +494,10 @@ def _run(args, adversarial):
             raise UserError(f"nothing to resume in {out}: no checkpoint of stage(s) {', '.join(stages)}; "
                             f"run without --resume")
         while todo and os.path.isfile(path(f"{todo[0]}.pt")):
-            todo.pop(0)
+            done = todo.pop(0)
+            if load_checkpoint(path(f"{done}.pt")).get("adversarial") != adversarial:
+                raise UserError(f"{path(done + '.pt')} was written by {'main.py' if adversarial else 'adv_main.py'}; "
+                                "resume the run with that script")
     resume = load_checkpoint(path(f"{todo[0]}.last.pt"), device) \
         if todo and args.resume and os.path.isfile(path(f"{todo[0]}.last.pt")) else None
     init = None
@@ -488,7 +505,7 @@ def _run(args, adversarial):
         if resume.get("adversarial") != adversarial:
             raise UserError(f"{path(todo[0] + '.last.pt')} was written by "
                             f"{'adv_main.py' if resume.get('adversarial') else 'main.py'}; resume it with that script")
-        load_weights(model, resume, path(f"{todo[0]}.last.pt"), cfg)
+        load_weights(model, resume, path(f"{todo[0]}.last.pt"), cfg)  # checks arch and width
     elif todo:
         prev = STAGES[STAGES.index(todo[0]) - 1] if todo[0] != "pretrain" else None
         start = args.init or (path(f"{prev}.pt") if prev else None)
@@ -535,7 +552,7 @@ def _run(args, adversarial):
     if attack:
         LOG.info(f"training attack ({method}): {attack!r}")
 
-    with GracefulStop() as stop:
+    with GracefulStop(device) as stop:
         ctx = RunContext(cfg, train, test, info, method, attack, device, out, stop,
                          _resume_command(args, out, adversarial))
         for stage in todo:

@@ -209,3 +209,40 @@ def test_unwritable_run_folder(tmp_path):
     proc = run(cmd("adv_main.py", blocker / "run"))
     assert proc.returncode == 2 and "cannot write to run folder" in proc.stderr and "--out" in proc.stderr
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_free_training_resumes_exactly(tmp_path):
+    """free carries its perturbation across minibatches; it is part of the saved state."""
+    free = ["adv.method=free", "adv.free_replays=2", "checkpoint.every_steps=1"]
+    ref = run(cmd("adv_main.py", tmp_path / "ref", *free, extra=["--stage", "pretrain"]))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain"]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "pretrain.last.pt").exists():
+            try:
+                if load_checkpoint(str(out / "pretrain.last.pt"))["step"] >= 3:
+                    break
+            except UserError:  # caught mid-rename; try again
+                pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pretrain.pt").exists(), "the run finished before it could be killed"
+    assert load_checkpoint(str(out / "pretrain.last.pt"))["free_delta"].abs().sum() > 0
+    resumed = run(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain", "--resume"]))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "ref" / "pretrain.pt"), weights(out / "pretrain.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_admm_without_pruned_layers_is_refused(tmp_path):
+    proc = run(cmd("adv_main.py", tmp_path / "r", "prune.prune_ratios={}"))
+    assert proc.returncode == 2 and "prunes no layer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_with_the_other_script_is_refused(tmp_path, reference):
+    proc = run(cmd("main.py", reference, extra=["--resume", "--stage", "retrain"]))
+    assert proc.returncode == 2 and "adv_main.py" in proc.stderr
