@@ -1,0 +1,399 @@
+"""Run the sweep that tests the paper's five findings, one cell at a time, with the real scripts.
+
+    python experiments/sweep.py                                   # experiments/paper_findings.yaml
+    python experiments/sweep.py --quick --out /tmp/quick          # tiny end-to-end version (~2 min)
+    python experiments/sweep.py --dry-run                         # print the cells and commands
+
+A spec (YAML, see ``paper_findings.yaml``) names a base config, seeds and the sizes of each
+finding; ``plan`` expands it into cells. A cell is a short list of commands (``adv_main.py`` /
+``main.py`` stages, the inherited-init builder) followed by ``eval.py --json``; it depends on
+the cells whose checkpoints it starts from. Every command runs as a subprocess with
+``OMP_NUM_THREADS=1``; ``parallel`` cells run at once.
+
+Resumable: a cell whose ``cells/<id>.json`` exists is skipped; inside a cell a stage whose
+checkpoint exists is skipped and a stage that was cut off continues with ``--resume``. After
+every cell ``summary.json`` is rewritten (all finished cells, the plan, what failed), so the
+report can be made from a sweep that is still running.
+
+Output folder (default ``runs/experiments/<spec name>``): ``cells/<id>.json``, ``summary.json``,
+``sweep.log``, and one run folder per cell under ``runs/<id>/`` (checkpoints, logs).
+"""
+import argparse
+import fnmatch
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+
+
+# --------------------------------------------------------------------------- pruning targets
+
+def lenet_weight_counts(width, in_channels=1, image_size=28, num_classes=10):
+    """{layer weight name: number of weights} of LeNet(width) (see models/lenet.py)."""
+    c1, c2, h = 2 * width, 4 * width, 64 * width
+    return {"conv1.weight": c1 * in_channels * 25, "conv2.weight": c2 * c1 * 25,
+            "fc1.weight": h * c2 * (image_size // 4) ** 2, "fc2.weight": num_classes * h}
+
+
+def matched_ratios(large, small, dense=("fc2.weight",), fill="fc1.weight"):
+    """Prune ratios that take LeNet(large) to exactly LeNet(small)'s total number of weights.
+
+    Each layer is cut to the small model's size of that layer, except the ``dense`` layers (kept
+    whole: filter pruning must not prune the output layer, and the comparison of schemes uses the
+    same ratios for all) and ``fill``, which absorbs the difference so the totals match.
+    """
+    L, S = lenet_weight_counts(large), lenet_weight_counts(small)
+    ratios = {n: 1 - S[n] / L[n] for n in L if n not in dense and n != fill}
+    ratios.update({n: 0.0 for n in dense})
+    kept_elsewhere = sum(L[n] * (1 - r) for n, r in ratios.items())
+    ratios[fill] = 1 - (sum(S.values()) - kept_elsewhere) / L[fill]
+    return {n: round(r, 6) for n, r in ratios.items()}
+
+
+def ratio_sets(ratios):
+    return [f"prune.prune_ratios.{n}={r}" for n, r in ratios.items()]
+
+
+# --------------------------------------------------------------------------- the plan
+
+def plan(spec):
+    """The cells of ``spec``, in priority order (all of seed 0 first, the critical path first).
+
+    A cell: {id, finding, kind, seed, meta, steps, ckpt, deps}. A step is either a training
+    stage {script, stage, init (None = the run folder's previous stage), sets} or
+    {inherit: source ckpt, width}."""
+    L, S = spec["large_width"], spec["small_width"]
+    widths, tune = spec["widths"], spec["admm_epochs"] + spec["retrain_epochs"]
+    stages = {"admm.epochs": spec["admm_epochs"], "retrain.epochs": spec["retrain_epochs"]}
+    cells = []
+
+    def add(cid, finding, kind, seed, meta, steps, ckpt, deps=()):
+        if any(c["id"] == cid for c in cells):
+            return
+        cells.append({"id": cid, "finding": finding, "kind": kind, "seed": seed, "meta": meta,
+                      "steps": steps, "ckpt": ckpt, "deps": list(deps)})
+
+    def pre(mode, w, seed):
+        return f"pre-{mode}-w{w}-s{seed}"
+
+    def pruned(cid, finding, seed, script, scheme, ratios, meta):
+        base = [f"model.width={L}", f"prune.sparsity_type={scheme}", *ratio_sets(ratios)]
+        steps = [{"script": script, "stage": "admm", "init": ("cell", pre("adv", L, seed), "pretrain.pt"),
+                  "sets": base},
+                 {"script": script, "stage": "retrain", "init": None, "sets": base}]
+        add(cid, finding, "admm", seed, {"width": L, "scheme": scheme, "ratios": ratios,
+                                         "training": "adversarial" if script == "adv_main.py" else "natural", **meta},
+            steps, "retrain.pt", [pre("adv", L, seed)])
+
+    for seed in spec["seeds"]:
+        # Finding 1 (and the start of 2-5): dense models, adversarial and natural, all widths.
+        # The large adversarial model first: every pruning cell starts from it.
+        order = [L] + [w for w in widths if w != L]
+        for mode in ("adv", "nat"):
+            for w in order:
+                script = "adv_main.py" if mode == "adv" else "main.py"
+                add(pre(mode, w, seed), [1], "pretrain", seed,
+                    {"width": w, "training": "adversarial" if mode == "adv" else "natural"},
+                    [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}],
+                    "pretrain.pt")
+            if mode == "adv":
+                # Finding 2: prune w=L to w=S's weight count (adversarial ADMM) vs w=S from scratch
+                # (pre-adv-wS) vs w=S inherited from w=L and then trained adversarially.
+                ratios = matched_ratios(L, S)
+                pruned(f"admm-irregular-w{S}count-s{seed}", [2, 3, 4], seed, "adv_main.py", "irregular", ratios,
+                       {"matched_width": S})
+                add(f"inherit-w{S}-from-w{L}-s{seed}", [2], "inherited", seed,
+                    {"width": S, "source_width": L, "training": "adversarial"},
+                    [{"inherit": ("cell", pre("adv", L, seed), "pretrain.pt"), "width": S},
+                     {"script": "adv_main.py", "stage": "pretrain", "init": ("self", "inherited.pt"),
+                      "sets": [f"model.width={S}", f"pretrain.epochs={tune}"]}],
+                    "pretrain.pt", [pre("adv", L, seed)])
+                # Finding 4: the same model and ratios, natural ADMM + natural retraining.
+                pruned(f"natadmm-irregular-w{S}count-s{seed}", [4], seed, "main.py", "irregular", ratios,
+                       {"matched_width": S})
+        # Finding 3: the three schemes at the weight counts of the smaller dense widths.
+        for m in spec["prune_to_widths"]:
+            for scheme in spec["schemes"]:
+                pruned(f"admm-{scheme}-w{m}count-s{seed}", [3], seed, "adv_main.py", scheme, matched_ratios(L, m),
+                       {"matched_width": m})
+        # Finding 5: high irregular ratios on every layer, ADMM vs one-shot magnitude pruning with
+        # the same number of fine-tuning epochs (admm + retrain) spent on masked retraining.
+        for r in spec["high_ratios"]:
+            ratios = {n: r for n in lenet_weight_counts(L)}
+            tag = f"r{round(r * 100, 2):g}"
+            pruned(f"admm-irregular-{tag}-s{seed}", [5], seed, "adv_main.py", "irregular", ratios, {"ratio": r})
+            add(f"oneshot-irregular-{tag}-s{seed}", [5], "oneshot", seed,
+                {"width": L, "scheme": "irregular", "ratios": ratios, "ratio": r, "training": "adversarial"},
+                [{"script": "adv_main.py", "stage": "retrain", "init": ("cell", pre("adv", L, seed), "pretrain.pt"),
+                  "sets": [f"model.width={L}", "prune.sparsity_type=irregular", *ratio_sets(ratios),
+                           f"retrain.epochs={tune}"]}],
+                "retrain.pt", [pre("adv", L, seed)])
+    for c in cells:
+        for st in c["steps"]:
+            if "script" in st:
+                st["sets"] = [f"seed={c['seed']}", *(f"{k}={v}" for k, v in {**spec["set"], **stages}.items()),
+                              *st["sets"]]
+    # AutoAttack on a smaller subset, for the cells the spec names, after everything else.
+    aa = spec.get("autoattack") or {}
+    for c in list(cells):
+        if c["seed"] in aa.get("seeds", []) and any(c["id"].startswith(p) for p in aa.get("cells", [])):
+            cells.append({"id": f"{c['id']}-aa", "finding": c["finding"], "kind": "autoattack", "seed": c["seed"],
+                          "meta": {**c["meta"], "of": c["id"]}, "steps": [], "ckpt": ("cell", c["id"], c["ckpt"]),
+                          "deps": [c["id"]], "eval": "autoattack"})
+    # Optional priority: cells matching an earlier pattern go first (stable otherwise), so that
+    # what matters most is finished first when the time runs out.
+    order = spec.get("priority") or []
+    rank = lambda c: next((i for i, pat in enumerate(order) if fnmatch.fnmatchcase(c["id"], pat)), len(order))  # noqa: E731
+    return sorted(cells, key=rank)
+
+
+# --------------------------------------------------------------------------- running one cell
+
+class Sweep:
+    def __init__(self, spec, out):
+        self.spec, self.out = spec, os.path.abspath(out)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.config = os.path.join(ROOT, spec["config"])
+
+    def run_dir(self, cid):
+        return os.path.join(self.out, "runs", cid)
+
+    def result(self, cid):
+        return os.path.join(self.out, "cells", f"{cid}.json")
+
+    def resolve(self, cell, ref):
+        if ref[0] == "cell":
+            return os.path.join(self.run_dir(ref[1]), ref[2])
+        return os.path.join(self.run_dir(cell["id"]), ref[1])
+
+    def commands(self, cell):
+        """The command lines of ``cell`` as they run on a fresh folder (for the record and --dry-run)."""
+        rd, cmds = self.run_dir(cell["id"]), []
+        for st in cell["steps"]:
+            if "inherit" in st:
+                cmds.append([PYTHON, os.path.join(HERE, "inherit.py"), "--ckpt", self.resolve(cell, st["inherit"]),
+                             "--width", str(st["width"]), "--out", os.path.join(rd, "inherited.pt")])
+                continue
+            cmd = [PYTHON, st["script"], "--config", self.config, "--stage", st["stage"], "--out", rd]
+            if st["init"]:
+                cmd += ["--init", self.resolve(cell, st["init"])]
+            cmds.append(cmd + [a for s in st["sets"] for a in ("--set", s)])
+        cmds.append(self.eval_command(cell))
+        return cmds
+
+    def eval_command(self, cell):
+        e = self.spec["eval"]
+        ckpt = self.resolve(cell, cell["ckpt"]) if isinstance(cell["ckpt"], tuple) else \
+            os.path.join(self.run_dir(cell["id"]), cell["ckpt"])
+        if cell.get("eval") == "autoattack":
+            a = self.spec["autoattack"]
+            return [PYTHON, "eval.py", "--ckpt", ckpt, "--attacks", a["attacks"], "--steps", str(e["steps"]),
+                    "--restarts", str(e["restarts"]), "--limit", str(a["limit"]), "--no-checks",
+                    "--seed", str(e.get("seed", 0)), "--json", os.path.join(self.run_dir(cell["id"]), "eval.json")]
+        return [PYTHON, "eval.py", "--ckpt", ckpt, "--attacks", e["attacks"], "--steps", str(e["steps"]),
+                "--restarts", str(e["restarts"]), "--limit", str(e["limit"]), "--no-checks",
+                "--seed", str(e.get("seed", 0)), "--json", os.path.join(self.run_dir(cell["id"]), "eval.json")]
+
+    def _call(self, cmd, log):
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"exit {rc}: {shlex.join(cmd)} (log: {log})")
+
+    def run_cell(self, cell):
+        rd = self.run_dir(cell["id"])
+        os.makedirs(rd, exist_ok=True)
+        log, t0, ran = os.path.join(rd, "cell.log"), time.time(), []
+        for st, cmd in zip(cell["steps"], self.commands(cell)):
+            if "inherit" in st:
+                if not os.path.isfile(os.path.join(rd, "inherited.pt")):
+                    self._call(cmd, log)
+                ran.append(cmd)
+                continue
+            if os.path.isfile(os.path.join(rd, f"{st['stage']}.pt")):
+                ran.append(cmd)
+                continue  # stage finished by an earlier, interrupted sweep
+            if os.path.isfile(os.path.join(rd, f"{st['stage']}.last.pt")):
+                i = cmd.index("--init") if "--init" in cmd else None
+                cmd = (cmd[:i] + cmd[i + 2:] if i is not None else cmd) + ["--resume"]
+            else:
+                cmd = cmd + ["--overwrite"]
+            self._call(cmd, log)
+            ran.append(cmd)
+        ev = self.eval_command(cell)
+        self._call(ev, log)
+        with open(os.path.join(rd, "eval.json")) as f:
+            rep = json.load(f)
+        res = {k: cell[k] for k in ("id", "finding", "kind", "seed", "meta", "deps")}
+        res.update({"commands": [shlex.join(c) for c in ran + [ev]], "wall_s": round(time.time() - t0, 1),
+                    "train_wall_s": _train_time(rd), "eval": rep})
+        os.makedirs(os.path.dirname(self.result(cell["id"])), exist_ok=True)
+        tmp = self.result(cell["id"]) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, self.result(cell["id"]))
+        return res
+
+
+def _train_time(rd):
+    """Seconds spent in training epochs, summed over the run folder's stage checkpoints' logs."""
+    total, path = 0.0, os.path.join(rd, "log.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[2] in ("pretrain", "admm", "retrain") and parts[-1].endswith("s"):
+                    try:
+                        total += float(parts[-1][:-1])
+                    except ValueError:
+                        pass
+    return round(total, 1)
+
+
+# --------------------------------------------------------------------------- the driver
+
+def prepare_data(spec):
+    """Fashion-MNIST from Debian's dataset-fashion-mnist package, unpacked where torchvision looks
+    for it; without the package torchvision downloads it (data.download in the config)."""
+    raw, src = os.path.join(ROOT, "data", "FashionMNIST", "raw"), "/usr/share/datasets/fashion-mnist"
+    if "fashion" not in spec["config"] and spec["set"].get("data.dataset") != "fashion_mnist":
+        return
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    if all(os.path.isfile(os.path.join(raw, n)) for n in names) or not os.path.isdir(src):
+        return
+    import gzip
+    import shutil
+    os.makedirs(raw, exist_ok=True)
+    for n in names:
+        if os.path.isfile(os.path.join(src, n + ".gz")):
+            with gzip.open(os.path.join(src, n + ".gz")) as fi, open(os.path.join(raw, n), "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+
+
+def autoattack_available():
+    out = subprocess.run([PYTHON, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    if "autoattack" not in out:
+        return False
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_summary(sweep, cells, failed, t_start, done_now):
+    results = []
+    for c in cells:
+        p = sweep.result(c["id"])
+        if os.path.isfile(p):
+            with open(p) as f:
+                results.append(json.load(f))
+    summary = {"spec": sweep.spec, "out": sweep.out, "planned": [c["id"] for c in cells],
+               "done": [r["id"] for r in results], "failed": failed,
+               "missing": [c["id"] for c in cells if not os.path.isfile(sweep.result(c["id"])) and c["id"] not in failed],
+               "wall_s_this_invocation": round(time.time() - t_start, 1), "finished": done_now,
+               "cells": results}
+    tmp = os.path.join(sweep.out, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(sweep.out, "summary.json"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Run the sweep of a spec (resumable); see experiments/README in the docstring.")
+    p.add_argument("--spec", default=os.path.join(HERE, "paper_findings.yaml"), help="sweep spec YAML")
+    p.add_argument("--quick", action="store_true", help="use experiments/quick.yaml: a tiny end-to-end run")
+    p.add_argument("--out", help="output folder (default runs/experiments/<spec name>)")
+    p.add_argument("--parallel", type=int, help="cells at once (default: the spec's)")
+    p.add_argument("--only", help="comma-separated id prefixes: run only these cells (and what they need)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+    args = p.parse_args(argv)
+    spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
+    with open(spec_path) as f:
+        spec = yaml.safe_load(f)
+    out = args.out or os.path.join(ROOT, "runs", "experiments", spec["name"])
+    cells = plan(spec)
+    if args.only:
+        want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in args.only.split(","))}
+        grow = True
+        while grow:
+            need = {d for c in cells if c["id"] in want for d in c["deps"]} - want
+            want |= need
+            grow = bool(need)
+        cells = [c for c in cells if c["id"] in want]
+    sweep = Sweep(spec, out)
+    if args.dry_run:
+        for c in cells:
+            print(f"# {c['id']}  finding {c['finding']}  deps {c['deps']}")
+            for cmd in sweep.commands(c):
+                print("  " + shlex.join(cmd))
+        print(f"{len(cells)} cells")
+        return 0
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    prepare_data(spec)
+    if any(c["kind"] == "autoattack" for c in cells) and not autoattack_available():
+        print("autoattack is not available (eval.py or torchattacks): skipping the AutoAttack cells", flush=True)
+        spec["autoattack_skipped"] = True
+        cells = [c for c in cells if c["kind"] != "autoattack"]
+    parallel = args.parallel or spec.get("parallel", 1)
+    t_start = time.time()
+    logf = open(os.path.join(out, "sweep.log"), "a")
+
+    def log(msg):
+        line = f"{time.strftime('%H:%M:%S')} [{time.time() - t_start:7.1f}s] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
+    pending = [c for c in cells if c["id"] not in done]
+    failed = {}
+    log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {parallel} at once -> {out}")
+    running = {}
+    with ThreadPoolExecutor(parallel) as pool:
+        while pending or running:
+            for c in list(pending):  # cells whose inputs failed cannot run
+                bad = [d for d in c["deps"] if d in failed]
+                if bad:
+                    failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
+                    pending.remove(c)
+            for c in list(pending):
+                if len(running) >= parallel:
+                    break
+                if all(d in done for d in c["deps"]):
+                    pending.remove(c)
+                    log(f"start {c['id']}")
+                    running[pool.submit(sweep.run_cell, c)] = c
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                c = running.pop(fut)
+                try:
+                    res = fut.result()
+                    done.add(c["id"])
+                    acc = res["eval"]["accuracy"]
+                    log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
+                        + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
+                except Exception as e:  # noqa: BLE001 - one failed cell must not stop the sweep
+                    failed[c["id"]] = str(e)
+                    log(f"FAIL  {c['id']}: {e}")
+            write_summary(sweep, cells, failed, t_start, False)
+    write_summary(sweep, cells, failed, t_start, not pending and not failed)
+    log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
