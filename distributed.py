@@ -58,6 +58,11 @@ def same_on_all_ranks(t):
     return bool(torch.equal(lo, hi))
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def close():
     if dist.is_initialized():
         dist.destroy_process_group()

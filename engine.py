@@ -563,6 +563,9 @@ def _run(args, adversarial):
         LOG.info("final model (" + path("retrain.pt") + "):\n" + format_report(rep))
         with open(path("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
+    # The other ranks wait for rank 0's final report: a rank that tears the process group down
+    # while a peer still uses it can abort (seen with gloo).
+    dist.barrier()
 
 
 class _NotMain(Exception):
