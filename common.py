@@ -134,6 +134,8 @@ def load_file(path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in reason:  # torch's text goes on to suggest weights_only=False: don't
+            reason = "it holds objects other than tensors and plain data, and loading it could run code"
         raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
                         f"(truncated, corrupt, or containing code) - {reason[:200]}") from None
 
