@@ -19,15 +19,16 @@ from models import build_model
 
 def images_per_s(amp, channels_last, compile_, args):
     torch.manual_seed(0)
-    model = build_model("resnet18", args.width, 10, 3, 32).cuda()
+    device = torch.device("cuda")
+    model = build_model("resnet18", args.width, 10, 3, 32).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_ else model
     opt = make_optimizer(model.parameters(), {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
-    precision = Precision(amp, torch.device("cuda"))
+    precision = Precision(amp, device)
     attack = PGD(8 / 255, 2 / 255, 10)
-    x = torch.rand(args.batch, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 10, (args.batch,), device="cuda")
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(3):  # warm-up (and compilation)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import config
 import data
 from attacks import FGSM, PGD
+from helpers import train_lenet
 from models import build_model
 
 EPS = 0.2
@@ -36,14 +37,7 @@ def trained(demo):
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train.labels), generator=g)[:2000]
     sub = data.Split(train.images[idx], train.labels[idx])
-    model = build_model("lenet", 2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(3):
-        for x, y in data.batches(sub, 16, "cpu", shuffle=True, seed=epoch):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    model = train_lenet(sub, epochs=3, batch_size=16)
     tidx = torch.randperm(len(test.labels), generator=g)[:300]
     x = test.images[tidx].float() / 255
     return model, x, test.labels[tidx]

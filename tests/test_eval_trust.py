@@ -8,14 +8,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import config
 import data
 from attacks import PGD, AutoAttack
 from evaluation import check_attacks, correct_per_example, report, sanity_warnings, standard_attacks
-from models import build_model
+from helpers import train_lenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses run on one thread, like the in-process tests (conftest.py): on a busy 2-core machine
@@ -38,14 +37,7 @@ def small():
     accuracy), and 300 random test digits as a Split and as floats [300, 1, 28, 28] in [0, 1]."""
     train, test, _ = data.load_data(config.load_config(None))
     torch.manual_seed(0)
-    model = build_model("lenet", 2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(2):
-        for x, y in data.batches(train, 32, "cpu", shuffle=True, seed=epoch):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    model = train_lenet(train, epochs=2, batch_size=32)
     idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:300]
     split = data.Split(test.images[idx], test.labels[idx])
     return model, split, split.images.float() / 255, split.labels
