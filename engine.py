@@ -308,9 +308,14 @@ def train_stage(stage, model, run, init=None, resume=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        # Running sums stay on the device: loss, penalty, natural correct, adversarial correct, n,
-        # n seen by the natural-accuracy forward.
-        sums = partial_sums if epoch == start_epoch and partial_sums is not None else torch.zeros(6, device=device)
+        # Running sums stay on the device (loss, penalty, natural correct, adversarial correct); the
+        # example counts (n, n seen by the natural-accuracy forward) are known on the host.
+        totals = partial_sums if epoch == start_epoch and partial_sums is not None else torch.zeros(6, device=device)
+        sums, counts = totals[:4].clone(), [int(c) for c in totals[4:].tolist()]
+
+        def epoch_totals():  # the six running totals, summed over ranks
+            return dist.all_sum(torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=device)]))
+
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         skip = start_step if epoch == start_epoch else 0
         batches = data_lib.batches(run.train, batch_size, device, shuffle=True, augment=run.info.augment,
@@ -329,7 +334,7 @@ def train_stage(stage, model, run, init=None, resume=None):
             with torch.no_grad():
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss + pen), step, bad_step)
                 adv_correct = (logits.argmax(1) == y).sum()
-                n_nat = len(y)
+                counts[0] += len(y)
                 if run.method == "natural":
                     nat_correct = adv_correct
                 elif step % NATURAL_EVERY == 0:  # a clean forward (eval mode, like the test) on a sample of steps
@@ -337,18 +342,18 @@ def train_stage(stage, model, run, init=None, resume=None):
                     nat_correct = count_correct(attack_model, x, y)
                     model.train()
                 else:
-                    nat_correct, n_nat = torch.zeros((), device=device), 0
-                sums += torch.tensor([0, 0, 0, 0, len(y), n_nat], dtype=torch.float, device=device)
-                sums[:4] += torch.stack([loss * len(y), pen * len(y), nat_correct.float(), adv_correct.float()])
+                    nat_correct = torch.zeros((), device=device)
+                counts[1] += len(y) if run.method == "natural" or step % NATURAL_EVERY == 0 else 0
+                sums += torch.stack([loss * len(y), pen * len(y), nat_correct.float(), adv_correct.float()])
             stopping = run.stop.requested(step)
             if stopping or (every and (step + 1) % every == 0):
                 check_finite(bad_step, epoch)
-                save(last_path, epoch, step + 1, dist.all_sum(sums.clone()))
+                save(last_path, epoch, step + 1, epoch_totals())
                 if stopping:
                     stop(epoch, step + 1)
         check_finite(bad_step, epoch)
-        dist.all_sum(sums)
-        loss_avg, pen_avg, tr_nat, tr_adv = (sums[:4] / sums[[4, 4, 5, 4]].clamp_min(1)).tolist()
+        totals = epoch_totals()
+        loss_avg, pen_avg, tr_nat, tr_adv = (totals[:4] / totals[[4, 4, 5, 4]].clamp_min(1)).tolist()
 
         residual = float("nan")
         if admm_state and (epoch + 1) % pcfg["update_every"] == 0:
