@@ -178,6 +178,13 @@ class ADMM:
         return {n: ((weights[n] - self.Z[n]).norm() / weights[n].norm().clamp_min(1e-12)).item()
                 for n in self.Z}
 
+    @torch.no_grad()
+    def fingerprint(self):
+        """Per-layer sums of Z, |Z|, U and rho: equal on all ranks iff (almost surely) the states are."""
+        return torch.cat([torch.stack([self.Z[n].sum(), self.Z[n].abs().sum(), self.U[n].sum(),
+                                       torch.tensor(self.rho[n], device=self.Z[n].device)]).float()
+                          for n in self.Z])
+
     def state_dict(self):
         return {"Z": self.Z, "U": self.U, "rho": self.rho, "ratios": self.ratios, "scheme": self.scheme}
 

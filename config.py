@@ -14,13 +14,13 @@ import yaml
 from common import UserError
 
 _STAGE = {
-    "epochs": 10,          # epochs of this stage
+    "epochs": 10,          # passes over the training data in this stage (free: m of them per loop)
     "lr": 0.01,            # peak learning rate
     "optimizer": "sgd",    # sgd | adam
     "momentum": 0.9,       # sgd only
     "weight_decay": 0.0,
-    "schedule": "cosine",  # cosine | step | constant (evaluated per epoch)
-    "milestones": [],      # step schedule: epochs at which lr *= gamma
+    "schedule": "cosine",  # cosine | step | constant (evaluated per pass over the data)
+    "milestones": [],      # step schedule: passes over the data (epochs) at which lr *= gamma
     "gamma": 0.1,
 }
 
@@ -39,7 +39,7 @@ DEFAULTS = {
     "model": {"arch": "lenet", "width": 4},
     "adv": {                       # the training adversary (L-inf); eps is also the evaluation eps
         "method": "pgd",           # pgd (Madry) | fgsm_rs (Wong et al. 2020) | free (Shafahi et al. 2019)
-        "free_replays": 4,         # free: replays m per minibatch (stage epochs are divided by m)
+        "free_replays": 4,         # free: replays m per minibatch (a stage of E epochs runs E / m loops)
         "eps": 0.3,                # pixel units in [0, 1]
         "step_size": 0.01,
         "steps": 40,
@@ -51,7 +51,7 @@ DEFAULTS = {
         "step_size": 0.01,
         "restarts": 1,
         "limit": 1000,             # test examples for the per-epoch evaluation (0 = all)
-        "every": 1,                # evaluate every N epochs (and always at a stage's last epoch)
+        "every": 1,                # evaluate every N passes over the data (and always at a stage's end)
     },
     "prune": {
         "sparsity_type": "irregular",  # irregular | filter | column
@@ -59,7 +59,7 @@ DEFAULTS = {
                                    # or {arch: {...}}, one table per arch, picked by model.arch
         "rho": 0.01,               # initial ADMM penalty
         "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
-        "update_every": 1,         # epochs between Z/U updates
+        "update_every": 1,         # passes over the data between Z/U updates
         "masked_progressive": False,  # keep already-zero weights at zero during ADMM
     },
     "perf": {                      # GPU fast paths; no-ops on CPU

@@ -16,7 +16,8 @@ from benchutil import machine, sync
 import config
 import data as data_lib
 from attacks import PGD
-from engine import free_step, make_optimizer, train_step
+from methods import free_step, train_step
+from training import make_optimizer
 from models import build_model
 
 

@@ -13,7 +13,8 @@ import torch
 from benchutil import machine, verdict
 
 from attacks import PGD
-from engine import Precision, make_optimizer, train_step
+from methods import Precision, train_step
+from training import make_optimizer
 from models import build_model
 
 

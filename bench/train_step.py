@@ -16,7 +16,8 @@ from benchutil import machine, time_many, verdict
 
 import admm as admm_lib
 from attacks import PGD
-from engine import make_optimizer, train_step
+from methods import train_step
+from training import make_optimizer
 from models import build_model
 
 CASES = [("lenet", 4, 1, 28, 128, 10), ("vgg16", 4, 3, 32, 32, 3)]

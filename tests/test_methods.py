@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from attacks import PGD
-from engine import free_step, train_attack, train_step
+import data as data_lib
 from config import load_config
+from methods import AttackTraining, Free, Natural, free_step, make_method, train_step
 from models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +26,8 @@ def test_method_runs_all_stages_with_exact_sparsity(tmp_path, method):
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{method} training" in proc.stdout
-    if method == "free":  # epochs are divided by the number of replays
-        assert "== pretrain: 1 epochs, free training (2 replays per minibatch)" in proc.stdout
+    if method == "free":  # 2 passes over the data = 1 loop of 2 replays per minibatch
+        assert "== pretrain: 2 epochs, free training (2 replays per minibatch)" in proc.stdout
     rep = json.loads((tmp_path / "eval.json").read_text())
     for layer in rep["sparsity"]["layers"]:
         if layer["ratio"] > 0:
@@ -37,11 +38,16 @@ def test_method_runs_all_stages_with_exact_sparsity(tmp_path, method):
 
 def test_fgsm_rs_is_one_step_of_1_25_eps_from_random_start():
     cfg = load_config(None, ["adv.method=fgsm_rs", "adv.eps=0.1"])
-    attack = train_attack(cfg, adversarial=True)
+    info, cpu = data_lib.INFO["demo"], torch.device("cpu")
+    method = make_method(cfg, True, info, cpu)
+    attack = method.attack
+    assert isinstance(method, AttackTraining) and method.name == "fgsm_rs"
     assert isinstance(attack, PGD) and attack.steps == 1 and attack.random_start
     assert attack.step_size == pytest.approx(0.125)
-    assert train_attack(cfg, adversarial=False) is None
-    assert train_attack(load_config(None, ["adv.method=free"]), adversarial=True) is None
+    assert isinstance(make_method(cfg, False, info, cpu), Natural) and make_method(cfg, False, info, cpu).attack is None
+    free = make_method(load_config(None, ["adv.method=free", "adv.free_replays=3"]), True, info, cpu)
+    assert isinstance(free, Free) and free.attack is None and free.replays == 3
+    assert free.delta.shape == (cfg["data"]["batch_size"], 1, 28, 28)
 
 
 def test_free_step_replays_and_keeps_delta_in_the_ball():

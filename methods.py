@@ -1,0 +1,183 @@
+"""Training methods: how one minibatch is turned into optimizer steps.
+
+Each method is a small object with the same hooks, so the training loop never asks which one it
+runs (``engine.run_epoch`` calls ``method.step``):
+
+    natural   one step on the clean batch
+    pgd       one step on PGD examples (Madry et al. 2018), the ICCV'19 paper's training
+    fgsm_rs   one step on FGSM examples from a random start (Wong et al. 2020)
+    free      m replays of the batch, each step also an FGSM step on a perturbation carried
+              from batch to batch (Shafahi et al. 2019); its perturbation is the method's state
+
+``Precision`` (mixed precision) and the two step functions are shared by all of them.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from attacks import PGD
+
+
+class Precision:
+    """Mixed precision from ``perf.amp`` (off | bf16 | fp16); a no-op unless the device is CUDA.
+
+    Training runs under autocast in the chosen dtype, with a gradient scaler for fp16. The attack
+    never runs in fp16: its input gradient can underflow to 0, and sign(0) = 0 silently weakens
+    the attack. It uses bf16 (fp32's exponent range) where the GPU supports it, else fp32.
+    """
+
+    def __init__(self, mode, device):
+        self.on = device.type == "cuda" and mode != "off"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler("cuda") if self.on and mode == "fp16" else None
+        self.attack_bf16 = self.on and torch.cuda.is_bf16_supported()
+
+    def train(self):
+        return torch.autocast("cuda", self.dtype) if self.on else contextlib.nullcontext()
+
+    def attack(self):
+        return torch.autocast("cuda", torch.bfloat16) if self.attack_bf16 else contextlib.nullcontext()
+
+    def step(self, loss, optimizer):
+        """backward + optimizer step (through the scaler for fp16)."""
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+FP32 = Precision("off", torch.device("cpu"))
+
+
+def train_step(net, model, x, y, optimizer, attack=None, penalty=None, precision=FP32):
+    """One step of min-max training (Madry et al. 2018, Eq. 2.1; ICCV'19 Eq. 4 with the ADMM term):
+    x_adv = attack(model, x, y), then one optimizer step on CE(net(x_adv), y) + penalty().
+
+    ``net`` is the model as trained (possibly DDP-wrapped or compiled), ``model`` the plain module
+    the attack runs on. Returns (loss, penalty, logits on x_adv), detached, on the device.
+    """
+    if attack is not None:
+        with precision.attack():
+            x = attack(model, x, y)
+    with precision.train():
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+    pen = penalty() if penalty else torch.zeros((), device=x.device)
+    optimizer.zero_grad(set_to_none=True)
+    precision.step(loss + pen, optimizer)
+    return loss.detach(), pen.detach(), logits.detach()
+
+
+def free_step(net, x, y, optimizer, delta, eps, replays, penalty=None, precision=FP32):
+    """Adversarial training for free (Shafahi et al. 2019, Alg. 1): ``replays`` optimizer steps on
+    the same minibatch; each backward gives both the weights' gradient and the input gradient,
+    used for an FGSM step of size eps on the perturbation ``delta`` ([B, C, H, W], updated in
+    place and carried over to the next minibatch). Returns the last replay's (loss, penalty, logits)."""
+    d = delta[: len(x)]
+    for _ in range(replays):
+        d = d.detach().requires_grad_(True)
+        with precision.train():
+            logits = net((x + d).clamp(0, 1))
+            loss = F.cross_entropy(logits, y)
+        pen = penalty() if penalty else torch.zeros((), device=x.device)
+        optimizer.zero_grad(set_to_none=True)
+        precision.step(loss + pen, optimizer)
+        # A scaled (fp16) gradient has the same sign; one the scaler found non-finite (its step was
+        # skipped) must not turn delta into NaN for good.
+        d = (d + eps * torch.nan_to_num(d.grad, nan=0.0, posinf=0.0, neginf=0.0).sign()).clamp(-eps, eps)
+    delta[: len(x)] = d.detach()
+    return loss.detach(), pen.detach(), logits.detach()
+
+
+# --------------------------------------------------------------------------- the methods
+
+class Natural:
+    """Training on clean inputs."""
+    name = "natural"
+    replays = 1          # optimizer steps per minibatch; the schedules count passes over the data
+    clean_logits = True  # the step's logits are on clean inputs: no extra forward for natural accuracy
+    attack = None
+
+    def start(self):
+        """Called when a stage starts fresh (not on resume)."""
+
+    def step(self, net, model, x, y, optimizer, penalty, precision):
+        """Train on one minibatch; returns (loss, penalty, logits), detached."""
+        return train_step(net, model, x, y, optimizer, self.attack, penalty, precision)
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state):
+        pass
+
+    def __repr__(self):
+        return f"{self.name} training"
+
+
+class AttackTraining(Natural):
+    """Training on the examples a training ``attack`` makes from each batch (PGD, FGSM-RS)."""
+    clean_logits = False
+
+    def __init__(self, name, attack):
+        self.name, self.attack = name, attack
+
+    def __repr__(self):
+        return f"{self.name} training"
+
+
+class Free(Natural):
+    """Adversarial training for free (Shafahi et al. 2019): see ``free_step``. Its perturbation
+    ``delta`` ([batch, C, H, W]) is carried from minibatch to minibatch, restarts at zero with each
+    stage, and is saved with the training state so a resumed run continues it exactly."""
+    name = "free"
+    clean_logits = False
+
+    def __init__(self, eps, replays, shape, device):
+        self.eps, self.replays = eps, replays
+        self.delta = torch.zeros(shape, device=device)
+
+    def start(self):
+        self.delta.zero_()
+
+    def step(self, net, model, x, y, optimizer, penalty, precision):
+        return free_step(net, x, y, optimizer, self.delta, self.eps, self.replays, penalty, precision)
+
+    def state_dict(self):
+        return self.delta.cpu()
+
+    def load_state_dict(self, state):
+        if state is not None:
+            self.delta.copy_(state)
+
+    def __repr__(self):
+        return f"free training ({self.replays} replays per minibatch)"
+
+
+def _pgd(a, shape, device):
+    return AttackTraining("pgd", PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"]))
+
+
+def _fgsm_rs(a, shape, device):
+    # FGSM-RS (Wong et al. 2020): one step of 1.25 eps from a uniform random start = PGD with steps=1.
+    return AttackTraining("fgsm_rs", PGD(a["eps"], 1.25 * a["eps"], 1, 1, True))
+
+
+def _free(a, shape, device):
+    return Free(a["eps"], a["free_replays"], shape, device)
+
+
+ADVERSARIAL = {"pgd": _pgd, "fgsm_rs": _fgsm_rs, "free": _free}  # adv.method -> builder
+
+
+def make_method(cfg, adversarial, info, device):
+    """The training method of a run: ``Natural()`` for ``main.py``, else ``cfg['adv']['method']``
+    built from ``cfg['adv']`` (``info``: the dataset's image shape, for free's perturbation)."""
+    if not adversarial:
+        return Natural()
+    shape = (cfg["data"]["batch_size"], info.in_channels, info.image_size, info.image_size)
+    return ADVERSARIAL[cfg["adv"]["method"]](cfg["adv"], shape, device)

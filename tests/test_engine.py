@@ -1,0 +1,186 @@
+"""The training loop's parts: schedules counted in passes over the data (whatever the method),
+the training state's single save / load path, and metrics.jsonl."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import admm as admm_lib
+from config import load_config
+from data import INFO
+from methods import make_method
+from models import build_model
+from rundir import RunFolder
+from stages import STAGES
+from training import EpochMeter, Schedule, TrainState, lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- schedules
+
+def test_schedule_of_one_step_per_batch_is_whole_epochs():
+    s = Schedule(epochs=5, batches=7)
+    assert (s.total_steps, s.loops) == (35, 5)
+    assert [s.steps_in(e) for e in range(5)] == [7] * 5
+    updates = [(e, k) for e in range(5) for k in range(1, 8) if s.reaches(2, e, k)]
+    assert updates == [(1, 7), (3, 7)]  # after epochs 2 and 4, at their last step
+    assert [s.loop_reaches(2, e) for e in range(5)] == [False, True, False, True, False]
+    assert not any(s.reaches(0, e, k) for e in range(5) for k in range(1, 8))
+
+
+@pytest.mark.parametrize("epochs,replays,every", [(100, 8, 2), (50, 8, 2), (12, 5, 1), (3, 2, 1)])
+def test_free_schedule_makes_the_configured_passes_and_updates(epochs, replays, every):
+    """free replays each minibatch m times: the stage makes `epochs` passes over the data in
+    epochs / m loops, with the configured number of Z/U updates (the old loop made epochs / m loops
+    but counted each as one pass: 3 updates instead of 25 for cifar10's ADMM stage)."""
+    s = Schedule(epochs, batches=10, replays=replays)
+    assert s.loops == math.ceil(epochs / replays)
+    assert epochs <= s.passes(s.loops - 1, s.steps_in(s.loops - 1)) < epochs + replays / 10
+    steps = [(e, k) for e in range(s.loops) for k in range(1, s.steps_in(e) + 1)]
+    assert len(steps) == s.total_steps
+    assert sum(s.reaches(every, e, k) for e, k in steps) == epochs // every
+
+
+def test_step_milestones_are_reached_in_passes_under_free():
+    scfg = {"lr": 0.1, "schedule": "step", "milestones": [50, 75], "gamma": 0.1}
+    s = Schedule(100, batches=10, replays=8)
+    lrs = [lr_at(scfg, int(s.passes(e, k)), 100) for e in range(s.loops) for k in range(s.steps_in(e))]
+    assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.001)
+    first_drop = next(i for i, lr in enumerate(lrs) if lr < 0.1)
+    assert s.passes(0, first_drop) >= 50 > s.passes(0, first_drop - 1)
+
+
+def run_script(out, *sets, extra=(), script="adv_main.py", wait=True):
+    args = [sys.executable, script, "--config", "configs/demo.yaml", "--out", str(out),
+            *[a for o in sets for a in ("--set", o)], *extra]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_free_with_8_replays_reaches_milestones_and_updates(tmp_path):
+    """8 passes of ADMM with Z/U every 2 passes: 4 updates (in one loop of 4 minibatches), and the
+    lr milestone at pass 4 takes effect from the step that starts at pass 4."""
+    proc = run_script(tmp_path, "data.train_limit=256", "adv.method=free", "adv.free_replays=8",
+                      "pretrain.epochs=8", "admm.epochs=8", "prune.update_every=2", "admm.schedule=step",
+                      "admm.milestones=[4]", "admm.gamma=0.1", "eval.limit=50", "eval.steps=1", "eval.every=4",
+                      extra=["--stage", "pretrain"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(tmp_path, "data.train_limit=256", "adv.method=free", "adv.free_replays=8",
+                      "pretrain.epochs=8", "admm.epochs=8", "prune.update_every=2", "admm.schedule=step",
+                      "admm.milestones=[4]", "admm.gamma=0.1", "eval.limit=50", "eval.steps=1", "eval.every=4",
+                      extra=["--stage", "admm"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    updates = [r for r in rows(tmp_path) if r["kind"] == "update"]
+    assert [r["passes"] for r in updates] == [2, 4, 6, 8]
+    lr = load_config("configs/demo.yaml")["admm"]["lr"]
+    assert [r["lr"] for r in updates] == pytest.approx([lr, lr, lr / 10, lr / 10])
+    epochs = [r for r in rows(tmp_path) if r["kind"] == "epoch"]
+    assert [(r["stage"], r["passes"]) for r in epochs] == [("pretrain", 8), ("admm", 8)]
+    assert all(r["test_pgd"] is not None for r in epochs)  # evaluated: 4 | 8 passes
+    rho = load_config("configs/demo.yaml")["prune"]["rho"] * load_config("configs/demo.yaml")["prune"]["rho_growth"] ** 4
+    assert torch.load(tmp_path / "admm.pt", weights_only=True)["admm"]["rho"]["fc1.weight"] == pytest.approx(rho)
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+def test_metrics_jsonl_has_each_epoch_and_update_once_across_a_resume(tmp_path):
+    sets = ["data.train_limit=640", "pretrain.epochs=3", "admm.epochs=2", "retrain.epochs=1", "adv.steps=1",
+            "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=2"]
+    proc = run_script(tmp_path, *sets, wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "admm.last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    resumed = run_script(tmp_path, *sets, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = rows(tmp_path)
+    epochs = [(r["stage"], r["epoch"]) for r in got if r["kind"] == "epoch"]
+    assert epochs == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("admm", 1), ("admm", 2), ("retrain", 1)]
+    updates = [r for r in got if r["kind"] == "update"]
+    assert [r["passes"] for r in updates] == [1, 2]
+    assert set(updates[0]["residual"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    last = [r for r in got if r["kind"] == "epoch"][-1]
+    for key in ("loss", "penalty", "train_natural", "train_adv", "test_natural", "test_pgd", "lr", "time"):
+        assert isinstance(last[key], float), key
+    ckpt = torch.load(tmp_path / "retrain.pt", weights_only=True)
+    assert ckpt["metrics"]["test_pgd"] == last["test_pgd"]
+
+
+def test_truncate_metrics_drops_rows_after_the_saved_size(tmp_path):
+    folder = RunFolder(str(tmp_path))
+    folder.append_metrics({"kind": "epoch", "epoch": 1, "x": float("nan")})
+    size = folder.metrics_bytes()
+    folder.append_metrics({"kind": "epoch", "epoch": 2})
+    folder.truncate_metrics(size)
+    assert rows(tmp_path) == [{"kind": "epoch", "epoch": 1, "x": None}]
+    folder.truncate_metrics(None)  # a checkpoint from before metrics.jsonl: nothing dropped
+    assert len(rows(tmp_path)) == 1
+
+
+# --------------------------------------------------------------------------- the training state
+
+def make_state(stage_name, method="free"):
+    cfg = load_config("configs/demo.yaml", [f"adv.method={method}", "adv.free_replays=2"])
+    model = build_model("lenet", 1)
+    weights = admm_lib.prunable_weights(model)
+    ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
+    stage = STAGES[stage_name](weights, ratios, cfg["prune"])
+    return TrainState(stage, model, make_method(cfg, True, INFO["demo"], torch.device("cpu")), cfg, torch.device("cpu"))
+
+
+def test_train_state_saves_and_loads_everything_it_holds():
+    torch.manual_seed(0)
+    a = make_state("admm")
+    a.begin(None)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss, pen, logits = a.method.step(a.model, a.model, x, y, a.optimizer, a.stage.penalty, a.precision)
+    a.meter.add(0, loss, pen, (logits.argmax(1) == y).sum(), 8, None)
+    a.stage.update()
+    a.epoch, a.step = 3, 1
+    saved = a.state_dict()
+    b = make_state("admm")
+    b.load_state_dict(saved)
+    again = b.state_dict()
+    assert (b.epoch, b.step) == (3, 1)
+    assert torch.equal(again["method_state"], saved["method_state"]) and saved["method_state"].abs().sum() > 0
+    for n in saved["admm"]["Z"]:
+        assert torch.equal(again["admm"]["Z"][n], saved["admm"]["Z"][n])
+        assert torch.equal(again["admm"]["U"][n], saved["admm"]["U"][n])
+    assert again["admm"]["rho"] == saved["admm"]["rho"]
+    assert again["optimizer"]["state"][0]["exp_avg"].equal(saved["optimizer"]["state"][0]["exp_avg"])
+    assert {k: float(v) for k, v in again["sums"].items()} == {k: float(v) for k, v in saved["sums"].items()}
+    assert saved["sums"]["n"] == 8
+
+
+def test_meter_reads_the_old_positional_sums():
+    """Checkpoints written before the named sums held a tensor of 6: they still resume."""
+    m = EpochMeter(torch.device("cpu"))
+    m.load_state_dict(torch.tensor([4.0, 1.0, 3.0, 2.0, 4.0, 4.0]))
+    assert m.averages() == {"loss": 1.0, "penalty": 0.25, "train_natural": 0.75, "train_adv": 0.5}
+    assert (m.n, m.n_natural) == (4, 4)
+
+
+def test_retrain_begin_hard_prunes_and_keeps_earlier_masks():
+    s = make_state("retrain", method="pgd")
+    w = s.model.conv2.weight
+    earlier = torch.ones_like(w, dtype=torch.bool)
+    earlier.view(-1)[:5] = False
+    s.begin({"masks": {"conv2.weight": earlier}})
+    ratio = s.stage.ratios["conv2.weight"]
+    assert not s.masks["conv2.weight"].view(-1)[:5].any()
+    assert int((w != 0).sum()) == w.numel() - round(ratio * w.numel())

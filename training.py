@@ -1,0 +1,239 @@
+"""What the training loop (``engine.train_stage``) works with: the state a checkpoint holds
+(``TrainState``), one epoch's running figures (``EpochMeter``), schedules counted in passes over
+the data (``Schedule``, ``lr_at``), the optimizer, the DDP / compile wrapping, and the stop on
+SIGINT / SIGTERM."""
+import math
+import signal
+from fractions import Fraction
+
+import torch
+
+import distributed as dist
+from common import LOG, git_hash, rng_state, set_rng_state
+from methods import Precision
+
+
+# --------------------------------------------------------------------------- schedules
+
+class Schedule:
+    """A stage's progress counted in passes over the training data (epoch-equivalents), whatever
+    the method: ``free`` replays each minibatch m times, so one loop over the data is m passes
+    (Shafahi et al. 2019 run epochs / m loops). The learning-rate milestones, the Z/U update
+    interval and the evaluation interval are all in passes, so they mean the same for every method.
+
+    ``epochs``: passes the stage makes; ``batches``: minibatches in one loop over the data (per
+    rank); ``replays``: optimizer steps per minibatch. The stage runs ``total_steps`` minibatches,
+    so the last loop may be partial (free with epochs not a multiple of m).
+    """
+
+    def __init__(self, epochs, batches, replays=1):
+        self.epochs, self.batches, self.replays = epochs, batches, replays
+        self.total_steps = math.ceil(epochs * batches / replays)
+        self.loops = math.ceil(self.total_steps / batches)
+
+    def steps_in(self, loop):
+        """Minibatches in loop ``loop`` (0-based)."""
+        return min(self.batches, self.total_steps - loop * self.batches)
+
+    def passes(self, loop, step):
+        """Passes over the data made after ``step`` minibatches of loop ``loop`` (exact fraction)."""
+        return Fraction((loop * self.batches + step) * self.replays, self.batches)
+
+    def reaches(self, every, loop, step):
+        """Whether minibatch ``step`` (1-based) of loop ``loop`` completes a multiple of ``every``
+        passes (never when ``every`` is 0)."""
+        return bool(every) and self.passes(loop, step) // every > self.passes(loop, step - 1) // every
+
+    def loop_reaches(self, every, loop):
+        """Whether loop ``loop`` completes a multiple of ``every`` passes anywhere in it."""
+        return bool(every) and self.passes(loop, self.steps_in(loop)) // every > self.passes(loop, 0) // every
+
+
+def lr_at(scfg, passes, epochs):
+    """Learning rate after ``passes`` whole passes over the data of a stage of ``epochs`` (its
+    ``scfg``: ``lr``, ``schedule`` constant | step | cosine, ``milestones``, ``gamma``). Derived from
+    the progress, so resuming needs no scheduler state."""
+    if scfg["schedule"] == "cosine":
+        return scfg["lr"] * 0.5 * (1 + math.cos(math.pi * passes / max(epochs, 1)))
+    if scfg["schedule"] == "step":
+        return scfg["lr"] * scfg["gamma"] ** sum(passes >= m for m in scfg["milestones"])
+    return scfg["lr"]
+
+
+def make_optimizer(params, scfg):
+    if scfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=scfg["lr"], momentum=scfg["momentum"], weight_decay=scfg["weight_decay"])
+    return torch.optim.Adam(params, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+
+
+# --------------------------------------------------------------------------- one epoch's figures
+
+class EpochMeter:
+    """One epoch's running sums, kept on the device so that no step waits for the host: loss and
+    penalty (times the batch size) and the natural and adversarial correct counts; the example
+    counts are known on the host. ``averages`` sums over torchrun ranks."""
+    SUMS = ("loss", "penalty", "natural_correct", "adv_correct")
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums = {k: torch.zeros((), device=self.device) for k in self.SUMS}
+        self.n = self.n_natural = 0  # examples seen; examples the natural accuracy was measured on
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite loss
+
+    @torch.no_grad()
+    def add(self, step, loss, penalty, adv_correct, n, natural_correct=None):
+        """One minibatch of ``n`` examples; ``natural_correct`` None when not measured this step."""
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss + penalty), step, self.bad_step)
+        self.sums["loss"] += loss * n
+        self.sums["penalty"] += penalty * n
+        self.sums["adv_correct"] += adv_correct.float()
+        self.n += n
+        if natural_correct is not None:
+            self.sums["natural_correct"] += natural_correct.float()
+            self.n_natural += n
+
+    def totals(self):
+        """{name: sum over ranks} of the sums and the counts ``n``, ``n_natural`` (one all-reduce)."""
+        t = dist.all_sum(torch.stack([*self.sums.values(), torch.tensor(float(self.n), device=self.device),
+                                      torch.tensor(float(self.n_natural), device=self.device)]))
+        return dict(zip((*self.SUMS, "n", "n_natural"), t))
+
+    def averages(self):
+        """{loss, penalty, train_natural, train_adv}: per-example means over the epoch."""
+        t = self.totals()
+        n, n_nat = t["n"].clamp_min(1), t["n_natural"].clamp_min(1)
+        return {"loss": (t["loss"] / n).item(), "penalty": (t["penalty"] / n).item(),
+                "train_natural": (t["natural_correct"] / n_nat).item(), "train_adv": (t["adv_correct"] / n).item()}
+
+    def state_dict(self):
+        """The totals over all ranks, as plain tensors (rank 0 carries them on after a resume)."""
+        return {k: v.cpu() for k, v in self.totals().items()}
+
+    def load_state_dict(self, state):
+        if isinstance(state, torch.Tensor):  # checkpoints before the named sums: a tensor of 6
+            state = dict(zip((*self.SUMS, "n", "n_natural"), state))
+        keep = 1.0 if dist.is_main() else 0.0
+        self.sums = {k: state[k].to(self.device, torch.float32) * keep for k in self.SUMS}
+        self.n, self.n_natural = int(state["n"] * keep), int(state["n_natural"] * keep)
+
+
+# --------------------------------------------------------------------------- the training state
+
+class TrainState:
+    """Everything a running stage's checkpoint holds, with one save path (``state_dict``) and one
+    load path (``load_state_dict``): the model, optimizer, gradient scaler, masks, the stage's own
+    state (ADMM's Z, U, rho), the method's state (free's perturbation), the loop position
+    (``epoch``: loops done, ``step``: minibatches done in the next), the partial epoch's sums,
+    the last epoch's metrics, RNG states, and how much of ``metrics.jsonl`` belongs to this state.
+    """
+
+    def __init__(self, stage, model, method, cfg, device):
+        self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
+        self.optimizer = make_optimizer(model.parameters(), cfg[stage.name])
+        self.precision = Precision(cfg["perf"]["amp"], device)
+        self.masks, self.metrics = {}, {}
+        self.epoch = self.step = 0
+        self.meter = EpochMeter(device)
+        self.log_bytes = None  # size of metrics.jsonl when this state was saved
+
+    def begin(self, init):
+        """A fresh start from checkpoint ``init`` (its weights already in the model), or from
+        scratch (None). Its masks are kept, so a pruned weight never comes back."""
+        masks = {n: m.to(self.device) for n, m in ((init or {}).get("masks") or {}).items()}
+        self.masks = self.stage.begin(masks)
+        self.method.start()
+
+    def state_dict(self):
+        """The checkpoint dict (plain tensors and data, loadable with ``weights_only=True``)."""
+        m = self.cfg["model"]
+        return {"stage": self.stage.name, "epoch": self.epoch, "step": self.step, "arch": m["arch"],
+                "width": m["width"], "dataset": self.cfg["data"]["dataset"],
+                "adversarial": self.method.name != "natural", "method": self.method.name, "config": self.cfg,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+                "admm": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
+                "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
+                "method_state": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
+                "world": dist.world(), "git": git_hash()}
+
+    def load_state_dict(self, ckpt):
+        """Continue exactly where ``ckpt`` (a ``<stage>.last.pt``) stopped."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.precision.scaler and ckpt.get("scaler"):
+            self.precision.scaler.load_state_dict(ckpt["scaler"])
+        self.masks = {n: k.to(self.device) for n, k in (ckpt["masks"] or {}).items()}
+        if ckpt["admm"]:
+            self.stage.load_state_dict(ckpt["admm"], self.device)
+        self.method.load_state_dict(ckpt.get("method_state", ckpt.get("free_delta")))
+        self.epoch, self.step, self.metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        self.meter.load_state_dict(ckpt["sums"])
+        self.log_bytes = ckpt.get("metrics_log_bytes")
+        set_rng_state(ckpt["rng"])
+        if ckpt.get("world", 1) != dist.world():
+            LOG.warning(f"resuming on {dist.world()} processes, saved on {ckpt.get('world', 1)}: "
+                        "the rest of this epoch sees the data in another order")
+
+
+def wrap_for_training(model, cfg, device):
+    """(net, attack_model): the module the training forward runs through (DDP under torchrun,
+    compiled with ``perf.compile``) and the one attacks and clean forwards use (never DDP: an
+    attack needs no gradient all-reduce). ``perf.channels_last`` and ``perf.compile`` apply on
+    CUDA only."""
+    if device.type == "cuda" and cfg["perf"]["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if dist.launched() else model
+    attack_model = model
+    if device.type == "cuda" and cfg["perf"]["compile"]:
+        net, attack_model = torch.compile(net), torch.compile(model)
+    return net, attack_model
+
+
+# --------------------------------------------------------------------------- stopping on a signal
+
+class Interrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the run's state is saved; carries the exit message."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_CHECK_EVERY = 20
+
+
+class GracefulStop:
+    """While active, SIGINT/SIGTERM only set ``signum``; the training loop then saves a last
+    checkpoint at the next step (every ``STOP_CHECK_EVERY`` steps under torchrun, where the ranks
+    agree on it) and stops. A second signal stops at once (the last saved state stays valid:
+    saves are atomic)."""
+
+    def __init__(self, device):
+        self.signum, self.device = None, device  # the all-reduce runs on the device (NCCL needs CUDA tensors)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        LOG.warning(f"got {signal.Signals(signum).name}: saving at the next step (send again to stop now)")
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def requested(self, step=None):
+        """Whether to stop after ``step`` (0-based; None: at an epoch's end). Under torchrun the
+        ranks agree on it through an all-reduce every STOP_CHECK_EVERY steps."""
+        if not dist.launched():
+            return self.signum is not None
+        if step is not None and (step + 1) % STOP_CHECK_EVERY:
+            return False
+        return dist.all_sum(torch.tensor([float(self.signum or 0)], device=self.device)).item() > 0
