@@ -162,19 +162,24 @@ class ADMM:
 
         When rho grows the scaled dual is rescaled, U *= rho_old / rho_new, so the unscaled
         multiplier lambda = rho * U is unchanged (Boyd et al. 2011, Sec. 3.4.1).
-        Returns ``residuals`` measured after the update.
+        Returns the per-layer primal residuals ``residuals`` measured after the update; the dual
+        residuals of this update are left in ``self.dual`` ({name: float}).
         """
+        self.dual = {}
         for n, r in self.ratios.items():
-            w = weights[n].detach()
+            w, z_prev = weights[n].detach(), self.Z[n]
             self.Z[n] = project(w + self.U[n], r, self.scheme)
             self.U[n] = self.U[n] + w - self.Z[n]
+            # Dual residual rho ||Z_k+1 - Z_k|| (Boyd et al. 2011, Eq. 3.19), relative to ||W|| like the primal one.
+            self.dual[n] = (self.rho[n] * (self.Z[n] - z_prev).norm() / w.norm().clamp_min(1e-12)).item()
             self.rho[n] *= rho_growth
             self.U[n] = self.U[n] / rho_growth
         return self.residuals(weights)
 
     @torch.no_grad()
     def residuals(self, weights):
-        """Per-layer primal residual ||W - Z|| / ||W||; it falls as W converges to the sparse set."""
+        """Per-layer primal residual ||W - Z|| / ||W|| (Boyd et al. 2011, Eq. 3.19, relative to ||W||);
+        it falls as W converges to the sparse set."""
         return {n: ((weights[n] - self.Z[n]).norm() / weights[n].norm().clamp_min(1e-12)).item()
                 for n in self.Z}
 
@@ -207,6 +212,14 @@ def hard_prune(weights, ratios, scheme):
             masks[n] = prune_mask(weights[n], r, scheme)
             weights[n].mul_(masks[n])
     return masks
+
+
+@torch.no_grad()
+def pruned_energy(before, after):
+    """Per-layer fraction of the squared weight norm a hard prune removed: 1 - ||Pi_S(W)||^2 / ||W||^2,
+    from ``before`` ({name: ||W||^2}) and the pruned ``after`` ({name: weight}). A converged ADMM
+    stage leaves W almost on the sparse set, so the hard prune removes almost nothing."""
+    return {n: 1.0 - float(after[n].detach().float().square().sum()) / max(float(e), 1e-30) for n, e in before.items()}
 
 
 def nonzero_masks(weights, names):

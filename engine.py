@@ -97,7 +97,7 @@ def train_stage(name, model, run, init=None, resume=None):
         state.metrics = {"stage": name, "epoch": epoch + 1, "passes": float(sched.passes(epoch + 1, 0)),
                          "lr": lr_at(cfg[name], int(sched.passes(epoch, 0)), sched.epochs), **train,
                          "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
-                         "time": time.time() - t0}
+                         "time": time.time() - t0, "convergence": state.convergence()}
         if run.method.name == "natural":
             state.metrics["train_adv"] = math.nan
         log_epoch(state.metrics, run.folder)
@@ -301,6 +301,7 @@ def _run(args, adversarial):
 
     if args.stage == "all" and dist.is_main():
         rep = report(model, cfg, test, device, standard_attacks(cfg))
+        rep["convergence"] = load_checkpoint(folder.final("retrain")).get("metrics", {}).get("convergence", {})
         LOG.info("final model (" + folder.final("retrain") + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)

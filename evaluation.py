@@ -294,5 +294,24 @@ def format_report(rep):
         lines.append(f"eps sweep  {'eps':>10} " + " ".join(f"{e:7.4f}" for e in sw["eps"]))
         for name, accs in sw["accuracy"].items():
             lines.append(f"           {name:>10} " + " ".join(f"{v:7.4f}" for v in accs))
+    lines += format_convergence(rep.get("convergence"))
     lines += [f"WARNING: {w}" for w in rep["warnings"]] or ["sanity checks: no warnings"]
     return "\n".join(lines)
+
+
+def format_convergence(conv):
+    """Report lines for a checkpoint's convergence figures (``metrics["convergence"]``): ADMM's
+    residuals at its last Z/U update and the fraction of each layer's squared norm the hard prune
+    removed. A converged ADMM stage has small residuals and removes almost nothing."""
+    lines = []
+    if conv and "admm" in conv:
+        a = conv["admm"]
+        lines.append(f"ADMM at its last Z/U update (rho {a['rho']:.4g}): primal ||W-Z||/||W||  "
+                     + "  ".join(f"{k}={v:.4f}" for k, v in a["residual"].items()))
+        if "dual_residual" in a:
+            lines.append("  dual rho||Z-Z_prev||/||W||  " + "  ".join(f"{k}={v:.4f}" for k, v in a["dual_residual"].items()))
+    if conv and "retrain" in conv:
+        e = conv["retrain"]["pruned_energy"]
+        lines.append("pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2): "
+                     + "  ".join(f"{k}={v:.4f}" for k, v in e.items()) + f"  (largest {max(e.values(), default=0):.4f})")
+    return lines

@@ -12,6 +12,8 @@ Hooks (all a stage needs to differ; the loop never asks which stage it runs):
     penalty            None, or a function returning the term added to the loss
     update_every       passes over the data between ``update`` calls (0: never)
     update()           the periodic update; returns named figures for the log and metrics.jsonl
+    figures            the stage's convergence figures so far (ADMM: the last update's residuals;
+                       retrain: the hard prune's pruned energy), kept in the checkpoint's metrics
     state_dict() / load_state_dict(state, device)   the stage's state in the checkpoint ("admm")
 """
 import admm as admm_lib
@@ -30,6 +32,7 @@ class Stage:
         """``weights``: {name: parameter} of the prunable layers; ``ratios``: {name: ratio} of the
         pruned ones; ``pcfg``: the config's ``prune`` section."""
         self.weights, self.ratios, self.pcfg = weights, ratios, pcfg
+        self.figures = {}
 
     def begin(self, masks):
         return masks
@@ -77,11 +80,13 @@ class ADMMStage(Stage):
             raise RuntimeError("ADMM state differs between ranks; this is a bug, please report it")
         if dist.launched():
             LOG.info(f"   ADMM state identical on {dist.world()} ranks")
-        return {"rho": next(iter(self.admm.rho.values())), "residual": res}
+        self.figures = {"rho": next(iter(self.admm.rho.values())), "residual": res, "dual_residual": self.admm.dual}
+        return self.figures
 
     @staticmethod
     def describe_update(fig):
-        return f"rho={fig['rho']:.4g} ||W-Z||/||W||: " + " ".join(f"{k}={v:.4f}" for k, v in fig["residual"].items())
+        return (f"rho={fig['rho']:.4g} ||W-Z||/||W||: " + " ".join(f"{k}={v:.4f}" for k, v in fig["residual"].items())
+                + "  dual rho||dZ||/||W||: " + " ".join(f"{v:.4f}" for v in fig["dual_residual"].values()))
 
     def state_dict(self):
         return self.admm.state_dict()
@@ -96,7 +101,11 @@ class Retrain(Stage):
     def begin(self, masks):
         # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks, together with the
         # masks of earlier pruning (a weight pruned before stays pruned).
+        norms = {n: self.weights[n].detach().float().square().sum() for n in self.ratios}
         pruned = admm_lib.hard_prune(self.weights, self.ratios, self.pcfg["sparsity_type"])
+        self.figures = {"pruned_energy": admm_lib.pruned_energy(norms, self.weights)}
+        LOG.info("   hard prune: pruned energy 1 - ||Pi_S(W)||^2/||W||^2: "
+                 + " ".join(f"{k}={v:.4f}" for k, v in self.figures["pruned_energy"].items()))
         return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
 
 

@@ -138,6 +138,7 @@ class TrainState:
         self.epoch = self.step = 0
         self.meter = EpochMeter(device)
         self.log_bytes = None  # size of metrics.jsonl when this state was saved
+        self.earlier = {}  # convergence figures of the stages before this one
 
     def begin(self, init):
         """A fresh start from checkpoint ``init`` (its weights already in the model), or from
@@ -145,6 +146,12 @@ class TrainState:
         masks = {n: m.to(self.device) for n, m in ((init or {}).get("masks") or {}).items()}
         self.masks = self.stage.begin(masks)
         self.method.start()
+        self.earlier = dict(((init or {}).get("metrics") or {}).get("convergence", {}))
+
+    def convergence(self):
+        """{stage: its convergence figures} of this stage and the stages before it (ADMM's last
+        residuals, the hard prune's pruned energy), carried from checkpoint to checkpoint."""
+        return {**self.earlier, **({self.stage.name: self.stage.figures} if self.stage.figures else {})}
 
     def state_dict(self):
         """The checkpoint dict (plain tensors and data, loadable with ``weights_only=True``)."""
@@ -170,6 +177,9 @@ class TrainState:
             self.stage.load_state_dict(ckpt["admm"], self.device)
         self.method.load_state_dict(ckpt.get("method_state", ckpt.get("free_delta")))
         self.epoch, self.step, self.metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        figures = dict(self.metrics.get("convergence", {}))
+        self.stage.figures = figures.pop(self.stage.name, {})
+        self.earlier = figures
         self.meter.load_state_dict(ckpt["sums"])
         self.log_bytes = ckpt.get("metrics_log_bytes")
         set_rng_state(ckpt["rng"])

@@ -178,6 +178,9 @@ def test_admm_update_matches_hand_computation():
     assert state.rho["fc.weight"] == pytest.approx(0.4)
     # Residual ||W - Z|| / ||W|| = ||[[0, .1], [.05, .05]]|| / ||W||.
     assert res["fc.weight"] == pytest.approx(math.sqrt(0.015) / math.sqrt(0.1425), rel=1e-5)
+    # Dual residual with the rho of the W-steps before this update (0.2): Z moved from
+    # [[.4, 0], [0, .6]] to [[.3, 0], [-.25, 0]], ||dZ||^2 = .01 + .0625 + .36.
+    assert state.dual["fc.weight"] == pytest.approx(0.2 * math.sqrt(0.4325) / math.sqrt(0.1425), rel=1e-5)
 
     # Penalty rho/2 ||W - Z + U||^2 with W - Z + U = [[0, .2], [.05, .075]]: 0.2 * 0.048125.
     wp = w.clone().requires_grad_(True)
@@ -361,3 +364,13 @@ def test_sparsity_report_counts():
     # Nothing pruned: overall 0, compression 1.
     empty = admm.sparsity_report(model, {}, "irregular")
     assert empty["overall"] == 0.0 and empty["compression_rate"] == 1.0
+
+
+def test_pruned_energy_is_the_fraction_of_squared_norm_removed():
+    w = torch.tensor([[3.0, 0.5], [-4.0, 0.0]])  # ||W||^2 = 25.25
+    weights = {"fc.weight": w}
+    before = {"fc.weight": w.square().sum()}
+    admm.hard_prune(weights, {"fc.weight": 0.5}, "irregular")  # keeps 3 and -4: 0.25 of 25.25 removed
+    assert admm.pruned_energy(before, weights)["fc.weight"] == pytest.approx(0.25 / 25.25)
+    on_set = {"fc.weight": w.square().sum()}
+    assert admm.pruned_energy(on_set, weights)["fc.weight"] == pytest.approx(0.0, abs=1e-7)  # already sparse

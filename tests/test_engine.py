@@ -119,6 +119,15 @@ def test_metrics_jsonl_has_each_epoch_and_update_once_across_a_resume(tmp_path):
         assert isinstance(last[key], float), key
     ckpt = torch.load(tmp_path / "retrain.pt", weights_only=True)
     assert ckpt["metrics"]["test_pgd"] == last["test_pgd"]
+    # The convergence figures travel from admm.pt to retrain.pt and into eval.json.
+    conv = ckpt["metrics"]["convergence"]
+    assert conv["admm"]["residual"] == updates[-1]["residual"]
+    assert conv["admm"]["dual_residual"] == updates[-1]["dual_residual"]
+    energy = conv["retrain"]["pruned_energy"]
+    assert set(energy) == set(updates[-1]["residual"]) and all(0 < e < 1 for e in energy.values())
+    rep = json.loads((tmp_path / "eval.json").read_text())
+    assert rep["convergence"]["retrain"]["pruned_energy"] == energy
+    assert "pruned energy at the hard prune" in resumed.stdout
 
 
 def test_truncate_metrics_drops_rows_after_the_saved_size(tmp_path):
