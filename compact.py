@@ -4,18 +4,15 @@ sparsely, parameter / MAC / file-size figures, and the export file that ``export
 
 **Channel groups.** The channels of a feature map are removed together from the layers that write
 it (``producers``: a conv or linear layer with its BN) and from the layers that read it
-(``consumers``). In LeNet and VGG-16 each layer writes the map its successor reads (for LeNet's
-fc1 a channel is a block of 7 x 7 inputs after the flatten). In ResNet-18 the blocks of a stage
-add into one residual stream, so the stem (or the stage's projection shortcut) and every block's
-conv2 write the same channels, and every block's conv1, the next stage's conv1 and shortcut (or
-the final linear) read them; a block's inner channels (conv1 -> conv2) are a group of their own.
+(``consumers``). Each model declares its groups next to its layers (``models.Group``,
+``channel_groups()`` in ``models/<arch>.py``); a model without them is evaluated but not exported.
 
 Channel ``c`` of a group is removed when
 
 - every producer's filter ``c`` is zero (filter pruning). The channel then no longer depends on
   the input, but it is **not zero**: it carries a constant, the BN shift (or the conv bias) after
   ReLU, and in ResNet the sum of those along the stream. Dropping it would change the outputs
-  (Torch-Pruning does, see README), so its contribution is folded into each consumer: into the
+  (Torch-Pruning does, see docs/export.md), so its contribution is folded into each consumer: into the
   bias of a linear layer, and for a convolution into ``FoldedConv2d.const_kernel``, the
   convolution of an all-ones map, which is exact at the zero-padded borders too;
 - or every consumer's input channel ``c`` is zero in all its columns (column pruning): nobody
@@ -31,7 +28,6 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +37,6 @@ import admm as admm_lib
 import data as data_lib
 from common import UserError, load_file
 from evaluation import load_weights, model_from_config
-from models.lenet import LeNet
-from models.resnet import ResNet18
-from models.vgg import VGG16
 
 FORMAT = "admm-at-export"  # the "format" entry that marks an export file
 VERSION = 1
@@ -52,53 +45,35 @@ STORAGES = ("compact", "sparse")
 
 # --------------------------------------------------------------------------- channel groups
 
-@dataclass
-class Group:
-    """Channels kept or removed together: output channels of ``producers`` ([(layer, bn or None)],
-    summed or passed on unchanged into one map) and input channels of ``consumers`` ([layer])."""
-    name: str
-    producers: list = field(default_factory=list)
-    consumers: list = field(default_factory=list)
-
-
-def _lenet_groups(model):
-    return [Group("conv1", [("conv1", None)], ["conv2"]), Group("conv2", [("conv2", None)], ["fc1"]),
-            Group("fc1", [("fc1", None)], ["fc2"])]
-
-
-def _vgg_groups(model):
-    convs = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
-    # Each conv is followed by its BN (features.i + 1); the last map goes through global pooling to the classifier.
-    return [Group(c, [(c, f"features.{int(c.split('.')[1]) + 1}")], [nxt])
-            for c, nxt in zip(convs, convs[1:] + ["classifier"])]
-
-
-def _resnet_groups(model):
-    groups, stream = [], Group("conv1 + layer1 stream", [("conv1", "bn1")])
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        for i, block in enumerate(getattr(model, stage)):
-            b = f"{stage}.{i}"
-            groups.append(Group(f"{b}.conv1", [(f"{b}.conv1", f"{b}.bn1")], [f"{b}.conv2"]))
-            stream.consumers.append(f"{b}.conv1")
-            if len(block.shortcut):  # a projection shortcut reads the old stream and starts a new one
-                stream.consumers.append(f"{b}.shortcut.0")
-                groups.append(stream)
-                stream = Group(f"{stage} stream", [(f"{b}.shortcut.0", f"{b}.shortcut.1")])
-            # conv2's output is added to the stream channel for channel (identity or projection).
-            stream.producers.append((f"{b}.conv2", f"{b}.bn2"))
-    stream.consumers.append("linear")
-    return groups + [stream]
-
-
-_GROUPS = {LeNet: _lenet_groups, VGG16: _vgg_groups, ResNet18: _resnet_groups}
+def has_channel_groups(model):
+    """Whether ``model`` declares its channel groups, which compact export needs."""
+    return callable(getattr(model, "channel_groups", None))
 
 
 def channel_groups(model):
-    """The ``Group``s of ``model`` (one of the registered architectures)."""
-    for cls, fn in _GROUPS.items():
-        if isinstance(model, cls):
-            return fn(model)
-    raise ValueError(f"no channel groups known for {type(model).__name__}; known: {[c.__name__ for c in _GROUPS]}")
+    """The ``models.Group``s that ``model`` declares (``model.channel_groups()``)."""
+    if not has_channel_groups(model):
+        raise ValueError(f"no channel groups known for {type(model).__name__}: "
+                         f"its class declares no channel_groups() (see models/__init__.py)")
+    return model.channel_groups()
+
+
+def keep_channels(state, group, keep):
+    """Cut ``state`` (a state dict, changed in place) down to the channels ``keep`` (index tensor)
+    of ``group``: rows of its producers (filters, biases, folded kernels, BN channels), columns of
+    its consumers (per channel a block of in_features / n columns: kh*kw, or H*W after a flatten)."""
+    n = state[f"{group.producers[0][0]}.weight"].shape[0]
+    for layer, bn in group.producers:
+        keys = [f"{layer}.{s}" for s in ("weight", "bias", "const_kernel")]
+        keys += [f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")] if bn else []
+        for k in keys:
+            if k in state:
+                state[k] = state[k].index_select(0, keep).contiguous()
+    for layer in group.consumers:
+        w = state[f"{layer}.weight"]
+        per = w.shape[1] // n
+        state[f"{layer}.weight"] = (w.reshape(w.shape[0], n, per, *w.shape[2:]).index_select(1, keep)
+                                    .reshape(w.shape[0], len(keep) * per, *w.shape[2:]).contiguous())
 
 
 @torch.no_grad()
@@ -213,19 +188,8 @@ def compact_state(model, input_shape):
         keep = plans[g.name][0]
         n = sd[f"{g.producers[0][0]}.weight"].shape[0]
         kept[g.name] = [len(keep), n]
-        if len(keep) == n:
-            continue
-        for layer, bn in g.producers:  # rows: filters, biases, folded kernels, BN channels
-            keys = [f"{layer}.{s}" for s in ("weight", "bias", "const_kernel")]
-            keys += [f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")] if bn else []
-            for k in keys:
-                if k in sd:
-                    sd[k] = sd[k].index_select(0, keep).contiguous()
-        for layer in g.consumers:  # columns: the channel's input block (kh*kw, or 7*7 after a flatten)
-            w = sd[f"{layer}.weight"]
-            per = w.shape[1] // n
-            sd[f"{layer}.weight"] = (w.reshape(w.shape[0], n, per, *w.shape[2:]).index_select(1, keep)
-                                     .reshape(w.shape[0], len(keep) * per, *w.shape[2:]).contiguous())
+        if len(keep) < n:
+            keep_channels(sd, g, keep)
     return sd, kept
 
 
@@ -396,7 +360,6 @@ def export_model(model, cfg, storage="compact", source=None):
     state, kept = compact_state(model, shape)
     dense_fig, small_fig = count(model, shape), count(compact_model(model, shape, state), shape)
     dense_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     sparse = {}
     if storage == "sparse":
         for name in admm_lib.prunable_weights(model):
@@ -411,13 +374,19 @@ def export_model(model, cfg, storage="compact", source=None):
         "state": {k: v for k, v in state.items() if k not in sparse},
         "sparse": sparse,
         "channels": kept,
-        "sparsity": admm_lib.sparsity_report(model, ratios, cfg["prune"]["sparsity_type"]),
+        "sparsity": sparsity_report(model, cfg),
         "figures": {"params": {"dense": dense_fig["params"], "nonzero": dense_fig["nonzero"],
                                "compact": small_fig["params"]},
                     "macs": {"dense": dense_fig["macs"], "nonzero": dense_fig["nonzero_macs"],
                              "compact": small_fig["macs"]},
                     "bytes": {"checkpoint": (source or {}).get("bytes"), "dense": nbytes_saved(dense_sd)}},
     }
+
+
+def sparsity_report(model, cfg):
+    """``admm.sparsity_report`` of ``model`` under ``cfg``'s prune ratios and sparsity type."""
+    ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
+    return admm_lib.sparsity_report(model, ratios, cfg["prune"]["sparsity_type"])
 
 
 def model_from_checkpoint(ckpt, path):
@@ -428,13 +397,13 @@ def model_from_checkpoint(ckpt, path):
     return model
 
 
-def export_checkpoint(ckpt, path, storage=None):
+def export_checkpoint(ckpt, path, storage=None, model=None):
     """(export dict, masked model) of the checkpoint dict ``ckpt`` read from ``path``. storage
     defaults to ``sparse`` for irregular pruning (nothing to remove, much to skip) and ``compact``
-    for filter and column pruning."""
+    for filter and column pruning. model: the masked model, if already built."""
     cfg = ckpt["config"]
     storage = storage or ("sparse" if cfg["prune"]["sparsity_type"] == "irregular" else "compact")
-    model = model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path) if model is None else model
     source = {"path": str(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
               "adversarial": ckpt.get("adversarial"), "git": ckpt.get("git"),
               "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
@@ -518,7 +487,8 @@ def load_model(path, device="cpu"):
     (model on ``device`` in eval mode, config, meta). meta: "format" ("checkpoint" or "export"),
     "stage", "adversarial", "sparsity" (the pruned model's ``admm.sparsity_report``, also for an
     export, whose compact layers no longer show the zeros) and "compression" (``figures``; for a
-    checkpoint the export is built in memory with the default storage and not written)."""
+    checkpoint the export is built in memory with the default storage and not written; None for a
+    model that declares no channel groups)."""
     obj = load_file(path)
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
@@ -528,10 +498,15 @@ def load_model(path, device="cpu"):
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
-        exp, model = export_checkpoint(obj, path)
         cfg = obj["config"]
+        model = model_from_checkpoint(obj, path)
+        if has_channel_groups(model):
+            exp, _ = export_checkpoint(obj, path, model=model)
+            sparsity, compression = exp["sparsity"], figures(exp, nbytes_saved(exp))
+        else:  # every architecture evaluates; only the compact figures need to know its channel groups
+            sparsity, compression = sparsity_report(model, cfg), None
         meta = {"format": "checkpoint", "stage": obj.get("stage"), "adversarial": obj.get("adversarial"),
-                "sparsity": exp["sparsity"], "compression": figures(exp, nbytes_saved(exp))}
+                "sparsity": sparsity, "compression": compression}
     return model.to(device).eval(), cfg, meta
 
 

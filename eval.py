@@ -90,7 +90,7 @@ def main(argv=None):
     model.to(device)
     rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
     rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
-    rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes
+    rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes; or None
     rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
                          "adversarial": meta["adversarial"]}
     if sweep:
@@ -101,7 +101,10 @@ def main(argv=None):
     print(f"{args.ckpt}: {meta['stage']} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
           f"{cfg['data']['dataset']}")
     print(format_report(rep))
-    print(compact.format_figures(meta["compression"]))
+    if meta["compression"] is None:
+        print(f"compact figures skipped: {cfg['model']['arch']} declares no channel groups (models/: channel_groups)")
+    else:
+        print(compact.format_figures(meta["compression"]))
     if sweep:
         print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
     if args.json:

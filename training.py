@@ -163,7 +163,7 @@ class TrainState:
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
                 "admm": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
-                "method_state": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
+                "free_delta": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
                 "world": dist.world(), "git": git_hash()}
 
     def load_state_dict(self, ckpt):
@@ -175,7 +175,7 @@ class TrainState:
         self.masks = {n: k.to(self.device) for n, k in (ckpt["masks"] or {}).items()}
         if ckpt["admm"]:
             self.stage.load_state_dict(ckpt["admm"], self.device)
-        self.method.load_state_dict(ckpt.get("method_state", ckpt.get("free_delta")))
+        self.method.load_state_dict(ckpt.get("free_delta"))  # the method's state (free's perturbation, else None)
         self.epoch, self.step, self.metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         figures = dict(self.metrics.get("convergence", {}))
         self.stage.figures = figures.pop(self.stage.name, {})

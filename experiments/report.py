@@ -24,10 +24,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from sweep import lenet_weight_counts  # noqa: E402
+from sweep import weight_counts  # noqa: E402
 
 
 # --------------------------------------------------------------------------- numbers
+
+def total_weights(width):
+    """Weights of the dense LeNet of ``width`` (conv and linear layers)."""
+    return sum(weight_counts("lenet", width).values())
+
 
 class Results:
     """Cells grouped over seeds: ``get(key, metric)`` -> list of per-seed values."""
@@ -111,7 +116,7 @@ def finding1(R, lines):
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for w in widths:
         n, a = f"pre-nat-w{w}", f"pre-adv-w{w}"
-        lines.append(f"| {w} | {sum(lenet_weight_counts(w).values()):,} | {R.cell(n, 'natural')} | {R.cell(n, 'pgd')} "
+        lines.append(f"| {w} | {total_weights(w):,} | {R.cell(n, 'natural')} | {R.cell(n, 'pgd')} "
                      f"| {R.cell(a, 'natural')} | {R.cell(a, 'fgsm')} | {R.cell(a, 'pgd')} | {R.seeds(a)} |")
     lo, hi = f"w{min(widths)}", f"w{max(widths)}"
     d_rob = diff(R.mean(f"pre-adv-{hi}", "pgd"), R.mean(f"pre-adv-{lo}", "pgd"))
@@ -186,7 +191,7 @@ def finding2(R, lines):
 def compression(R, key):
     """Total weights of the large model / nonzero weights of ``key``'s models (mean over seeds)."""
     nz = R.mean(key, "nonzero")
-    return None if not nz else sum(lenet_weight_counts(R.spec["large_width"]).values()) / nz
+    return None if not nz else total_weights(R.spec["large_width"]) / nz
 
 
 def finding3(R, lines):
@@ -205,7 +210,7 @@ def finding3(R, lines):
             lines.append(f"| w={m} weights | {'-' if c is None else f'{c:.1f}x'} | {sch} | {R.cell(k, 'natural')} | "
                          f"{R.cell(k, 'pgd')} | {R.seeds(k)} |")
         d = f"dense w={m}, adversarial training"
-        lines.append(f"| w={m} weights | {sum(lenet_weight_counts(L).values()) / sum(lenet_weight_counts(m).values()):.1f}x "
+        lines.append(f"| w={m} weights | {total_weights(L) / total_weights(m):.1f}x "
                      f"| ({d}) | {R.cell(f'pre-adv-w{m}', 'natural')} | {R.cell(f'pre-adv-w{m}', 'pgd')} | "
                      f"{R.seeds(f'pre-adv-w{m}')} |")
         rob = [R.mean(f"admm-{sch}-w{m}count", "pgd") for sch in schemes]
@@ -332,7 +337,7 @@ def plot_width(R, path):
 
 def plot_compression(R, path):
     L = R.spec["large_width"]
-    total = sum(lenet_weight_counts(L).values())
+    total = total_weights(L)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, metric in zip(axes, ("natural", "pgd")):
         dense = _err(R, f"pre-adv-w{L}", metric)
@@ -348,7 +353,7 @@ def plot_compression(R, path):
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=mk + "-",
                             capsize=3, label=f"w={L} pruned: {sch}")
         ws = [w for w in R.spec["widths"] if w <= L]
-        pts = [(total / sum(lenet_weight_counts(w).values()), *_err(R, f"pre-adv-w{w}", metric), w) for w in ws]
+        pts = [(total / total_weights(w), *_err(R, f"pre-adv-w{w}", metric), w) for w in ws]
         pts = [p for p in pts if p[1] is not None]
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="k*", ms=11,
@@ -356,7 +361,7 @@ def plot_compression(R, path):
             for x, y, _, w in pts:
                 ax.annotate(f"w={w}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
         ax.set_xscale("log")
-        ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= 1.5 * max(total / sum(lenet_weight_counts(w).values()) for w in ws)]
+        ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t <= 1.5 * max(total / total_weights(w) for w in ws)]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel(f"compression rate (weights of dense w={L} / nonzero weights)")
@@ -473,16 +478,23 @@ def sweep_span(log):
 
 
 def admm_residuals(summary):
-    """{cell id: largest per-layer ||W - Z|| / ||W|| at the last Z/U update}, from the run logs."""
+    """{cell id: (first, last) largest per-layer ||W - Z|| / ||W|| over the Z/U updates}, from each
+    run's metrics.jsonl, or from its log.txt for runs made before metrics.jsonl existed."""
     out = {}
     for c in summary["cells"]:
-        log = os.path.join(summary["out"], "runs", c["id"], "log.txt")
-        if c["kind"] != "admm" or not os.path.isfile(log):
+        rd = os.path.join(summary["out"], "runs", c["id"])
+        if c["kind"] != "admm":
             continue
-        with open(log) as f:
-            rows = [line for line in f if "admm update after epoch" in line]
-        if rows:
-            worst = [max(float(x.split("=")[1]) for x in r.split("||W-Z||/||W||:")[1].split()) for r in rows]
+        worst = []
+        if os.path.isfile(os.path.join(rd, "metrics.jsonl")):
+            with open(os.path.join(rd, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            worst = [max(r["residual"].values()) for r in rows if r["kind"] == "update" and r["stage"] == "admm"]
+        elif os.path.isfile(os.path.join(rd, "log.txt")):
+            with open(os.path.join(rd, "log.txt")) as f:
+                rows = [line.split("||W-Z||/||W||:")[1].split("dual")[0] for line in f if "admm update after epoch" in line]
+            worst = [max(float(x.split("=")[1]) for x in r.split()) for r in rows]
+        if worst:
             out[c["id"]] = (worst[0], worst[-1])
     return out
 

@@ -28,20 +28,28 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
+sys.path.insert(0, ROOT)
+import admm  # noqa: E402
+import data  # noqa: E402
+from models import build_model  # noqa: E402
+from rundir import RunFolder  # noqa: E402
 
 
 # --------------------------------------------------------------------------- pruning targets
 
-def lenet_weight_counts(width, in_channels=1, image_size=28, num_classes=10):
-    """{layer weight name: number of weights} of LeNet(width) (see models/lenet.py)."""
-    c1, c2, h = 2 * width, 4 * width, 64 * width
-    return {"conv1.weight": c1 * in_channels * 25, "conv2.weight": c2 * c1 * 25,
-            "fc1.weight": h * c2 * (image_size // 4) ** 2, "fc2.weight": num_classes * h}
+def weight_counts(arch, width, dataset="mnist"):
+    """{prunable weight name: number of weights} of ``arch`` at ``width`` on ``dataset``'s images
+    and classes (the default's 1 x 28 x 28 and 10 classes are what both specs' datasets have)."""
+    info = data.INFO[dataset]
+    with torch.device("meta"):  # shapes only: no memory, no random initialization
+        model = build_model(arch, width, info.num_classes, info.in_channels, info.image_size)
+    return {name: w.numel() for name, w in admm.prunable_weights(model).items()}
 
 
 def matched_ratios(large, small, dense=("fc2.weight",), fill="fc1.weight"):
@@ -51,7 +59,7 @@ def matched_ratios(large, small, dense=("fc2.weight",), fill="fc1.weight"):
     whole: filter pruning must not prune the output layer, and the comparison of schemes uses the
     same ratios for all) and ``fill``, which absorbs the difference so the totals match.
     """
-    L, S = lenet_weight_counts(large), lenet_weight_counts(small)
+    L, S = weight_counts("lenet", large), weight_counts("lenet", small)
     ratios = {n: 1 - S[n] / L[n] for n in L if n not in dense and n != fill}
     ratios.update({n: 0.0 for n in dense})
     kept_elsewhere = sum(L[n] * (1 - r) for n, r in ratios.items())
@@ -128,7 +136,7 @@ def plan(spec):
         # Finding 5: high irregular ratios on every layer, ADMM vs one-shot magnitude pruning with
         # the same number of fine-tuning epochs (admm + retrain) spent on masked retraining.
         for r in spec["high_ratios"]:
-            ratios = {n: r for n in lenet_weight_counts(L)}
+            ratios = {n: r for n in weight_counts("lenet", L)}
             tag = f"r{round(r * 100, 2):g}"
             pruned(f"admm-irregular-{tag}-s{seed}", [5], seed, "adv_main.py", "irregular", ratios, {"ratio": r})
             add(f"oneshot-irregular-{tag}-s{seed}", [5], "oneshot", seed,
@@ -221,10 +229,11 @@ class Sweep:
                     self._call(cmd, log)
                 ran.append(cmd)
                 continue
-            if os.path.isfile(os.path.join(rd, f"{st['stage']}.pt")):
+            status = RunFolder(rd).status(st["stage"])
+            if status == "done":
                 ran.append(cmd)
                 continue  # stage finished by an earlier, interrupted sweep
-            if os.path.isfile(os.path.join(rd, f"{st['stage']}.last.pt")):
+            if status == "partial":
                 i = cmd.index("--init") if "--init" in cmd else None
                 cmd = (cmd[:i] + cmd[i + 2:] if i is not None else cmd) + ["--resume"]
             else:
@@ -311,7 +320,7 @@ def write_summary(sweep, cells, failed, t_start, done_now):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the sweep of a spec (resumable); see experiments/README in the docstring.")
+    p = argparse.ArgumentParser(description="Run the sweep of a spec (resumable); see docs/reproduction.md.")
     p.add_argument("--spec", default=os.path.join(HERE, "paper_findings.yaml"), help="sweep spec YAML")
     p.add_argument("--quick", action="store_true", help="use experiments/quick.yaml: a tiny end-to-end run")
     p.add_argument("--out", help="output folder (default runs/experiments/<spec name>)")

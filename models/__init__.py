@@ -8,7 +8,13 @@ net (32, 64, 1024). For VGG-16 and ResNet-18, w=16 is the standard width (first 
 
 Inputs are images in [0, 1]; each model normalizes internally (``Normalize``), so attack
 epsilons stay in pixel units.
+
+A model that can be exported compactly (channels removed, ``compact.py``) and narrowed by
+inherited initialization (``experiments/inherit.py``) declares its ``channel_groups()``: a list
+of ``Group``s, written next to its layers because only the model knows which layers share a map.
 """
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -24,6 +30,18 @@ def register(name):
 
 def available():
     return sorted(_REGISTRY)
+
+
+@dataclass
+class Group:
+    """The channels of one feature map, kept or removed together: output channels of ``producers``
+    ([(conv or linear name, its BN name or None)], several when their outputs are summed into one
+    map, as in a ResNet stream) and input channels of ``consumers`` ([conv or linear name]). A
+    consumer reads channel c as the c-th of n equal blocks of its inputs: one for a conv, or
+    after a flatten the block of H x W columns that ``flatten(1)`` puts there."""
+    name: str
+    producers: list = field(default_factory=list)
+    consumers: list = field(default_factory=list)
 
 
 class Normalize(nn.Module):

@@ -6,7 +6,7 @@ Input: [N, C, 28, 28] in [0, 1] (any H, W divisible by 4 works).
 import torch.nn.functional as F
 from torch import nn
 
-from models import register
+from models import Group, register
 
 
 @register("lenet")
@@ -23,3 +23,9 @@ class LeNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(self.normalize(x))), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+    def channel_groups(self):
+        """Each layer's outputs are read by the next layer only; fc1 reads conv2's channel c as
+        the (image_size // 4) ** 2 columns that ``flatten(1)`` puts in block c."""
+        return [Group("conv1", [("conv1", None)], ["conv2"]), Group("conv2", [("conv2", None)], ["fc1"]),
+                Group("fc1", [("fc1", None)], ["fc2"])]

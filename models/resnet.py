@@ -4,7 +4,7 @@ Input: [N, 3, 32, 32] in [0, 1]."""
 import torch.nn.functional as F
 from torch import nn
 
-from models import register
+from models import Group, register
 
 
 class BasicBlock(nn.Module):
@@ -45,3 +45,24 @@ class ResNet18(nn.Module):
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    def channel_groups(self):
+        """The blocks of a stage add into one residual stream: the stem (or the stage's projection
+        shortcut) and every block's conv2 write the same channels, and every block's conv1, the
+        next stage's conv1 and shortcut (or the final linear) read them. A block's inner channels
+        (conv1 -> conv2) are a group of their own. Order: each block's inner group, then a stream
+        when the next stage's shortcut closes it."""
+        groups, stream = [], Group("conv1 + layer1 stream", [("conv1", "bn1")])
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for i, block in enumerate(getattr(self, stage)):
+                b = f"{stage}.{i}"
+                groups.append(Group(f"{b}.conv1", [(f"{b}.conv1", f"{b}.bn1")], [f"{b}.conv2"]))
+                stream.consumers.append(f"{b}.conv1")
+                if len(block.shortcut):  # a projection shortcut reads the old stream and starts a new one
+                    stream.consumers.append(f"{b}.shortcut.0")
+                    groups.append(stream)
+                    stream = Group(f"{stage} stream", [(f"{b}.shortcut.0", f"{b}.shortcut.1")])
+                # conv2's output is added to the stream channel for channel (identity or projection).
+                stream.producers.append((f"{b}.conv2", f"{b}.bn2"))
+        stream.consumers.append("linear")
+        return groups + [stream]

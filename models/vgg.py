@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from models import register
+from models import Group, register
 
 # Standard VGG-16 at w=16; 'M' is a 2x2 max pool.
 CFG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -28,3 +28,10 @@ class VGG16(nn.Module):
     def forward(self, x):
         # Global pooling makes the head independent of input size (a no-op on 32x32 inputs).
         return self.classifier(F.adaptive_avg_pool2d(self.features(self.normalize(x)), 1).flatten(1))
+
+    def channel_groups(self):
+        """One group per conv, with its BN (``features.i + 1``): read by the next conv, the last
+        one (after global pooling, one input per channel) by the classifier."""
+        convs = [f"features.{i}" for i, m in enumerate(self.features) if isinstance(m, nn.Conv2d)]
+        return [Group(c, [(c, f"features.{int(c.split('.')[1]) + 1}")], [nxt])
+                for c, nxt in zip(convs, convs[1:] + ["classifier"])]

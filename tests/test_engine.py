@@ -166,7 +166,7 @@ def test_train_state_saves_and_loads_everything_it_holds():
     b.load_state_dict(saved)
     again = b.state_dict()
     assert (b.epoch, b.step) == (3, 1)
-    assert torch.equal(again["method_state"], saved["method_state"]) and saved["method_state"].abs().sum() > 0
+    assert torch.equal(again["free_delta"], saved["free_delta"]) and saved["free_delta"].abs().sum() > 0
     for n in saved["admm"]["Z"]:
         assert torch.equal(again["admm"]["Z"][n], saved["admm"]["Z"][n])
         assert torch.equal(again["admm"]["U"][n], saved["admm"]["U"][n])

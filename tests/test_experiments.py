@@ -5,62 +5,146 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+from torch import nn
 
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
-from inherit import inherit_lenet, inherited_checkpoint  # noqa: E402
-from sweep import lenet_weight_counts, matched_ratios, plan  # noqa: E402
+from inherit import inherit, inherited_checkpoint  # noqa: E402
+from sweep import matched_ratios, plan, weight_counts  # noqa: E402
 
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
-from evaluation import load_weights  # noqa: E402
+from data import INFO  # noqa: E402
+from evaluation import load_weights, model_from_config  # noqa: E402
+from models import build_model  # noqa: E402
 from models.lenet import LeNet  # noqa: E402
 
 
-def test_inherited_model_is_the_large_model_restricted_to_the_kept_units():
-    large = LeNet(width=4)
-    with torch.no_grad():  # distinct norms so the kept set is not decided by ties
-        for p in large.parameters():
+def scrambled(model, shape=(1, 28, 28)):
+    """``model`` in eval mode with every parameter scaled by a random factor in [0.5, 1.5) (distinct
+    norms, so no kept set is decided by ties), BN statistics measured on random images of
+    ``shape`` ([C, H, W]) and random BN shifts, so that a channel's BN output is not zero."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for p in model.parameters():
             p.mul_(torch.rand_like(p) + 0.5)
-    state, kept = inherit_lenet(large.state_dict(), 2)
-    small = LeNet(width=2)
-    small.load_state_dict(state)
-    assert [len(kept[k]) for k in ("conv1", "conv2", "fc1")] == [4, 8, 128]
-
-    # Zero every unit of the large model that was not kept (weights and bias): it then computes
-    # the small model's function exactly (ReLU(0) = 0 and max-pool of zeros is zero).
-    cut = {k: v.clone() for k, v in large.state_dict().items()}
-    for layer, n in (("conv1", 8), ("conv2", 16), ("fc1", 256)):
-        drop = torch.ones(n, dtype=torch.bool)
-        drop[kept[layer]] = False
-        cut[f"{layer}.weight"][drop] = 0
-        cut[f"{layer}.bias"][drop] = 0
-    large.load_state_dict(cut)
-    x = torch.rand(5, 1, 28, 28)
-    assert torch.allclose(small(x), large(x), atol=1e-5)
-    # and the kept filters are the ones of largest norm
-    norms = large.conv1.weight.flatten(1).norm(dim=1)
-    assert set(kept["conv1"]) == set(torch.topk(norms, 4).indices.tolist())
+        for m in bns:
+            m.momentum = None  # cumulative average over the calibration batch
+        model.train()(torch.rand(32, *shape))
+        for m in bns:
+            m.momentum = 0.1
+            m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
 
 
-def test_inherited_checkpoint_loads_into_the_project(tmp_path):
-    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), ["model.width=4"])
-    src = {"arch": "lenet", "width": 4, "config": cfg, "model": LeNet(width=4).state_dict(), "adversarial": True}
+def _top(rows, k):  # the inherited initialization before it was generic (frozen copy, LeNet only)
+    return torch.topk(rows.flatten(1).norm(dim=1), k).indices.sort().values
+
+
+def _old_inherit_lenet(state, width_small):
+    w1, b1, w2, b2 = state["conv1.weight"], state["conv1.bias"], state["conv2.weight"], state["conv2.bias"]
+    f1, c1, f2 = state["fc1.weight"], state["fc1.bias"], state["fc2.weight"]
+    spatial = f1.shape[1] // w2.shape[0]
+    k1 = _top(w1, 2 * width_small)
+    w2k = w2[:, k1]
+    k2 = _top(w2k, 4 * width_small)
+    f1k = f1[:, (k2[:, None] * spatial + torch.arange(spatial)).flatten()]
+    k3 = _top(f1k, 64 * width_small)
+    out = {k: v.clone() for k, v in state.items()}
+    out.update({"conv1.weight": w1[k1], "conv1.bias": b1[k1], "conv2.weight": w2k[k2], "conv2.bias": b2[k2],
+                "fc1.weight": f1k[k3], "fc1.bias": c1[k3], "fc2.weight": f2[:, k3]})
+    return out, {"conv1": k1.tolist(), "conv2": k2.tolist(), "fc1": k3.tolist()}
+
+
+def test_inherited_lenet_is_bit_identical_to_the_original_formula():
+    state = scrambled(LeNet(width=8)).state_dict()
+    new, kept = inherit(state, LeNet(width=2))
+    old, old_kept = _old_inherit_lenet(state, 2)
+    assert kept == old_kept and new.keys() == old.keys()
+    for k in old:  # same dtype, shape and bits (equal as integers, so -0.0 != 0.0 and NaNs compare)
+        assert new[k].dtype == old[k].dtype and torch.equal(new[k].view(torch.int32), old[k].view(torch.int32)), k
+
+
+@pytest.mark.parametrize("arch,image", [("vgg16", 32), ("resnet18", 32), ("lenet", 28)])
+def test_inherited_narrow_model_is_the_wide_one_with_dropped_channels_zeroed(arch, image):
+    c = 1 if arch == "lenet" else 3
+    wide = scrambled(build_model(arch, 2, in_channels=c, image_size=image), (c, image, image))
+    state, kept = inherit(wide.state_dict(), build_model(arch, 1, in_channels=c, image_size=image))
+    narrow = build_model(arch, 1, in_channels=c, image_size=image)
+    narrow.load_state_dict(state, strict=True)
+    mods = dict(wide.named_modules())
+    with torch.no_grad():  # a dropped channel with zero filter, bias, BN scale and shift is 0 after ReLU
+        for g in wide.channel_groups():
+            n = mods[g.producers[0][0]].weight.shape[0]
+            assert len(kept[g.name]) == n // 2, g.name  # every layer's width is proportional to w
+            drop = torch.ones(n, dtype=torch.bool)
+            drop[kept[g.name]] = False
+            for layer, bn in g.producers:
+                for p in (mods[layer].weight, mods[layer].bias, *((mods[bn].weight, mods[bn].bias) if bn else ())):
+                    if p is not None:
+                        p[drop] = 0
+    x = torch.rand(4, c, image, image)
+    with torch.no_grad():
+        ref, out = wide(x), narrow.eval()(x)
+    assert ref.std(0).max() > 1e-3 * ref.abs().max()  # depends on the input: a real comparison
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_resnet_stream_channel_is_scored_by_all_its_writers():
+    # layer1's stream (8 channels at w=2, 4 kept at w=1), written by the stem and both blocks' conv2.
+    # Channel 0's filters are 0.9 everywhere in two writers (squares summed: 1.62 per weight), channels
+    # 1-4's are 1.0-1.15 in one writer: summing keeps 0, 2, 3, 4; the largest single norm would keep 1-4.
+    wide = build_model("resnet18", 2, in_channels=3, image_size=32)
+    convs = (wide.conv1.weight, wide.layer1[0].conv2.weight, wide.layer1[1].conv2.weight)
+    with torch.no_grad():
+        for w in convs:
+            w.zero_()
+        for w in convs[1:]:  # constant filters: the same norm whatever inputs the inner groups keep
+            w[0] = 0.9
+        for c, norm in zip(range(1, 5), (1.0, 1.05, 1.1, 1.15)):
+            convs[1][c] = norm
+    kept = inherit(wide.state_dict(), build_model("resnet18", 1, in_channels=3, image_size=32))[1]
+    assert kept["conv1 + layer1 stream"] == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("arch,dataset", [("lenet", "demo"), ("resnet18", "cifar10")])
+def test_inherited_checkpoint_loads_into_the_project(arch, dataset, tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                      [f"model.arch={arch}", "model.width=4", f"data.dataset={dataset}"])
+    src = {"arch": arch, "width": 4, "config": cfg, "model": model_from_config(cfg, INFO[dataset], "cpu").state_dict(),
+           "adversarial": True}
     path = str(tmp_path / "inherited.pt")
     save_checkpoint(inherited_checkpoint(src, 1), path)
     ckpt = load_checkpoint(path)
-    assert ckpt["width"] == 1 and ckpt["config"]["model"]["width"] == 1 and ckpt["masks"] is None
-    load_weights(LeNet(width=1), ckpt, path, ckpt["config"])  # raises if arch/width/shapes disagree
+    assert ckpt["arch"] == arch and ckpt["width"] == 1 and ckpt["config"]["model"]["width"] == 1
+    assert ckpt["masks"] is None and ckpt["inherited_from"]["width"] == 4
+    narrow = model_from_config(ckpt["config"], INFO[dataset], "cpu")
+    load_weights(narrow, ckpt, path, ckpt["config"])  # raises if arch/width/shapes disagree
+
+
+def test_inherit_refuses_a_wider_target():
+    with pytest.raises(ValueError, match="narrow model has 8 channels, the source only 4"):
+        inherit(LeNet(width=2).state_dict(), LeNet(width=4))
+
+
+def test_weight_counts_are_the_built_models():
+    w = 3  # LeNet: conv 5x5 1 -> 2w -> 4w, fc 4w * 7 * 7 -> 64w -> 10
+    assert weight_counts("lenet", w) == {"conv1.weight": 2 * w * 25, "conv2.weight": 4 * w * 2 * w * 25,
+                                         "fc1.weight": 64 * w * 4 * w * 49, "fc2.weight": 10 * 64 * w}
+    vgg = build_model("vgg16", 2, in_channels=3, image_size=32)
+    assert sum(weight_counts("vgg16", 2, "cifar10").values()) == sum(
+        m.weight.numel() for m in vgg.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
 def test_matched_ratios_hit_the_small_models_weight_count():
     for large, small in ((8, 2), (8, 4), (16, 1)):
         ratios = matched_ratios(large, small)
-        counts = lenet_weight_counts(large)
+        counts = weight_counts("lenet", large)
         kept = sum(n * (1 - ratios[k]) for k, n in counts.items())
-        assert abs(kept - sum(lenet_weight_counts(small).values())) < 2
+        assert abs(kept - sum(weight_counts("lenet", small).values())) < 2
         assert ratios["fc2.weight"] == 0.0  # the output layer stays dense (filter pruning)
 
 

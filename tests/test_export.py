@@ -1,6 +1,8 @@
 """Compact export (compact.py, export.py): the compact model computes what the masked model
 computes, sparse storage round-trips bit for bit, unpruned exports are identities, malformed
 files are refused, and the export is plain data."""
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from torch import nn
 
 import admm
 import compact
+import models
 from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO
@@ -286,3 +289,40 @@ def test_export_script_on_a_checkpoint(tmp_path):
     assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no silent overwrite
     assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
+
+
+class _NoGroups(nn.Module):
+    """A test-only architecture (logistic regression) that declares no channel groups."""
+
+    def __init__(self, width, num_classes, in_channels, image_size, normalize):
+        super().__init__()
+        self.normalize, self.fc = normalize, nn.Linear(in_channels * image_size ** 2, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.normalize(x).flatten(1))
+
+
+@pytest.mark.parametrize("arch", ["no_groups", "lenet"])
+def test_eval_runs_any_architecture_and_adds_compact_figures_where_declared(arch, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the test architecture leaves with the test
+    models.register("no_groups")(_NoGroups)
+    cfg = load_config(None, [f"model.arch={arch}", "model.width=2", "prune.sparsity_type=filter"])
+    model = model_from_config(cfg, INFO["demo"], "cpu")
+    cfg["prune"]["prune_ratios"] = {"fc.weight" if arch == "no_groups" else "conv2.weight": 0.5}
+    admm.hard_prune(admm.prunable_weights(model), admm.resolve_ratios(model, cfg["prune"]["prune_ratios"]), "filter")
+    ckpt, js = tmp_path / "retrain.pt", tmp_path / "eval.json"
+    save_checkpoint({"stage": "retrain", "epoch": 1, "arch": arch, "width": 2, "dataset": "demo", "config": cfg,
+                     "model": model.state_dict(), "masks": None}, str(ckpt))
+    importlib.import_module("eval").main(["--ckpt", str(ckpt), "--attacks", "natural,pgd", "--steps", "1",
+                                          "--limit", "20", "--no-checks", "--device", "cpu", "--json", str(js)])
+    out, rep = capsys.readouterr().out, json.loads(js.read_text())
+    assert rep["n_examples"] == 20 and set(rep["accuracy"]) == {"natural", "pgd"}
+    assert rep["sparsity"]["overall"] == 0.5  # the pruned layer's report does not need channel groups
+    if arch == "no_groups":
+        with pytest.raises(ValueError, match="no channel groups known for _NoGroups"):
+            compact.export_model(model, cfg)
+        assert rep["compression"] is None and "parameters" not in out
+        assert "compact figures skipped: no_groups declares no channel groups" in out
+    else:
+        assert rep["compression"]["params"]["compact"] < rep["compression"]["params"]["dense"]
+        assert "skipped" not in out and "channels kept: conv1 4/4, conv2 4/8, fc1 128/128" in out
