@@ -157,11 +157,13 @@ class ADMM:
         return sum(self.rho[n] / 2 * (weights[n] - self.Z[n] + self.U[n]).pow(2).sum() for n in self.Z)
 
     @torch.no_grad()
-    def update(self, weights, rho_growth=1.0):
+    def update(self, weights, rho_growth=1.0, rescale_dual=True):
         """Z = Pi_S(W + U); U = U + W - Z (Eq. 7-8); then rho *= rho_growth.
 
         When rho grows the scaled dual is rescaled, U *= rho_old / rho_new, so the unscaled
-        multiplier lambda = rho * U is unchanged (Boyd et al. 2011, Sec. 3.4.1).
+        multiplier lambda = rho * U is unchanged (Boyd et al. 2011, Sec. 3.4.1). With
+        ``rescale_dual=False`` U is kept as it is, as the original authors' code does; the
+        multiplier then grows with rho.
         Returns the per-layer primal residuals ``residuals`` measured after the update; the dual
         residuals of this update are left in ``self.dual`` ({name: float}).
         """
@@ -173,7 +175,8 @@ class ADMM:
             # Dual residual rho ||Z_k+1 - Z_k|| (Boyd et al. 2011, Eq. 3.19), relative to ||W|| like the primal one.
             self.dual[n] = (self.rho[n] * (self.Z[n] - z_prev).norm() / w.norm().clamp_min(1e-12)).item()
             self.rho[n] *= rho_growth
-            self.U[n] = self.U[n] / rho_growth
+            if rescale_dual:
+                self.U[n] = self.U[n] / rho_growth
         return self.residuals(weights)
 
     @torch.no_grad()

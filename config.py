@@ -45,6 +45,9 @@ DEFAULTS = {
         "steps": 40,
         "restarts": 1,
         "random_start": True,
+        "attack_mode": "eval",     # model mode while the training attack runs: eval (BN running stats) |
+                                   # train (batch stats, updating them: the original code's behaviour)
+        "eps_ramp": 0,             # pretraining: eps grows linearly to adv.eps over the first N passes (0: off)
     },
     "eval": {                      # the evaluation PGD (per epoch, final report, eval.py defaults), eps = adv.eps
         "steps": 20,
@@ -61,6 +64,11 @@ DEFAULTS = {
         "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
         "update_every": 1,         # passes over the data between Z/U updates
         "masked_progressive": False,  # keep already-zero weights at zero during ADMM
+        "rescale_dual": True,      # U *= rho_old / rho_new when rho grows (Boyd et al. 2011, Sec. 3.4.1);
+                                   # false keeps U as the original code does (its multiplier rho*U then grows with rho)
+        "restart_lr": False,       # restart the ADMM stage's lr schedule at every Z/U update (the original code)
+        "rounds": [],              # progressive ADMM (arXiv:1903.09769): fractions of each layer's target ratio,
+                                   # ascending, ending at 1.0, e.g. [0.8, 0.9, 1.0]; each round runs admm + retrain
     },
     "perf": {                      # GPU fast paths; no-ops on CPU
         "amp": "off",              # off | bf16 | fp16 (autocast; fp16 adds a grad scaler)
@@ -79,11 +87,12 @@ CHOICES = {
     "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
     "prune.sparsity_type": ("irregular", "filter", "column"),
     "adv.method": ("pgd", "fgsm_rs", "free"),
+    "adv.attack_mode": ("eval", "train"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
+NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
                 *(f"{s}.{k}" for s in ("pretrain", "admm", "retrain") for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", *(f"{s}.lr" for s in ("pretrain", "admm", "retrain")))
@@ -119,6 +128,10 @@ def _coerce(key, value, default):
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
+    if key == "prune.rounds":
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{key}: expected a list of numbers such as [0.8, 0.9, 1.0], got {value!r}")
+        return [float(v) for v in value]
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise UserError(f"{key}: expected a list of integers, got {value!r}")
@@ -181,6 +194,10 @@ def validate(cfg):
     for name, r in ratios.items():
         if not 0.0 <= r < 1.0:
             raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
+    rounds = cfg["prune"]["rounds"]
+    if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
+        raise UserError(f"prune.rounds: {rounds} must rise strictly from above 0 and end at 1.0 (the target), "
+                        "e.g. [0.8, 0.9, 1.0]")
     return cfg
 
 

@@ -12,6 +12,7 @@ writes ``<out>/<stage>.pt`` (see ``rundir.py`` for the folder's files). The two 
 differ only in the training method.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -30,9 +31,9 @@ import distributed as dist
 from common import LOG, UserError, get_device, load_checkpoint, save_checkpoint, seed_everything, setup_logging
 from config import load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, progress, report, standard_attacks
-from methods import make_method
+from methods import Method, make_method
 from rundir import RunFolder
-from stages import STAGES
+from stages import make_stage, pipeline
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
 # Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
@@ -47,7 +48,7 @@ class RunContext:
     train: data_lib.Split
     test: data_lib.Split
     info: data_lib.DatasetInfo
-    method: object  # a ``methods`` object: Natural, AttackTraining or Free
+    method: Method  # Natural, AttackTraining (pgd, fgsm_rs) or Free
     device: torch.device
     folder: RunFolder
     stop: GracefulStop
@@ -57,7 +58,8 @@ class RunContext:
 # --------------------------------------------------------------------------- the loop
 
 def train_stage(name, model, run, init=None, resume=None):
-    """Run stage ``name`` on ``model`` and save ``<out>/<name>.pt``; return that checkpoint.
+    """Run stage ``name`` (one of ``stages.pipeline``'s) on ``model`` and save ``<out>/<name>.pt``;
+    return that checkpoint.
 
     ``init`` is the checkpoint the stage starts from (its weights are already in ``model``; its
     masks are kept), None when pretraining from scratch. ``resume`` is this stage's
@@ -65,22 +67,24 @@ def train_stage(name, model, run, init=None, resume=None):
     is saved to ``<name>.last.pt`` after every epoch (and every ``checkpoint.every_steps`` steps).
     Under torchrun every rank runs this; only rank 0 logs and saves.
     """
-    cfg, weights = run.cfg, admm_lib.prunable_weights(model)
-    stage = STAGES[name](weights, admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"]), cfg["prune"])
-    state = TrainState(stage, model, run.method, cfg, run.device)
+    cfg = run.cfg
+    index, stage = make_stage(name, model, cfg)
+    state, scfg = TrainState(stage, model, run.method, cfg, run.device), cfg[stage.kind]
     if resume:
         state.load_state_dict(resume)
-        if dist.is_main():
+        if dist.is_main():  # the rows written after that checkpoint are written again
             run.folder.truncate_metrics(state.log_bytes)
         LOG.info(f"== resuming {name} at epoch {state.epoch + 1}, step {state.step}")
     else:
-        seed_everything(cfg["seed"] + list(STAGES).index(name) + 1000 * dist.rank())  # ranks: own attack starts
+        seed_everything(cfg["seed"] + index + 1000 * dist.rank())  # ranks: their own attack starts
         state.begin(init)
-    hook = admm_lib.attach_masks(state.optimizer, weights, state.masks) if state.masks else None
+        if dist.is_main():  # rows of an earlier attempt at this stage and the ones after it
+            run.folder.drop_metrics([step[0] for step in pipeline(cfg["prune"]["rounds"])[index:]])
+    hook = admm_lib.attach_masks(state.optimizer, stage.weights, state.masks) if state.masks else None
     nets = wrap_for_training(model, cfg, run.device)
-    sched = Schedule(cfg[name]["epochs"], data_lib.num_batches(run.train, cfg["data"]["batch_size"], world=dist.world()),
+    sched = Schedule(scfg["epochs"], data_lib.num_batches(run.train, cfg["data"]["batch_size"], world=dist.world()),
                      run.method.replays)
-    LOG.info(f"== {name}: {cfg[name]['epochs']} epochs, {run.method!r}{stage!r}"
+    LOG.info(f"== {name}: {scfg['epochs']} epochs, {run.method!r}{stage!r}"
              + (f", {dist.world()} processes" if dist.launched() else ""))
     LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {'loss':>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
              f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
@@ -92,23 +96,16 @@ def train_stage(name, model, run, init=None, resume=None):
         if sched.loop_reaches(cfg["eval"]["every"], epoch) or epoch + 1 == sched.loops:
             test, _ = evaluate(model, run.test, eval_attacks, cfg["data"]["test_batch_size"], run.device,
                                cfg["eval"]["limit"], desc="test")
-        best = max(state.metrics.get("best_test_pgd", -math.inf), test["pgd"] if math.isfinite(test["pgd"]) else -math.inf)
-        # best_test_pgd is informational only: the saved model is always the last epoch's.
-        state.metrics = {"stage": name, "epoch": epoch + 1, "passes": float(sched.passes(epoch + 1, 0)),
-                         "lr": lr_at(cfg[name], int(sched.passes(epoch, 0)), sched.epochs), **train,
-                         "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
-                         "time": time.time() - t0, "convergence": state.convergence()}
-        if run.method.name == "natural":
-            state.metrics["train_adv"] = math.nan
+        state.metrics = epoch_metrics(state, sched, epoch, train, test, time.time() - t0)
         log_epoch(state.metrics, run.folder)
         state.epoch, state.step = epoch + 1, 0
         state.meter.reset()
-        save(state, run.folder.last(name))
+        save(state, run.folder, run.folder.last(name))
         if run.stop.requested():
             stop(state, run)
     if hook:
         hook.remove()
-    ckpt = save(state, run.folder.final(name))
+    ckpt = save(state, run.folder, run.folder.final(name))
     if dist.is_main() and os.path.exists(run.folder.last(name)):
         os.remove(run.folder.last(name))
     LOG.info(f"saved {run.folder.final(name)}")
@@ -119,44 +116,62 @@ def run_epoch(state, nets, sched, run):
     """Train one loop over the data (``sched.steps_in`` minibatches, from ``state.step`` on after a
     resume), with the stage's updates where they fall due. Returns the epoch's named averages
     (loss, penalty, train_natural, train_adv) and the largest residual of its last update."""
-    cfg, epoch, model, (net, attack_model) = run.cfg, state.epoch, state.model, nets
-    scfg, name, n_steps = cfg[state.stage.name], state.stage.name, sched.steps_in(state.epoch)
+    cfg, epoch, model, stage = run.cfg, state.epoch, state.model, state.stage
+    net, attack_model = nets
+    n_steps = sched.steps_in(epoch)
     channels_last = cfg["perf"]["channels_last"] and run.device.type == "cuda"
-    every, penalty, update = cfg["checkpoint"]["every_steps"], state.stage.penalty, {}
+    every = cfg["checkpoint"]["every_steps"]
     model.train()
     batches = data_lib.batches(run.train, cfg["data"]["batch_size"], run.device, shuffle=True, augment=run.info.augment,
                                seed=cfg["seed"], epoch=epoch, rank=dist.rank(), world=dist.world())
-    for step, (x, y) in enumerate(progress(batches, n_steps, f"{name} {epoch + 1}") if dist.is_main() else batches):
-        if step == n_steps:  # free's last loop may be partial
-            break
+    batches = itertools.islice(batches, n_steps)  # free's last loop may be partial
+    for step, (x, y) in enumerate(progress(batches, n_steps, f"{stage.name} {epoch + 1}") if dist.is_main() else batches):
         if step < state.step:  # trained before the resume; replayed to keep order and augmentation
             continue
+        passes = sched.passes(epoch, step)
         for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(scfg, int(sched.passes(epoch, step)), sched.epochs)
+            group["lr"] = lr_at(cfg[stage.kind], *stage.lr_clock(int(passes), sched.epochs))
+        state.method.progress(stage.kind, passes)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, penalty, state.precision)
+        loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, stage.penalty, state.precision)
         correct = (logits.argmax(1) == y).sum()
-        natural = correct if state.method.clean_logits else natural_correct(model, attack_model, x, y, step)
+        natural = correct if state.method.clean_logits else sampled_natural_correct(model, attack_model, x, y, step)
         state.meter.add(step, loss, pen, correct, len(y), natural)
         state.step = step + 1
-        if sched.reaches(state.stage.update_every, epoch, step + 1):
-            update = state.stage.update()
-            passes = sched.passes(epoch, step + 1)
-            LOG.info(f"   {name} update after epoch {_num(passes)}: {state.stage.describe_update(update)}")
-            log_update(run.folder, {"stage": name, "passes": float(passes),
+        if sched.reaches(stage.update_every, epoch, step + 1):
+            check_finite(state, run)  # a non-finite W must not reach Z, U or the logs
+            update, done = stage.update(), sched.passes(epoch, step + 1)
+            LOG.info(f"   {stage.name} update after epoch {_fmt_passes(done)}: {stage.describe_update(update)}")
+            log_update(run.folder, {"stage": stage.name, "passes": float(done),
                                     "lr": state.optimizer.param_groups[0]["lr"], **update})
         stopping = run.stop.requested(step)
         if stopping or (every and (step + 1) % every == 0):
             check_finite(state, run)
-            save(state, run.folder.last(name))
+            save(state, run.folder, run.folder.last(stage.name))
             if stopping:
                 stop(state, run)
     check_finite(state, run)
-    return {**state.meter.averages(), "admm_residual": max(update["residual"].values()) if update else math.nan}
+    train = state.meter.averages()
+    if state.method.clean_logits:  # natural training: no adversarial examples were seen
+        train["train_adv"] = math.nan
+    return train
 
 
-def natural_correct(model, attack_model, x, y, step):
+def epoch_metrics(state, sched, epoch, train, test, seconds):
+    """The named figures of loop ``epoch`` for the log row, metrics.jsonl and the checkpoint.
+    ``lr`` is the one the loop started with; ``passes``, the passes over the data made so far."""
+    stage = state.stage
+    best = max(state.metrics.get("best_test_pgd", -math.inf), test["pgd"] if math.isfinite(test["pgd"]) else -math.inf)
+    # best_test_pgd is informational only: the saved model is always the last epoch's.
+    return {"stage": stage.name, "epoch": epoch + 1, "passes": float(sched.passes(epoch, sched.steps_in(epoch))),
+            "lr": lr_at(state.cfg[stage.kind], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)), **train,
+            "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
+            "admm_residual": stage.largest_residual() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
+            "time": seconds, "convergence": state.convergence()}
+
+
+def sampled_natural_correct(model, attack_model, x, y, step):
     """Clean correct count of an adversarial step, measured (eval mode, like the test) on every
     ``NATURAL_EVERY``-th step only; None on the others."""
     if step % NATURAL_EVERY:
@@ -169,9 +184,10 @@ def natural_correct(model, attack_model, x, y, step):
 
 # --------------------------------------------------------------------------- saving, logging, stopping
 
-def save(state, path):
-    """The checkpoint dict (built on every rank: the next stage starts from it); rank 0 writes it."""
-    state.log_bytes = RunFolder(os.path.dirname(path)).metrics_bytes() if dist.is_main() else None
+def save(state, folder, path):
+    """The checkpoint dict (built on every rank: the next stage starts from it); rank 0 writes it,
+    recording how much of ``folder``'s metrics.jsonl belongs to it."""
+    state.log_bytes = folder.metrics_bytes() if dist.is_main() else None
     ckpt = state.state_dict()
     if dist.is_main():
         save_checkpoint(ckpt, path)
@@ -179,7 +195,8 @@ def save(state, path):
 
 
 def log_epoch(m, folder):
-    LOG.info(f"{m['stage']:8} {_num(m['passes']):>4} {m['lr']:8.5f} {m['loss']:7.4f} {m['penalty']:8.4f} "
+    """The epoch's row in the log, and in metrics.jsonl (rank 0)."""
+    LOG.info(f"{m['stage']:8} {_fmt_passes(m['passes']):>4} {m['lr']:8.5f} {m['loss']:7.4f} {m['penalty']:8.4f} "
              f"{m['train_natural']:6.3f} {m['train_adv']:6.3f} {m['test_natural']:6.3f} {m['test_pgd']:6.3f} "
              f"{m['admm_residual']:6.4f} {m['time']:5.1f}s")
     if dist.is_main():
@@ -187,11 +204,12 @@ def log_epoch(m, folder):
 
 
 def log_update(folder, row):
+    """A stage update's figures in metrics.jsonl (rank 0)."""
     if dist.is_main():
         folder.append_metrics({"kind": "update", **row})
 
 
-def _num(passes):
+def _fmt_passes(passes):
     """Passes over the data as written in the log: 3, or 2.5 for free's partial loops."""
     return f"{int(passes)}" if passes == int(passes) else f"{float(passes):.2f}"
 
@@ -204,11 +222,12 @@ def check_finite(state, run):
         where = f"step {bad.item() + 1}" if bad.item() >= 0 else "a step on another rank"
         name = state.stage.name
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
-                        f"without saving this state. The last good checkpoint is intact: lower {name}.lr "
+                        f"without saving this state. The last good checkpoint is intact: lower {state.stage.kind}.lr "
                         f"(or prune.rho) and continue with: {run.resume_command}")
 
 
 def stop(state, run):
+    """End the run after a signal, once ``state`` is saved; the message says how to resume."""
     signum = run.stop.signum
     who = signal.Signals(signum).name if signum else "a signal on another rank"
     raise Interrupted(f"stopped by {who} in {state.stage.name} epoch {state.epoch + 1} after "
@@ -223,7 +242,8 @@ def parse_args(argv, adversarial):
         description=("Adversarial (PGD) training" if adversarial else "Natural training")
         + " with ADMM pruning: pretrain -> admm -> retrain.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
-    p.add_argument("--stage", default="all", choices=("all", *STAGES), help="stage to run (default: all three)")
+    p.add_argument("--stage", default="all", help="stage to run: all (default), pretrain, admm or retrain; with "
+                   "progressive rounds also admm.r1, retrain.r1, ...")
     p.add_argument("--out", help="run folder (default: runs/<config stem>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
@@ -269,7 +289,10 @@ def _resume_command(args, out, adversarial):
 def _run(args, adversarial):
     cfg = load_config(args.config, args.overrides)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    folder, stages = RunFolder(out), list(STAGES) if args.stage == "all" else [args.stage]
+    names = [step[0] for step in pipeline(cfg["prune"]["rounds"])]
+    if args.stage not in ("all", *names):
+        raise UserError(f"--stage {args.stage}: choose all or one of {', '.join(names)}")
+    folder, stages = RunFolder(out), names if args.stage == "all" else [args.stage]
     device = dist.init(get_device(cfg["device"]))
     if args.resume and args.init:
         raise UserError("--resume continues from the run folder's own checkpoints; drop --init")
@@ -315,7 +338,7 @@ def _check_pruning(cfg, model, stages):
         ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not ratios and set(stages) & {"admm", "retrain"}:
+    if not ratios and stages != ["pretrain"]:
         raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios, "
                         "or run only --stage pretrain")
     last = list(admm_lib.prunable_weights(model))[-1]
@@ -347,7 +370,8 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
         if args.stage == "all":  # everything done already: report on the final model
             load_weights(model, load_checkpoint(folder.final("retrain"), device), folder.final("retrain"), cfg)
         return todo, None, None
-    prev = list(STAGES)[list(STAGES).index(todo[0]) - 1] if todo[0] != "pretrain" else None
+    names = [step[0] for step in pipeline(cfg["prune"]["rounds"])]
+    prev = names[names.index(todo[0]) - 1] if todo[0] != "pretrain" else None
     start = args.init or (folder.final(prev) if prev else None)
     if args.init and not os.path.isfile(args.init):
         raise UserError(f"--init {args.init} does not exist")

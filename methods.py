@@ -95,15 +95,21 @@ def free_step(net, x, y, optimizer, delta, eps, replays, penalty=None, precision
 
 # --------------------------------------------------------------------------- the methods
 
-class Natural:
-    """Training on clean inputs."""
-    name = "natural"
+class Method:
+    """The hooks every training method has (``start``, ``progress``, ``step``, ``state_dict`` /
+    ``load_state_dict``) and their defaults: one step on ``attack(x)``, or on x without an attack."""
+    name = None
+    adversarial = True   # trains on adversarial examples (adv_main.py's methods)
     replays = 1          # optimizer steps per minibatch; the schedules count passes over the data
-    clean_logits = True  # the step's logits are on clean inputs: no extra forward for natural accuracy
-    attack = None
+    clean_logits = False  # the step's logits are on clean inputs: no extra forward for natural accuracy
+    attack = None        # the attack that makes the training batch, if the method uses one
 
     def start(self):
         """Called when a stage starts fresh (not on resume)."""
+
+    def progress(self, stage, passes):
+        """Called before each step with the stage's kind (pretrain, admm, retrain) and its passes
+        over the data so far (a ``Fraction``)."""
 
     def step(self, net, model, x, y, optimizer, penalty, precision):
         """Train on one minibatch; returns (loss, penalty, logits), detached."""
@@ -119,30 +125,75 @@ class Natural:
         return f"{self.name} training"
 
 
-class AttackTraining(Natural):
-    """Training on the examples a training ``attack`` makes from each batch (PGD, FGSM-RS)."""
-    clean_logits = False
+class Natural(Method):
+    """Training on clean inputs (``main.py``)."""
+    name = "natural"
+    adversarial = False
+    clean_logits = True
 
-    def __init__(self, name, attack):
-        self.name, self.attack = name, attack
+
+class AttackTraining(Method):
+    """Training on the examples a training ``attack`` makes from each batch (PGD, FGSM-RS).
+
+    ``eps_ramp`` > 0: during pretraining the attack's eps (and step size) grow linearly over the
+    first ``eps_ramp`` passes, k / eps_ramp of the target in pass k; training at full eps from
+    the start can collapse a small model to chance (the demo's LeNet at MNIST's eps 0.3)."""
+    def __init__(self, name, attack, eps_ramp=0):
+        self.name, self.attack, self.eps_ramp = name, attack, eps_ramp
+        self.target = (attack.eps, attack.step_size)
+
+    def progress(self, stage, passes):
+        f = ramp(self.eps_ramp, stage, passes)
+        self.attack.eps, self.attack.step_size = self.target[0] * f, self.target[1] * f
+
+
+def ramp(eps_ramp, stage, passes):
+    """The fraction of the training eps used in pass ``int(passes)`` of ``stage``."""
+    if not eps_ramp or stage != "pretrain":
+        return 1.0
+    return min(1.0, (int(passes) + 1) / eps_ramp)
+
+
+class InTrainMode:
+    """A training attack run with the model left in train mode, so BatchNorm normalizes with (and
+    updates) the batch statistics while the attack runs, as the original authors' code does.
+    The default (``adv.attack_mode=eval``) attacks the model the test attacks: eval mode."""
+
+    def __init__(self, attack):
+        self.attack = attack
+
+    def __call__(self, model, x, y):
+        with torch.enable_grad():
+            return self.attack.perturb(model, x.detach(), y)
+
+    def __getattr__(self, name):  # eps, step_size, ...: the wrapped attack's settings
+        return getattr(self.attack, name)
+
+    def __setattr__(self, name, value):
+        if name == "attack":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.attack, name, value)
 
     def __repr__(self):
-        return f"{self.name} training"
+        return f"{self.attack!r} in train mode"
 
 
-class Free(Natural):
+class Free(Method):
     """Adversarial training for free (Shafahi et al. 2019): see ``free_step``. Its perturbation
     ``delta`` ([batch, C, H, W]) is carried from minibatch to minibatch, restarts at zero with each
     stage, and is saved with the training state so a resumed run continues it exactly."""
     name = "free"
-    clean_logits = False
 
-    def __init__(self, eps, replays, shape, device):
-        self.eps, self.replays = eps, replays
+    def __init__(self, eps, replays, shape, device, eps_ramp=0):
+        self.eps, self.replays, self.target, self.eps_ramp = eps, replays, eps, eps_ramp
         self.delta = torch.zeros(shape, device=device)
 
     def start(self):
         self.delta.zero_()
+
+    def progress(self, stage, passes):
+        self.eps = self.target * ramp(self.eps_ramp, stage, passes)
 
     def step(self, net, model, x, y, optimizer, penalty, precision):
         return free_step(net, x, y, optimizer, self.delta, self.eps, self.replays, penalty, precision)
@@ -158,17 +209,23 @@ class Free(Natural):
         return f"free training ({self.replays} replays per minibatch)"
 
 
+def _attack(a, attack):
+    return InTrainMode(attack) if a["attack_mode"] == "train" else attack
+
+
 def _pgd(a, shape, device):
-    return AttackTraining("pgd", PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"]))
+    attack = PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"])
+    return AttackTraining("pgd", _attack(a, attack), a["eps_ramp"])
 
 
 def _fgsm_rs(a, shape, device):
     # FGSM-RS (Wong et al. 2020): one step of 1.25 eps from a uniform random start = PGD with steps=1.
-    return AttackTraining("fgsm_rs", PGD(a["eps"], 1.25 * a["eps"], 1, 1, True))
+    return AttackTraining("fgsm_rs", _attack(a, PGD(a["eps"], 1.25 * a["eps"], 1, 1, True)), a["eps_ramp"])
 
 
 def _free(a, shape, device):
-    return Free(a["eps"], a["free_replays"], shape, device)
+    # free's perturbation is made by the training step itself, in the mode the model trains in.
+    return Free(a["eps"], a["free_replays"], shape, device, a["eps_ramp"])
 
 
 ADVERSARIAL = {"pgd": _pgd, "fgsm_rs": _fgsm_rs, "free": _free}  # adv.method -> builder

@@ -67,6 +67,15 @@ class RunFolder:
                 f.truncate(nbytes)
 
 
+    def drop_metrics(self, stages):
+        """Drop the rows of ``stages`` (names): a stage that starts afresh writes its own rows."""
+        if os.path.isfile(self.metrics):
+            with open(self.metrics) as f:
+                keep = [line for line in f if json.loads(line).get("stage") not in stages]
+            with open(self.metrics, "w") as f:
+                f.writelines(keep)
+
+
 def _no_nan(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None

@@ -11,34 +11,51 @@ Hooks (all a stage needs to differ; the loop never asks which stage it runs):
                        this stage's state and return the masks to hold during it
     penalty            None, or a function returning the term added to the loss
     update_every       passes over the data between ``update`` calls (0: never)
+    lr_clock(p, E)     where the lr schedule stands after p of E passes (ADMM may restart it)
     update()           the periodic update; returns named figures for the log and metrics.jsonl
+    describe_update(f) the log line for those figures
     figures            the stage's convergence figures so far (ADMM: the last update's residuals;
                        retrain: the hard prune's pruned energy), kept in the checkpoint's metrics
     state_dict() / load_state_dict(state, device)   the stage's state in the checkpoint ("admm")
 """
+import torch
+
 import admm as admm_lib
 import distributed as dist
 from common import LOG
 
 
 class Stage:
-    """Defaults shared by the stages: no penalty, no update, no state of its own."""
-    name = None
+    """Defaults shared by the stages: no penalty, no update, no state of its own. ``kind`` names
+    the config section the stage reads (epochs, optimizer, lr); ``name`` its checkpoint files."""
+    kind = None
     prunes = True  # logged in the stage's header
     update_every = 0
     penalty = None
 
-    def __init__(self, weights, ratios, pcfg):
+    def __init__(self, weights, ratios, pcfg, name=None):
         """``weights``: {name: parameter} of the prunable layers; ``ratios``: {name: ratio} of the
-        pruned ones; ``pcfg``: the config's ``prune`` section."""
-        self.weights, self.ratios, self.pcfg = weights, ratios, pcfg
+        pruned ones; ``pcfg``: the config's ``prune`` section; ``name``: default ``kind``."""
+        self.weights, self.ratios, self.pcfg, self.name = weights, ratios, pcfg, name or self.kind
         self.figures = {}
 
     def begin(self, masks):
         return masks
 
+    def lr_clock(self, passes, epochs):
+        """(position, length) of the learning-rate schedule after ``passes`` of ``epochs``."""
+        return passes, epochs
+
     def update(self):
         return {}
+
+    def describe_update(self, figures):
+        """One log line's text for the figures ``update`` returned."""
+        return " ".join(f"{k}={v}" for k, v in figures.items())
+
+    def largest_residual(self):
+        """The log row's ``resid`` column: the largest per-layer residual of the last update."""
+        return max(self.figures.get("residual", {}).values(), default=float("nan"))
 
     def state_dict(self):
         return None
@@ -51,40 +68,46 @@ class Stage:
 
 
 class Pretrain(Stage):
-    name = "pretrain"
+    kind = "pretrain"
     prunes = False
 
 
 class ADMMStage(Stage):
-    name = "admm"
+    kind = "admm"
 
-    def __init__(self, weights, ratios, pcfg):
-        super().__init__(weights, ratios, pcfg)
-        self.update_every, self.admm = pcfg["update_every"], None
+    def __init__(self, weights, ratios, pcfg, name=None):
+        super().__init__(weights, ratios, pcfg, name)
+        self.update_every, self.admm, self.masks = pcfg["update_every"], None, {}
 
     def begin(self, masks):
         if self.pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
             masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.weights)}
         self.admm = admm_lib.ADMM(self.weights, self.ratios, self.pcfg["sparsity_type"], self.pcfg["rho"])
+        self.masks = masks
         return masks
 
     def penalty(self):
         return self.admm.penalty(self.weights)
 
+    def lr_clock(self, passes, epochs):
+        if self.pcfg["restart_lr"]:  # the original code restarts the ADMM lr at every Z/U interval
+            return passes % self.update_every, self.update_every
+        return passes, epochs
+
     def update(self):
         """Z = Pi_S(W + U), U = U + W - Z, rho *= growth (Eq. 7-8). Returns rho and the per-layer
         ||W - Z|| / ||W||."""
-        res = self.admm.update(self.weights, self.pcfg["rho_growth"])
-        if dist.launched() and not dist.same_on_all_ranks(self.admm.fingerprint()):
-            # Z, U and rho are computed on every rank, not communicated: check that they agree.
+        res = self.admm.update(self.weights, self.pcfg["rho_growth"], self.pcfg["rescale_dual"])
+        masks = [m.sum().float().view(1) for m in self.masks.values()]
+        if dist.launched() and not dist.same_on_all_ranks(torch.cat([self.admm.fingerprint(), *masks])):
+            # Z, U, rho and masks are computed on every rank, not communicated: check that they agree.
             raise RuntimeError("ADMM state differs between ranks; this is a bug, please report it")
         if dist.launched():
             LOG.info(f"   ADMM state identical on {dist.world()} ranks")
         self.figures = {"rho": next(iter(self.admm.rho.values())), "residual": res, "dual_residual": self.admm.dual}
         return self.figures
 
-    @staticmethod
-    def describe_update(fig):
+    def describe_update(self, fig):
         return (f"rho={fig['rho']:.4g} ||W-Z||/||W||: " + " ".join(f"{k}={v:.4f}" for k, v in fig["residual"].items())
                 + "  dual rho||dZ||/||W||: " + " ".join(f"{v:.4f}" for v in fig["dual_residual"].values()))
 
@@ -96,7 +119,7 @@ class ADMMStage(Stage):
 
 
 class Retrain(Stage):
-    name = "retrain"
+    kind = "retrain"
 
     def begin(self, masks):
         # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks, together with the
@@ -109,4 +132,28 @@ class Retrain(Stage):
         return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
 
 
-STAGES = {s.name: s for s in (Pretrain, ADMMStage, Retrain)}  # in pipeline order
+STAGES = {s.kind: s for s in (Pretrain, ADMMStage, Retrain)}
+
+
+def pipeline(rounds=()):
+    """The stages of a full run as [(name, kind, fraction of each layer's target ratio)]:
+    pretrain, then admm and retrain. With progressive ADMM (Ye, Feng et al., arXiv:1903.09769)
+    ``rounds`` lists the fractions, e.g. [0.8, 0.9, 1.0]: each round runs ADMM to its ratios and
+    then masked retraining, from the previous round's pruned model, whose pruned weights stay
+    zero (their masks are kept). Earlier rounds are named ``admm.r1``, ``retrain.r1``, ...; the
+    last round's are ``admm`` and ``retrain``, so the final model is ``retrain.pt`` either way."""
+    fractions = list(rounds) or [1.0]
+    steps = [("pretrain", "pretrain", 1.0)]
+    for k, f in enumerate(fractions, 1):
+        tag = "" if k == len(fractions) else f".r{k}"
+        steps += [(f"admm{tag}", "admm", f), (f"retrain{tag}", "retrain", f)]
+    return steps
+
+
+def make_stage(name, model, cfg):
+    """(index in the pipeline, the stage object) of pipeline step ``name`` for ``model``: its
+    class by kind, the pruned layers' ratios scaled to its round, the ``prune`` settings."""
+    steps = pipeline(cfg["prune"]["rounds"])
+    index, (_, kind, fraction) = next((i, s) for i, s in enumerate(steps) if s[0] == name)
+    ratios = {n: r * fraction for n, r in admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"]).items()}
+    return index, STAGES[kind](admm_lib.prunable_weights(model), ratios, cfg["prune"], name)

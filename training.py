@@ -132,7 +132,7 @@ class TrainState:
 
     def __init__(self, stage, model, method, cfg, device):
         self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
-        self.optimizer = make_optimizer(model.parameters(), cfg[stage.name])
+        self.optimizer = make_optimizer(model.parameters(), cfg[stage.kind])
         self.precision = Precision(cfg["perf"]["amp"], device)
         self.masks, self.metrics = {}, {}
         self.epoch = self.step = 0
@@ -146,7 +146,7 @@ class TrainState:
         masks = {n: m.to(self.device) for n, m in ((init or {}).get("masks") or {}).items()}
         self.masks = self.stage.begin(masks)
         self.method.start()
-        self.earlier = dict(((init or {}).get("metrics") or {}).get("convergence", {}))
+        self.earlier = dict((init or {}).get("convergence") or {})
 
     def convergence(self):
         """{stage: its convergence figures} of this stage and the stages before it (ADMM's last
@@ -158,12 +158,13 @@ class TrainState:
         m = self.cfg["model"]
         return {"stage": self.stage.name, "epoch": self.epoch, "step": self.step, "arch": m["arch"],
                 "width": m["width"], "dataset": self.cfg["data"]["dataset"],
-                "adversarial": self.method.name != "natural", "method": self.method.name, "config": self.cfg,
+                "adversarial": self.method.adversarial, "method": self.method.name, "config": self.cfg,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
                 "admm": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
                 "free_delta": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
+                "convergence": self.convergence(),
                 "world": dist.world(), "git": git_hash()}
 
     def load_state_dict(self, ckpt):
@@ -177,7 +178,7 @@ class TrainState:
             self.stage.load_state_dict(ckpt["admm"], self.device)
         self.method.load_state_dict(ckpt.get("free_delta"))  # the method's state (free's perturbation, else None)
         self.epoch, self.step, self.metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
-        figures = dict(self.metrics.get("convergence", {}))
+        figures = dict(ckpt.get("convergence") or {})
         self.stage.figures = figures.pop(self.stage.name, {})
         self.earlier = figures
         self.meter.load_state_dict(ckpt["sums"])

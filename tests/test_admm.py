@@ -374,3 +374,14 @@ def test_pruned_energy_is_the_fraction_of_squared_norm_removed():
     assert admm.pruned_energy(before, weights)["fc.weight"] == pytest.approx(0.25 / 25.25)
     on_set = {"fc.weight": w.square().sum()}
     assert admm.pruned_energy(on_set, weights)["fc.weight"] == pytest.approx(0.0, abs=1e-7)  # already sparse
+
+
+def test_update_without_rescaling_the_dual_keeps_u_as_the_original_code():
+    w = torch.tensor([[0.4, 0.2], [-0.1, 0.6]])
+    a = admm.ADMM({"fc.weight": w}, {"fc.weight": 0.5}, "irregular", rho=0.1)
+    b = admm.ADMM({"fc.weight": w}, {"fc.weight": 0.5}, "irregular", rho=0.1)
+    w2 = {"fc.weight": torch.tensor([[0.3, 0.1], [-0.2, 0.05]])}
+    a.update(w2, rho_growth=2.0)
+    b.update(w2, rho_growth=2.0, rescale_dual=False)
+    assert a.rho == b.rho
+    torch.testing.assert_close(b.U["fc.weight"], 2 * a.U["fc.weight"])  # U not divided by the growth

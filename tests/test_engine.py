@@ -130,6 +130,14 @@ def test_metrics_jsonl_has_each_epoch_and_update_once_across_a_resume(tmp_path):
     assert "pruned energy at the hard prune" in resumed.stdout
 
 
+def test_drop_metrics_removes_the_rows_of_stages_that_start_again(tmp_path):
+    folder = RunFolder(str(tmp_path))
+    for stage in ("pretrain", "admm", "retrain"):
+        folder.append_metrics({"kind": "epoch", "stage": stage})
+    folder.drop_metrics(["admm", "retrain"])
+    assert rows(tmp_path) == [{"kind": "epoch", "stage": "pretrain"}]
+
+
 def test_truncate_metrics_drops_rows_after_the_saved_size(tmp_path):
     folder = RunFolder(str(tmp_path))
     folder.append_metrics({"kind": "epoch", "epoch": 1, "x": float("nan")})
@@ -193,3 +201,87 @@ def test_retrain_begin_hard_prunes_and_keeps_earlier_masks():
     ratio = s.stage.ratios["conv2.weight"]
     assert not s.masks["conv2.weight"].view(-1)[:5].any()
     assert int((w != 0).sum()) == w.numel() - round(ratio * w.numel())
+
+
+# --------------------------------------------------------------------------- progressive ADMM
+
+ROUNDS = ["data.train_limit=320", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "adv.steps=1",
+          "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=1", "prune.rounds=[0.5, 1.0]"]
+
+
+@pytest.fixture(scope="module")
+def progressive(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rounds")
+    proc = run_script(out, *ROUNDS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_progressive_rounds_reach_the_target_and_keep_earlier_zeros(progressive):
+    names = ["pretrain", "admm.r1", "retrain.r1", "admm", "retrain"]
+    assert all((progressive / f"{n}.pt").exists() for n in names)
+    cfg = load_config("configs/demo.yaml", ROUNDS)
+    first = torch.load(progressive / "retrain.r1.pt", weights_only=True)
+    final = torch.load(progressive / "retrain.pt", weights_only=True)
+    for name, ratio in cfg["prune"]["prune_ratios"].items():
+        w1, w2 = first["model"][name], final["model"][name]
+        assert int((w1 == 0).sum()) == round(0.5 * ratio * w1.numel()), name  # round 1: half the target
+        assert int((w2 == 0).sum()) == round(ratio * w2.numel()), name        # round 2: the target
+        assert not (w2[w1 == 0] != 0).any(), name  # a weight pruned in round 1 stays zero
+    assert [r["stage"] for r in rows(progressive) if r["kind"] == "epoch"] == names
+    conv = final["convergence"]
+    assert {"admm.r1", "retrain.r1", "admm", "retrain"} <= set(conv)
+
+
+def test_progressive_rounds_resume_after_a_kill(tmp_path, progressive):
+    proc = run_script(tmp_path, *ROUNDS, wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "retrain.r1.last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    assert not (tmp_path / "retrain.pt").exists(), "the run finished before it could be killed"
+    resumed = run_script(tmp_path, *ROUNDS, extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(p / "retrain.pt", weights_only=True)["model"] for p in (progressive, tmp_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+
+
+def test_stage_names_follow_the_rounds(tmp_path):
+    proc = run_script(tmp_path, *ROUNDS, extra=["--stage", "admm.r2"])
+    assert proc.returncode == 2
+    assert "choose all or one of pretrain, admm.r1, retrain.r1, admm, retrain" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the original code's switches
+
+def test_restart_lr_restarts_the_admm_schedule_at_every_update():
+    cfg = load_config("configs/demo.yaml", ["prune.restart_lr=true", "prune.update_every=3"])
+    stage = make_state("admm").stage
+    stage.pcfg = cfg["prune"]
+    stage.update_every = 3
+    assert [stage.lr_clock(p, 12) for p in (0, 2, 3, 7)] == [(0, 3), (2, 3), (0, 3), (1, 3)]
+    stage.pcfg = {**cfg["prune"], "restart_lr": False}
+    assert stage.lr_clock(7, 12) == (7, 12)
+
+
+def test_train_mode_attack_and_eps_ramp():
+    cfg = load_config("configs/demo.yaml", ["adv.attack_mode=train", "adv.eps_ramp=4", "adv.eps=0.3"])
+    method = make_method(cfg, True, INFO["demo"], torch.device("cpu"))
+    model = build_model("lenet", 1).train()
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    method.progress("pretrain", 0)
+    x_adv = method.attack(model, x, y)
+    assert seen and all(seen) and model.training  # the attack ran in train mode, and left it so
+    assert (x_adv - x).abs().max() <= 0.3 / 4 + 1e-6  # pass 0 of a 4-pass ramp: eps / 4
+    method.progress("pretrain", 3.5)
+    assert method.attack.eps == pytest.approx(0.3)
+    method.progress("admm", 0)  # the ramp is for pretraining only
+    assert method.attack.eps == pytest.approx(0.3)
+
+
+def test_epoch_row_counts_passes_of_a_partial_last_loop():
+    s = Schedule(10, batches=100, replays=4)
+    assert s.loops == 3 and s.steps_in(2) == 50 and s.passes(2, s.steps_in(2)) == 10
