@@ -67,6 +67,8 @@ DEFAULTS = {
         "rescale_dual": True,      # U *= rho_old / rho_new when rho grows (Boyd et al. 2011, Sec. 3.4.1);
                                    # false keeps U as the original code does (its multiplier rho*U then grows with rho)
         "restart_lr": False,       # restart the ADMM stage's lr schedule at every Z/U update (the original code)
+        "method": "admm",          # admm | gradual (Zhu & Gupta 2017, cubic schedule; the admm section's
+                                   # epochs and lr) | oneshot (magnitude pruning at retrain's start)
         "rounds": [],              # progressive ADMM (arXiv:1903.09769): fractions of each layer's target ratio,
                                    # ascending, ending at 1.0, e.g. [0.8, 0.9, 1.0]; each round runs admm + retrain
     },
@@ -88,6 +90,7 @@ CHOICES = {
     "prune.sparsity_type": ("irregular", "filter", "column"),
     "adv.method": ("pgd", "fgsm_rs", "free"),
     "adv.attack_mode": ("eval", "train"),
+    "prune.method": ("admm", "gradual", "oneshot"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},

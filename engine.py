@@ -33,7 +33,7 @@ from config import load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, progress, report, standard_attacks
 from methods import Method, make_method
 from rundir import RunFolder
-from stages import make_stage, pipeline
+from stages import make_stage, stage_names
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
 # Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
@@ -69,7 +69,7 @@ def train_stage(name, model, run, init=None, resume=None):
     """
     cfg = run.cfg
     index, stage = make_stage(name, model, cfg)
-    state, scfg = TrainState(stage, model, run.method, cfg, run.device), cfg[stage.kind]
+    state, scfg = TrainState(stage, model, run.method, cfg, run.device), cfg[stage.section]
     if resume:
         state.load_state_dict(resume)
         if dist.is_main():  # the rows written after that checkpoint are written again
@@ -79,7 +79,7 @@ def train_stage(name, model, run, init=None, resume=None):
         seed_everything(cfg["seed"] + index + 1000 * dist.rank())  # ranks: their own attack starts
         state.begin(init)
         if dist.is_main():  # rows of an earlier attempt at this stage and the ones after it
-            run.folder.drop_metrics([step[0] for step in pipeline(cfg["prune"]["rounds"])[index:]])
+            run.folder.drop_metrics(stage_names(cfg)[index:])
     hook = admm_lib.attach_masks(state.optimizer, stage.weights, state.masks) if state.masks else None
     nets = wrap_for_training(model, cfg, run.device)
     sched = Schedule(scfg["epochs"], data_lib.num_batches(run.train, cfg["data"]["batch_size"], world=dist.world()),
@@ -130,7 +130,7 @@ def run_epoch(state, nets, sched, run):
             continue
         passes = sched.passes(epoch, step)
         for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(cfg[stage.kind], *stage.lr_clock(int(passes), sched.epochs))
+            group["lr"] = lr_at(cfg[stage.section], *stage.lr_clock(int(passes), sched.epochs))
         state.method.progress(stage.kind, passes)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -141,7 +141,8 @@ def run_epoch(state, nets, sched, run):
         state.step = step + 1
         if sched.reaches(stage.update_every, epoch, step + 1):
             check_finite(state, run)  # a non-finite W must not reach Z, U or the logs
-            update, done = stage.update(), sched.passes(epoch, step + 1)
+            done = sched.passes(epoch, step + 1)
+            update = stage.update(done, state.masks)
             LOG.info(f"   {stage.name} update after epoch {_fmt_passes(done)}: {stage.describe_update(update)}")
             log_update(run.folder, {"stage": stage.name, "passes": float(done),
                                     "lr": state.optimizer.param_groups[0]["lr"], **update})
@@ -165,7 +166,7 @@ def epoch_metrics(state, sched, epoch, train, test, seconds):
     best = max(state.metrics.get("best_test_pgd", -math.inf), test["pgd"] if math.isfinite(test["pgd"]) else -math.inf)
     # best_test_pgd is informational only: the saved model is always the last epoch's.
     return {"stage": stage.name, "epoch": epoch + 1, "passes": float(sched.passes(epoch, sched.steps_in(epoch))),
-            "lr": lr_at(state.cfg[stage.kind], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)), **train,
+            "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)), **train,
             "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
             "admm_residual": stage.largest_residual() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
             "time": seconds, "convergence": state.convergence()}
@@ -222,7 +223,7 @@ def check_finite(state, run):
         where = f"step {bad.item() + 1}" if bad.item() >= 0 else "a step on another rank"
         name = state.stage.name
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
-                        f"without saving this state. The last good checkpoint is intact: lower {state.stage.kind}.lr "
+                        f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
                         f"(or prune.rho) and continue with: {run.resume_command}")
 
 
@@ -289,7 +290,7 @@ def _resume_command(args, out, adversarial):
 def _run(args, adversarial):
     cfg = load_config(args.config, args.overrides)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    names = [step[0] for step in pipeline(cfg["prune"]["rounds"])]
+    names = stage_names(cfg)
     if args.stage not in ("all", *names):
         raise UserError(f"--stage {args.stage}: choose all or one of {', '.join(names)}")
     folder, stages = RunFolder(out), names if args.stage == "all" else [args.stage]
@@ -370,7 +371,7 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
         if args.stage == "all":  # everything done already: report on the final model
             load_weights(model, load_checkpoint(folder.final("retrain"), device), folder.final("retrain"), cfg)
         return todo, None, None
-    names = [step[0] for step in pipeline(cfg["prune"]["rounds"])]
+    names = stage_names(cfg)
     prev = names[names.index(todo[0]) - 1] if todo[0] != "pretrain" else None
     start = args.init or (folder.final(prev) if prev else None)
     if args.init and not os.path.isfile(args.init):

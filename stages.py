@@ -27,17 +27,19 @@ from common import LOG
 
 class Stage:
     """Defaults shared by the stages: no penalty, no update, no state of its own. ``kind`` names
-    the config section the stage reads (epochs, optimizer, lr); ``name`` its checkpoint files."""
-    kind = None
+    the stage class, ``section`` the config section it trains with (epochs, optimizer, lr) and
+    ``name`` its checkpoint files (``admm.r1`` for progressive rounds)."""
+    kind = section = None
     prunes = True  # logged in the stage's header
     update_every = 0
     penalty = None
 
-    def __init__(self, weights, ratios, pcfg, name=None):
+    def __init__(self, weights, ratios, pcfg, name=None, epochs=0):
         """``weights``: {name: parameter} of the prunable layers; ``ratios``: {name: ratio} of the
-        pruned ones; ``pcfg``: the config's ``prune`` section; ``name``: default ``kind``."""
+        pruned ones; ``pcfg``: the config's ``prune`` section; ``name``: default ``kind``;
+        ``epochs``: the passes over the data the stage makes."""
         self.weights, self.ratios, self.pcfg, self.name = weights, ratios, pcfg, name or self.kind
-        self.figures = {}
+        self.epochs, self.figures = epochs, {}
 
     def begin(self, masks):
         return masks
@@ -46,7 +48,9 @@ class Stage:
         """(position, length) of the learning-rate schedule after ``passes`` of ``epochs``."""
         return passes, epochs
 
-    def update(self):
+    def update(self, passes, masks):
+        """The update after ``passes`` (a Fraction); ``masks`` ({name: bool tensor}, held after
+        every optimizer step) may be changed in place. Returns named figures."""
         return {}
 
     def describe_update(self, figures):
@@ -68,22 +72,21 @@ class Stage:
 
 
 class Pretrain(Stage):
-    kind = "pretrain"
+    kind = section = "pretrain"
     prunes = False
 
 
 class ADMMStage(Stage):
-    kind = "admm"
+    kind = section = "admm"
 
-    def __init__(self, weights, ratios, pcfg, name=None):
-        super().__init__(weights, ratios, pcfg, name)
-        self.update_every, self.admm, self.masks = pcfg["update_every"], None, {}
+    def __init__(self, weights, ratios, pcfg, name=None, epochs=0):
+        super().__init__(weights, ratios, pcfg, name, epochs)
+        self.update_every, self.admm = pcfg["update_every"], None
 
     def begin(self, masks):
         if self.pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
             masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.weights)}
         self.admm = admm_lib.ADMM(self.weights, self.ratios, self.pcfg["sparsity_type"], self.pcfg["rho"])
-        self.masks = masks
         return masks
 
     def penalty(self):
@@ -94,12 +97,12 @@ class ADMMStage(Stage):
             return passes % self.update_every, self.update_every
         return passes, epochs
 
-    def update(self):
+    def update(self, passes, masks):
         """Z = Pi_S(W + U), U = U + W - Z, rho *= growth (Eq. 7-8). Returns rho and the per-layer
-        ||W - Z|| / ||W||."""
+        primal ||W - Z|| / ||W|| and dual rho ||Z - Z_prev|| / ||W|| residuals."""
         res = self.admm.update(self.weights, self.pcfg["rho_growth"], self.pcfg["rescale_dual"])
-        masks = [m.sum().float().view(1) for m in self.masks.values()]
-        if dist.launched() and not dist.same_on_all_ranks(torch.cat([self.admm.fingerprint(), *masks])):
+        sums = [m.sum().float().view(1) for m in masks.values()]
+        if dist.launched() and not dist.same_on_all_ranks(torch.cat([self.admm.fingerprint(), *sums])):
             # Z, U, rho and masks are computed on every rank, not communicated: check that they agree.
             raise RuntimeError("ADMM state differs between ranks; this is a bug, please report it")
         if dist.launched():
@@ -118,8 +121,43 @@ class ADMMStage(Stage):
         self.admm = admm_lib.ADMM.from_state_dict(state, device)
 
 
+class Gradual(Stage):
+    """Gradual magnitude pruning (Zhu & Gupta 2017, Eq. 1, from s_i = 0): every
+    ``prune.update_every`` passes the smallest weights are pruned to the ratio
+    s_t = s_f (1 - (1 - t / T)^3) of each layer's target s_f, t passes into a stage of T, and stay
+    pruned (the masks only grow). The baseline ADMM is compared with: no penalty, no Z or U.
+    Trains with the ``admm`` section's settings, so both pruning stages get the same budget."""
+    kind, section = "gradual", "admm"
+
+    def __init__(self, weights, ratios, pcfg, name=None, epochs=0):
+        super().__init__(weights, ratios, pcfg, name, epochs)
+        self.update_every = pcfg["update_every"]
+
+    def begin(self, masks):
+        ones = {n: torch.ones_like(self.weights[n], dtype=torch.bool) for n in self.ratios}
+        return {**ones, **masks}  # a mask for every pruned layer, so the optimizer hook holds them all
+
+    @torch.no_grad()
+    def update(self, passes, masks):
+        f = 1 - (1 - min(float(passes) / max(self.epochs, 1), 1.0)) ** 3
+        norms = {n: self.weights[n].detach().float().square().sum() for n in self.ratios}
+        pruned = admm_lib.hard_prune(self.weights, {n: r * f for n, r in self.ratios.items()},
+                                     self.pcfg["sparsity_type"])
+        for n, m in pruned.items():
+            masks[n] &= m
+        self.figures = {"fraction": f, "pruned_energy": admm_lib.pruned_energy(norms, self.weights)}
+        return self.figures
+
+    def describe_update(self, fig):
+        return (f"magnitude pruning to {fig['fraction']:.3f} of the target, pruned energy: "
+                + " ".join(f"{k}={v:.4f}" for k, v in fig["pruned_energy"].items()))
+
+    def largest_residual(self):
+        return max(self.figures.get("pruned_energy", {}).values(), default=float("nan"))
+
+
 class Retrain(Stage):
-    kind = "retrain"
+    kind = section = "retrain"
 
     def begin(self, masks):
         # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks, together with the
@@ -132,12 +170,14 @@ class Retrain(Stage):
         return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
 
 
-STAGES = {s.kind: s for s in (Pretrain, ADMMStage, Retrain)}
+STAGES = {s.kind: s for s in (Pretrain, ADMMStage, Gradual, Retrain)}
 
 
-def pipeline(rounds=()):
+def pipeline(rounds=(), method="admm"):
     """The stages of a full run as [(name, kind, fraction of each layer's target ratio)]:
-    pretrain, then admm and retrain. With progressive ADMM (Ye, Feng et al., arXiv:1903.09769)
+    pretrain, then the pruning stage of ``method`` (admm, or gradual magnitude pruning) and
+    retrain; ``oneshot`` prunes by magnitude at retrain's start, with no stage before it.
+    With progressive ADMM (Ye, Feng et al., arXiv:1903.09769)
     ``rounds`` lists the fractions, e.g. [0.8, 0.9, 1.0]: each round runs ADMM to its ratios and
     then masked retraining, from the previous round's pruned model, whose pruned weights stay
     zero (their masks are kept). Earlier rounds are named ``admm.r1``, ``retrain.r1``, ...; the
@@ -146,14 +186,21 @@ def pipeline(rounds=()):
     steps = [("pretrain", "pretrain", 1.0)]
     for k, f in enumerate(fractions, 1):
         tag = "" if k == len(fractions) else f".r{k}"
-        steps += [(f"admm{tag}", "admm", f), (f"retrain{tag}", "retrain", f)]
+        steps += [] if method == "oneshot" else [(f"{method}{tag}", method, f)]
+        steps += [(f"retrain{tag}", "retrain", f)]
     return steps
+
+
+def stage_names(cfg):
+    """The names of a full run's stages under ``cfg``, in order."""
+    return [step[0] for step in pipeline(cfg["prune"]["rounds"], cfg["prune"]["method"])]
 
 
 def make_stage(name, model, cfg):
     """(index in the pipeline, the stage object) of pipeline step ``name`` for ``model``: its
     class by kind, the pruned layers' ratios scaled to its round, the ``prune`` settings."""
-    steps = pipeline(cfg["prune"]["rounds"])
+    steps = pipeline(cfg["prune"]["rounds"], cfg["prune"]["method"])
     index, (_, kind, fraction) = next((i, s) for i, s in enumerate(steps) if s[0] == name)
     ratios = {n: r * fraction for n, r in admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"]).items()}
-    return index, STAGES[kind](admm_lib.prunable_weights(model), ratios, cfg["prune"], name)
+    cls = STAGES[kind]
+    return index, cls(admm_lib.prunable_weights(model), ratios, cfg["prune"], name, cfg[cls.section]["epochs"])

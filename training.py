@@ -132,7 +132,7 @@ class TrainState:
 
     def __init__(self, stage, model, method, cfg, device):
         self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
-        self.optimizer = make_optimizer(model.parameters(), cfg[stage.kind])
+        self.optimizer = make_optimizer(model.parameters(), cfg[stage.section])
         self.precision = Precision(cfg["perf"]["amp"], device)
         self.masks, self.metrics = {}, {}
         self.epoch = self.step = 0

@@ -11,13 +11,12 @@ import time
 import pytest
 import torch
 
-import admm as admm_lib
 from config import load_config
 from data import INFO
 from methods import make_method
 from models import build_model
 from rundir import RunFolder
-from stages import STAGES
+from stages import make_stage
 from training import EpochMeter, Schedule, TrainState, lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,11 +151,10 @@ def test_truncate_metrics_drops_rows_after_the_saved_size(tmp_path):
 # --------------------------------------------------------------------------- the training state
 
 def make_state(stage_name, method="free"):
-    cfg = load_config("configs/demo.yaml", [f"adv.method={method}", "adv.free_replays=2"])
+    pruning = "gradual" if stage_name == "gradual" else "admm"
+    cfg = load_config("configs/demo.yaml", [f"adv.method={method}", "adv.free_replays=2", f"prune.method={pruning}"])
     model = build_model("lenet", 1)
-    weights = admm_lib.prunable_weights(model)
-    ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
-    stage = STAGES[stage_name](weights, ratios, cfg["prune"])
+    _, stage = make_stage(stage_name, model, cfg)
     return TrainState(stage, model, make_method(cfg, True, INFO["demo"], torch.device("cpu")), cfg, torch.device("cpu"))
 
 
@@ -167,7 +165,7 @@ def test_train_state_saves_and_loads_everything_it_holds():
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     loss, pen, logits = a.method.step(a.model, a.model, x, y, a.optimizer, a.stage.penalty, a.precision)
     a.meter.add(0, loss, pen, (logits.argmax(1) == y).sum(), 8, None)
-    a.stage.update()
+    a.stage.update(1, a.masks)
     a.epoch, a.step = 3, 1
     saved = a.state_dict()
     b = make_state("admm")
@@ -285,3 +283,32 @@ def test_train_mode_attack_and_eps_ramp():
 def test_epoch_row_counts_passes_of_a_partial_last_loop():
     s = Schedule(10, batches=100, replays=4)
     assert s.loops == 3 and s.steps_in(2) == 50 and s.passes(2, s.steps_in(2)) == 10
+
+
+# --------------------------------------------------------------------------- the baselines
+
+def test_gradual_magnitude_pruning_follows_the_cubic_schedule_and_masks_only_grow():
+    s = make_state("gradual", method="pgd")
+    s.begin(None)
+    stage, w = s.stage, s.model.fc1.weight
+    ratio, prev = stage.ratios["fc1.weight"], torch.ones_like(w, dtype=torch.bool)
+    for t in range(1, stage.epochs + 1):
+        with torch.no_grad():
+            w.add_(0.01 * torch.randn_like(w) * s.masks["fc1.weight"])  # training moves the kept weights
+        fig = stage.update(t, s.masks)
+        f = 1 - (1 - t / stage.epochs) ** 3  # Zhu & Gupta 2017, Eq. 1
+        assert fig["fraction"] == pytest.approx(f)
+        assert int((~s.masks["fc1.weight"]).sum()) == round(ratio * f * w.numel())
+        assert not (s.masks["fc1.weight"] & ~prev).any()  # a pruned weight never comes back
+        prev = s.masks["fc1.weight"].clone()
+    assert int((w == 0).sum()) == round(ratio * w.numel())
+
+
+@pytest.mark.parametrize("method,names", [("admm", ["pretrain", "admm", "retrain"]),
+                                          ("gradual", ["pretrain", "gradual", "retrain"]),
+                                          ("oneshot", ["pretrain", "retrain"])])
+def test_pruning_method_picks_the_stages(method, names):
+    from stages import stage_names
+    assert stage_names(load_config("configs/demo.yaml", [f"prune.method={method}"])) == names
+    rounds = stage_names(load_config("configs/demo.yaml", [f"prune.method={method}", "prune.rounds=[0.5, 1]"]))
+    assert rounds[-len(names) + 1:] == names[1:] and len(rounds) == 1 + 2 * (len(names) - 1)
