@@ -9,6 +9,9 @@ Conventions (as torchattacks and MadryLab ``robustness``):
 - The threat model (random start, steepest-ascent step, projection) lives in one small class per
   norm (``LinfBall``, ``L2Ball``), the objective in ``LOSSES``; ``PGD`` combines them.
 """
+import logging
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,7 @@ class _Attack:
             model.train(was_training)
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 
@@ -180,41 +183,104 @@ class PGD(_Attack):
 
 
 class AutoAttack(_Attack):
-    """AutoAttack (Croce & Hein, ICML 2020), ``standard`` version, through the torchattacks
-    re-implementation (``torchattacks.AutoAttack``): APGD-CE, APGD-T, FAB-T and Square run one
-    after another, each on the examples the previous ones did not fool.
+    """AutoAttack (Croce & Hein, ICML 2020) from the authors' own package, ``pyautoattack``.
 
-    ``norm``: ``Linf`` or ``L2``; ``eps`` in [0, 1] pixel units. The library's own seed is drawn
-    from the torch RNG, so the result is reproducible under ``torch.manual_seed`` like ``PGD``;
-    the library reseeds the global RNG, so it runs inside ``fork_rng`` to leave the caller's
-    stream as it was. FAB calls ``backward()``, which would write parameter ``.grad``: the
-    parameters are frozen (``requires_grad=False``) for the call and restored after.
-    Needs ``pip install torchattacks`` (checked when the attack is built).
+    ``attacks=None`` runs the standard version, the one RobustBench and the pruning papers report:
+    APGD-CE (100 iterations), APGD-T (100 iterations on the targeted DLR loss, 9 target classes),
+    FAB-T (9 target classes) and Square (5,000 queries), each on the examples the ones before it
+    left correctly classified. A subset of ``STANDARD`` runs only those attacks, with the standard
+    version's settings (``version`` is then "custom"): ``("apgd-ce", "apgd-t")`` is the cheaper
+    ``apgd`` of ``eval.py``. ``n_queries`` lowers Square's queries (tests only; also "custom").
+
+    ``norm``: ``linf`` or ``l2``; ``eps`` in [0, 1] pixel units. The library is seeded from the
+    torch RNG, so the result is reproducible under ``torch.manual_seed`` like ``PGD``; it reseeds the
+    global RNG, so it runs inside ``fork_rng``. FAB calls ``backward()``, which would write parameter
+    ``.grad``: the parameters are frozen (``requires_grad=False``) for the call. The library's own
+    checks (a randomized model, a softmax output, zero gradients, Square beating the gradient
+    attacks, ...) are logged to its ``auto-attack`` logger: they are collected instead, and
+    ``pop_flags()`` returns those seen since the last call to it, one line per kind.
+    Needs ``pip install pyautoattack==0.2.0`` (checked when the attack is built).
     """
 
-    def __init__(self, eps, norm="Linf"):
+    STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+    FLAGS_DOC = "https://github.com/fra31/auto-attack/blob/master/flags_doc.md"
+
+    def __init__(self, eps, norm="linf", attacks=None, n_queries=None):
         try:
-            import torchattacks  # noqa: F401 - optional dependency, fail when built, not mid-evaluation
+            import pyautoattack
         except ImportError:
-            raise ImportError("autoattack needs the torchattacks package: pip install torchattacks") from None
-        self.eps, self.norm, self.version = float(eps), norm, "standard"
+            raise ImportError("autoattack and apgd need the AutoAttack authors' package: "
+                              "pip install pyautoattack==0.2.0") from None
+        attacks = tuple(self.STANDARD if attacks is None else attacks)
+        if norm not in ("linf", "l2") or not attacks or set(attacks) - set(self.STANDARD):
+            raise ValueError(f"AutoAttack: norm must be linf or l2 and attacks a subset of {', '.join(self.STANDARD)}; "
+                             f"got norm={norm!r}, attacks={attacks!r}")
+        self.eps, self.norm, self.attacks = float(eps), norm, attacks
+        self.n_queries = None if n_queries is None else int(n_queries)
+        self.version = "standard" if attacks == self.STANDARD and n_queries is None else "custom"
+        self.library = f"pyautoattack {pyautoattack.__version__}"
+        self._flags = {}
+
+    def info(self):
+        """What ran, for the JSON report: library and version, attacks in order, threat model."""
+        return {"library": self.library, "version": self.version, "attacks": list(self.attacks),
+                "norm": self.norm, "eps": self.eps, **({"n_queries": self.n_queries} if self.n_queries else {})}
+
+    def pop_flags(self):
+        """The library's check messages since the last call, one per kind, with how often it fired."""
+        out = [msg.replace("See flags_doc.md", f"See {self.FLAGS_DOC}")
+               + (f" (raised {n} times, e.g. once per batch; the figures are the first's)" if n > 1 else "")
+               for msg, n in self._flags.values()]
+        self._flags = {}
+        return out
+
+    def _adversary(self, model, device, seed):
+        from pyautoattack import AutoAttack as Reference
+        aa = Reference(model, norm={"linf": "Linf", "l2": "L2"}[self.norm], eps=self.eps, seed=seed,
+                       device=device, version="standard")
+        # A subset keeps the standard version's settings (restarts, target classes), set just above.
+        if self.attacks != self.STANDARD:
+            aa.version, aa.attacks_to_run = "custom", list(self.attacks)
+        if self.n_queries is not None:
+            aa.square.n_queries = self.n_queries
+        return aa
 
     def perturb(self, model, x, y):
-        import torchattacks
         if self.eps == 0:
             return x
         seed = int(torch.randint(2 ** 31 - 1, ()))
         params = [p for p in model.parameters() if p.requires_grad]
-        devices = [x.device] if x.device.type == "cuda" else []
+        log, flags = logging.getLogger("auto-attack"), _Collect()
+        # Its checks go to the report, not the console; WARNING so that they reach the handler
+        # whatever the root logger's level, and its per-attack debug lines cost nothing.
+        level, propagate = log.level, log.propagate
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+        log.addHandler(flags)
         try:
             for p in params:
                 p.requires_grad_(False)
-            with torch.random.fork_rng(devices=devices):
-                with torch.no_grad():
-                    n_classes = model(x[:1]).shape[1]
-                attack = torchattacks.AutoAttack(model, norm=self.norm, eps=self.eps, version=self.version,
-                                                 n_classes=n_classes, seed=seed)
-                return attack(x, y).detach()
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                x_adv, _ = self._adversary(model, x.device, seed).run_standard_evaluation(x, y, batch_size=len(x))
+            return x_adv.detach()
         finally:
             for p in params:
                 p.requires_grad_(True)
+            log.removeHandler(flags)
+            log.setLevel(level)
+            log.propagate = propagate
+            for msg in flags.messages:  # one entry per kind: counts and sizes vary from batch to batch
+                kind = re.sub(r"[\d.]+", "#", msg)
+                first, n = self._flags.get(kind, (msg, 0))
+                self._flags[kind] = (first, n + 1)
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of the warnings logged while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())

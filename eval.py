@@ -1,10 +1,12 @@
 """Evaluate a checkpoint: per-layer sparsity, accuracy under attack, worst case, sanity checks.
 
-    python eval.py --ckpt runs/demo/retrain.pt [--attacks natural,fgsm,pgd,pgd_cw,pgd_l2,autoattack]
+    python eval.py --ckpt runs/demo/retrain.pt [--attacks natural,fgsm,pgd,pgd_cw,pgd_l2,autoattack,apgd,...]
                    [--eps E] [--steps K] [--step-size A] [--restarts R] [--eps-l2 E2]
                    [--eps-sweep 0,0.05,...] [--plot FILE] [--no-checks] [--limit N] [--json FILE] [--seed S]
 
 Arch, width, dataset, prune settings and attack defaults come from the config stored in the checkpoint.
+``autoattack`` is the AutoAttack authors' standard version (package pyautoattack); ``apgd`` its
+cheaper APGD-CE + APGD-T part; ``*_l2`` are the L2 versions at the --eps-l2 radius.
 """
 import argparse
 import json
@@ -47,8 +49,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="PGD steps (default: config eval.steps)")
     p.add_argument("--step-size", help="L-inf PGD step size (default: config eval.step_size)")
     p.add_argument("--restarts", type=int, help="PGD restarts (default: config eval.restarts)")
-    p.add_argument("--eps-l2", help="L2 radius of pgd_l2 in pixel units (default 0.5 on cifar10, 2.0 otherwise); "
-                                    "its step size is 2.5 * eps_l2 / steps")
+    p.add_argument("--eps-l2", help="L2 radius of pgd_l2, autoattack_l2 and apgd_l2 in pixel units (default 0.5 on "
+                                    "cifar10, 2.0 otherwise); pgd_l2's step size is 2.5 * eps_l2 / steps")
     p.add_argument("--eps-sweep", help="comma-separated L-inf radii, e.g. 0,0.05,0.1,0.2,0.3: robust accuracy of "
                                        "the L-inf attacks in --attacks at each, to the JSON and a PNG plot")
     p.add_argument("--plot", help="PNG of the eps sweep (default: the --json path with .png, else eps_sweep.png)")

@@ -4,6 +4,7 @@ sweep, the sparsity + accuracy report, and building a model from a config or che
 import contextlib
 import math
 import sys
+import time
 import zlib
 
 import torch
@@ -15,9 +16,11 @@ from attacks import FGSM, PGD, AutoAttack
 from common import UserError
 from models import build_model
 
-ATTACKS = ("natural", "fgsm", "pgd", "pgd_cw", "pgd_l2", "autoattack")
-LINF_ATTACKS = ("fgsm", "pgd", "pgd_cw", "autoattack")  # what an eps sweep runs (its eps are L-inf radii)
-# pgd_l2's default radius: the usual L2 budget for CIFAR-10 (RobustBench) and for 28x28 digits.
+ATTACKS = ("natural", "fgsm", "pgd", "pgd_cw", "pgd_l2", "autoattack", "apgd", "autoattack_l2", "apgd_l2")
+LINF_ATTACKS = ("fgsm", "pgd", "pgd_cw", "autoattack", "apgd")  # what an eps sweep runs (its eps are L-inf radii)
+APGD = ("apgd-ce", "apgd-t")  # the cheaper subset of AutoAttack, named apgd
+# The L2 radius of pgd_l2, autoattack_l2 and apgd_l2: the usual L2 budget for CIFAR-10 (RobustBench)
+# and for 28x28 digits.
 EPS_L2 = {"cifar10": 0.5}
 EPS_L2_DEFAULT = 2.0
 
@@ -75,23 +78,28 @@ def _num_examples(split, limit):
 def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc="eval", seed=None, rank=0, world=1):
     """Which of the first ``limit`` examples of ``split`` (0 = all) ``model`` still classifies
     correctly under each attack in ``attacks`` ({name: attack, or None for natural}). Every attack
-    sees the same examples, batched on ``device``. Returns {name: bool tensor [n] on the CPU}.
-    With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated."""
+    sees the same examples, batched on ``device``, one attack after another, each with its own
+    progress bar. With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated.
+    Returns ({name: bool tensor [n] on the CPU}, {name: wall-clock seconds the attack took})."""
     was_training = model.training
     model.eval()
-    correct = {name: [] for name in attacks}
-    batches = data_lib.batches(split, batch_size, device, limit=limit, rank=rank, world=world)
+    correct, seconds = {}, {}
+    n_batches = data_lib.num_batches(split, batch_size, limit, world)
     try:
-        for i, (x, y) in enumerate(progress(batches, data_lib.num_batches(split, batch_size, limit, world), desc)
-                                   if rank == 0 else batches):
-            for name, attack in attacks.items():
+        for name, attack in attacks.items():
+            t0 = time.perf_counter()
+            batches = data_lib.batches(split, batch_size, device, limit=limit, rank=rank, world=world)
+            hits = []
+            for i, (x, y) in enumerate(progress(batches, n_batches, f"{desc} {name}") if rank == 0 else batches):
                 with _rng(seed, name, i, device):
                     x_in = x if attack is None else attack(model, x, y)
                 with torch.no_grad():
-                    correct[name].append(model(x_in).argmax(1) == y)  # kept on the device: no sync per batch
+                    hits.append(model(x_in).argmax(1) == y)  # kept on the device: no sync per batch
+            correct[name] = torch.cat(hits).cpu() if hits else torch.zeros(0, dtype=torch.bool)
+            seconds[name] = time.perf_counter() - t0  # after .cpu(), which waits for the device
     finally:
         model.train(was_training)
-    return {name: torch.cat(c).cpu() if c else torch.zeros(0, dtype=torch.bool) for name, c in correct.items()}
+    return correct, seconds
 
 
 def evaluate(model, split, attacks, batch_size, device, limit=0, desc="eval", seed=None):
@@ -99,8 +107,8 @@ def evaluate(model, split, attacks, batch_size, device, limit=0, desc="eval", se
     under each attack in ``attacks`` ({name: attack or None for natural}), all on the same
     examples. Under torchrun each rank evaluates its share and the counts are all-reduced.
     Returns ({name: accuracy}, number of examples)."""
-    correct = correct_per_example(model, split, attacks, batch_size, device, limit, desc, seed,
-                                  dist.rank(), dist.world())
+    correct, _ = correct_per_example(model, split, attacks, batch_size, device, limit, desc, seed,
+                                     dist.rank(), dist.world())
     counts = dist.all_sum(torch.tensor([float(c.sum()) for c in correct.values()] + [float(len(next(iter(correct.values()))))],
                                        dtype=torch.float64, device=device if dist.launched() else "cpu"))
     n = int(counts[-1])
@@ -114,7 +122,10 @@ def standard_attacks(cfg, names=("natural", "fgsm", "pgd"), eps=None, steps=None
     """{name: attack} for ``names`` (any of ``ATTACKS``). Defaults: L-inf eps from ``adv.eps``,
     PGD steps / step size / restarts from ``eval``, random start from ``adv``. ``pgd_cw`` is that
     PGD with the Carlini & Wagner margin loss; ``pgd_l2`` is L2 PGD of radius ``eps_l2`` (default
-    ``EPS_L2``) with step 2.5 * eps_l2 / steps (the rule of Madry et al.'s ``robustness`` library)."""
+    ``EPS_L2``) with step 2.5 * eps_l2 / steps (the rule of Madry et al.'s ``robustness`` library).
+    ``autoattack`` is the reference AutoAttack, standard version, always at full strength; ``apgd``
+    its APGD-CE + APGD-T only; ``autoattack_l2`` and ``apgd_l2`` the same in the L2 ball of radius
+    ``eps_l2``. All four need the ``pyautoattack`` package."""
     e = cfg["eval"]
     eps = cfg["adv"]["eps"] if eps is None else eps
     steps = e["steps"] if steps is None else steps
@@ -126,13 +137,14 @@ def standard_attacks(cfg, names=("natural", "fgsm", "pgd"), eps=None, steps=None
              "pgd": lambda: PGD(eps, step_size, steps, restarts, rs),
              "pgd_cw": lambda: PGD(eps, step_size, steps, restarts, rs, loss="cw"),
              "pgd_l2": lambda: PGD(eps_l2, 2.5 * eps_l2 / max(steps, 1), steps, restarts, rs, norm="l2"),
-             "autoattack": lambda: AutoAttack(eps)}
+             "autoattack": lambda: AutoAttack(eps), "apgd": lambda: AutoAttack(eps, attacks=APGD),
+             "autoattack_l2": lambda: AutoAttack(eps_l2, "l2"), "apgd_l2": lambda: AutoAttack(eps_l2, "l2", APGD)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise UserError(f"--attacks: unknown attack(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     try:
         return {n: table[n]() for n in names}
-    except ImportError as err:  # an optional dependency (torchattacks) is missing
+    except ImportError as err:  # an optional dependency (pyautoattack) is missing
         raise UserError(str(err)) from None
 
 
@@ -174,6 +186,11 @@ def check_attacks(pgd):
 
 # --------------------------------------------------------------------------- sanity checks
 
+# (stronger, weaker) pairs of attacks in the same ball: the first must not leave a higher accuracy.
+STRONGER = (("autoattack", "pgd"), ("apgd", "pgd"), ("autoattack", "apgd"),
+            ("autoattack_l2", "pgd_l2"), ("apgd_l2", "pgd_l2"), ("autoattack_l2", "apgd_l2"))
+
+
 def noise(p, n):
     """Sampling noise of an accuracy ``p`` measured on ``n`` examples: the half-width of its 95 %
     binomial interval, and at least one example."""
@@ -187,7 +204,8 @@ def sanity_warnings(acc, n, worst_case, checks=None, sweep=None, num_classes=10)
 
     acc: {attack name: accuracy}; n: number of examples; worst_case: accuracy under all attacks
     together; checks: {name: accuracy} of the ``check_attacks`` runs; sweep: {attack name:
-    [(eps, accuracy), ...] sorted by eps}; num_classes: chance is 1 / num_classes.
+    [(eps, accuracy), ...] sorted by eps}; num_classes: chance is 1 / num_classes. AutoAttack's own
+    checks are not here: ``report`` adds the flags it raised.
     """
     checks, sweep, warn = checks or {}, sweep or {}, []
 
@@ -225,6 +243,11 @@ def sanity_warnings(acc, n, worst_case, checks=None, sweep=None, num_classes=10)
         if "fgsm" in acc and name in acc and above(acc[name], acc["fgsm"]):
             warn.append(f"FGSM accuracy {acc['fgsm']:.4f} is below {name} accuracy {acc[name]:.4f}: a single step "
                         f"beats the iterative attack, a sign of gradient masking")
+    # 6. AutoAttack is no weaker than PGD in the same ball, nor than its own APGD part.
+    for strong, weak in STRONGER:
+        if strong in acc and weak in acc and above(acc[strong], acc[weak]):
+            warn.append(f"{strong} accuracy {acc[strong]:.4f} is above {weak} accuracy {acc[weak]:.4f}: the "
+                        f"stronger attack did worse (a failed run, or an attack that does not fit the model)")
     return warn
 
 
@@ -235,14 +258,20 @@ def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, s
     examples (0 = all), all on the same examples: accuracy under each of ``attacks`` ({name: attack
     or None for natural}); ``worst_case``, the fraction correct under every attack (natural
     included if run); the ``checks`` runs ({name: attack}, see ``check_attacks``); an eps sweep
-    ``sweep`` ({attack name: {eps: attack}}); and the sanity ``warnings``. ``seed``: see ``_rng``.
-    Returns the dict that ``eval.py --json`` writes."""
+    ``sweep`` ({attack name: {eps: attack}}); the sanity ``warnings``, followed by the flags of
+    AutoAttack's own checks; the ``seconds`` each run took; and, per AutoAttack run, its library,
+    version and attacks (``autoattack``). ``seed``: see ``_rng``. Returns the dict that
+    ``eval.py --json`` writes."""
     checks, sweep = checks or {}, sweep or {}
     ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     runs = dict(attacks)
     runs.update({f"check:{k}": a for k, a in checks.items() if k not in attacks})
     runs.update({f"sweep:{name}@{e!r}": a for name, curve in sweep.items() for e, a in curve.items()})
-    correct = correct_per_example(model, test, runs, cfg["data"]["test_batch_size"], device, limit, "eval", seed)
+    flagging = {k: a for k, a in runs.items() if isinstance(a, AutoAttack)}
+    for a in flagging.values():
+        a.pop_flags()  # drop any left from an earlier report with the same attack objects
+    correct, seconds = correct_per_example(model, test, runs, cfg["data"]["test_batch_size"], device, limit, "eval",
+                                           seed)
     n = _num_examples(test, limit)
 
     def accuracy(key):
@@ -255,7 +284,7 @@ def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, s
     num_classes = int(test.labels.max()) + 1
 
     pgd = next((a for a in attacks.values() if isinstance(a, PGD) and a.norm == "linf"), None)
-    eps = next((a.eps for name, a in attacks.items() if a is not None and name != "pgd_l2"), cfg["adv"]["eps"])
+    eps = next((a.eps for name, a in attacks.items() if a is not None and not name.endswith("_l2")), cfg["adv"]["eps"])
     rep = {"arch": cfg["model"]["arch"], "width": cfg["model"]["width"], "dataset": cfg["data"]["dataset"],
            "n_examples": n, "partial": n < len(test.labels),
            "sparsity": admm_lib.sparsity_report(model, ratios, cfg["prune"]["sparsity_type"]),
@@ -268,7 +297,12 @@ def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, s
     if sweep:
         rep["eps_sweep"] = {"eps": sorted({e for curve in sweep.values() for e in curve}),
                             "accuracy": {name: [a for _, a in c] for name, c in curves.items()}}
-    rep["warnings"] = sanity_warnings(acc, n, worst, check_acc, curves, num_classes)
+    if any(isinstance(a, AutoAttack) for a in attacks.values()):
+        rep["autoattack"] = {name: {**a.info(), "seconds": round(seconds[name], 2)}
+                             for name, a in attacks.items() if isinstance(a, AutoAttack)}
+    rep["seconds"] = {k: round(s, 2) for k, s in seconds.items()}
+    rep["warnings"] = sanity_warnings(acc, n, worst, check_acc, curves, num_classes) + [
+        f"{k}: AutoAttack's own check: {flag}" for k, a in flagging.items() for flag in a.pop_flags()]
     return rep
 
 
@@ -287,6 +321,9 @@ def format_report(rep):
                  + (f", PGD steps={a['steps']} step={a['step_size']:.4f} restarts={a['restarts']}" if a["steps"] else ""))
     lines.append("  " + "  ".join(f"{k}={v:.4f}" for k, v in rep["accuracy"].items())
                  + f"  worst_case={rep['worst_case']:.4f}")
+    for name, aa in rep.get("autoattack", {}).items():
+        lines.append(f"{name}: {aa['library']}, {aa['version']} version ({', '.join(aa['attacks'])}), "
+                     f"{aa['norm']} eps={aa['eps']:.4f}, {aa['seconds']:.1f} s")
     if "checks" in rep:
         lines.append("sanity-check runs: " + "  ".join(f"{k}={v['accuracy']:.4f}" for k, v in rep["checks"].items()))
     if "eps_sweep" in rep:
@@ -294,6 +331,12 @@ def format_report(rep):
         lines.append(f"eps sweep  {'eps':>10} " + " ".join(f"{e:7.4f}" for e in sw["eps"]))
         for name, accs in sw["accuracy"].items():
             lines.append(f"           {name:>10} " + " ".join(f"{v:7.4f}" for v in accs))
+    sec = rep.get("seconds", {})
+    if sec:
+        runs = [f"{k}={v:.1f}" for k, v in sec.items() if ":" not in k]
+        runs += [f"{kind}s={sum(v for k, v in sec.items() if k.startswith(kind + ':')):.1f}"
+                 for kind in ("check", "sweep") if any(k.startswith(kind + ":") for k in sec)]
+        lines.append("seconds: " + "  ".join(runs))
     lines += format_convergence(rep.get("convergence"))
     lines += [f"WARNING: {w}" for w in rep["warnings"]] or ["sanity checks: no warnings"]
     return "\n".join(lines)

@@ -415,10 +415,16 @@ def setup_section(R, summary_path):
              "The reported model is the last epoch's, never one picked on the test set.",
              ]
     if s.get("autoattack_skipped"):
-        lines.append("- AutoAttack: skipped (eval.py had no `autoattack` or torchattacks is missing).")
+        lines.append("- AutoAttack: skipped (eval.py had no `autoattack` or pyautoattack is missing).")
     elif s.get("autoattack", {}).get("cells"):
         a = s["autoattack"]
-        lines.append(f"- AutoAttack (`eval.py --attacks {a['attacks']}`, torchattacks' standard version) on the "
+        # eval.py names the library in its report since it runs the authors' pyautoattack; the
+        # reports of earlier sweeps do not, and those ran torchattacks' re-implementation.
+        lib = next((c["eval"]["autoattack"]["autoattack"] for c in cells if c["kind"] == "autoattack"
+                    and "autoattack" in (c.get("eval") or {}).get("autoattack", {})), None)
+        what = (f"the reference AutoAttack, {lib['library']}, {lib['version']} version ({', '.join(lib['attacks'])})"
+                if lib else "torchattacks' standard version")
+        lines.append(f"- AutoAttack (`eval.py --attacks {a['attacks']}`, {what}) on the "
                      f"first {a['limit']} test images for the Finding 2 models of seed(s) {a['seeds']}.")
     lines += [f"- Cell results: one JSON per cell in the sweep folder (`cells/<id>.json`: commands, wall time, "
               f"the full eval.py report); summary `{os.path.relpath(summary_path, ROOT)}`; a compact copy of all "
@@ -572,7 +578,10 @@ def main(argv=None):
             "![accuracy vs compression](accuracy_vs_compression.png)", "",
             "![ADMM vs one-shot](admm_vs_oneshot.png)", ""]
     notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(R.spec, summary)] + [""]
-    text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R) + regen)
+    # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
+    extra = os.path.join(a.out, "results", "demo_methods.md")
+    more = [open(extra).read()] if os.path.isfile(extra) else []
+    text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R) + regen + more)
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and 3 plots ({len(summary['cells'])} cells)")

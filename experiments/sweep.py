@@ -295,7 +295,7 @@ def autoattack_available():
     if "autoattack" not in out:
         return False
     try:
-        import torchattacks  # noqa: F401
+        import pyautoattack  # noqa: F401 - the AutoAttack authors' package, what eval.py's autoattack runs
     except ImportError:
         return False
     return True
@@ -352,7 +352,7 @@ def main(argv=None):
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     prepare_data(spec)
     if any(c["kind"] == "autoattack" for c in cells) and not autoattack_available():
-        print("autoattack is not available (eval.py or torchattacks): skipping the AutoAttack cells", flush=True)
+        print("autoattack is not available (eval.py or pyautoattack): skipping the AutoAttack cells", flush=True)
         spec["autoattack_skipped"] = True
         cells = [c for c in cells if c["kind"] != "autoattack"]
     parallel = args.parallel or spec.get("parallel", 1)

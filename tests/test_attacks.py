@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import config
 import data
-from attacks import FGSM, PGD
+from attacks import FGSM, PGD, AutoAttack
 from helpers import train_lenet
 from models import build_model
 
@@ -165,6 +165,41 @@ def test_mode_restored_when_attack_raises():
     with pytest.raises(Exception):
         PGD(0.1, 0.02, 2)(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 99]))  # bad label
     assert model.training
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 2.0)])
+def test_reference_apgd_stays_in_ball(norm, eps, trained):
+    """The reference APGD-CE (pyautoattack) through our wrapper: same ball, same pixel range."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+    x_adv = AutoAttack(eps, norm, attacks=("apgd-ce",))(model, x, y)
+    dist = (x_adv - x).abs().flatten(1).amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
+    assert x_adv.shape == x.shape and dist.max() <= eps + 1e-5 and 0 <= x_adv.min() and x_adv.max() <= 1
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.3
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_reference_fab_leaves_no_parameter_grads(mode):
+    """FAB inside pyautoattack calls backward(); the wrapper freezes the parameters for the call, so
+    no .grad is written, and puts the model back in its mode. The labels are the model's own
+    predictions, so FAB has every example to attack."""
+    pytest.importorskip("pyautoattack")
+    model = build_model("lenet", 1)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    model.train(mode == "train")
+    rng = torch.get_rng_state()
+    x_adv = AutoAttack(0.05, attacks=("fab-t",))(model, x, y)
+    after = torch.get_rng_state()
+    assert (x_adv != x).any()  # FAB ran and moved some input
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(m.training == (mode == "train") for m in model.modules())
+    # The library reseeds torch's global RNG: the wrapper's caller sees only the one draw of its seed.
+    torch.set_rng_state(rng)
+    torch.randint(2 ** 31 - 1, ())
+    assert torch.equal(after, torch.get_rng_state())
 
 
 def test_batchnorm_running_stats_unchanged_by_attack():
