@@ -218,11 +218,14 @@ def hard_prune(weights, ratios, scheme):
 
 
 @torch.no_grad()
-def pruned_energy(before, after):
-    """Per-layer fraction of the squared weight norm a hard prune removed: 1 - ||Pi_S(W)||^2 / ||W||^2,
-    from ``before`` ({name: ||W||^2}) and the pruned ``after`` ({name: weight}). A converged ADMM
-    stage leaves W almost on the sparse set, so the hard prune removes almost nothing."""
-    return {n: 1.0 - float(after[n].detach().float().square().sum()) / max(float(e), 1e-30) for n, e in before.items()}
+def hard_prune_measured(weights, ratios, scheme):
+    """``hard_prune``, and the fraction of each layer's squared norm it removed (the "pruned
+    energy", 1 - ||Pi_S(W)||^2 / ||W||^2). A converged ADMM stage leaves W almost on the sparse
+    set, so the hard prune removes almost nothing. Returns (masks, {name: pruned energy})."""
+    before = {n: weights[n].detach().float().square().sum() for n in ratios}
+    masks = hard_prune(weights, ratios, scheme)
+    return masks, {n: 1.0 - float(weights[n].detach().float().square().sum()) / max(float(e), 1e-30)
+                   for n, e in before.items()}
 
 
 def nonzero_masks(weights, names):

@@ -138,13 +138,15 @@ class AttackTraining(Method):
     ``eps_ramp`` > 0: during pretraining the attack's eps (and step size) grow linearly over the
     first ``eps_ramp`` passes, k / eps_ramp of the target in pass k; training at full eps from
     the start can collapse a small model to chance (the demo's LeNet at MNIST's eps 0.3)."""
-    def __init__(self, name, attack, eps_ramp=0):
-        self.name, self.attack, self.eps_ramp = name, attack, eps_ramp
-        self.target = (attack.eps, attack.step_size)
+    def __init__(self, name, pgd, eps_ramp=0, train_mode=False):
+        """``pgd``: the training ``PGD``; ``train_mode``: run it with the model in train mode."""
+        self.name, self.pgd, self.eps_ramp = name, pgd, eps_ramp
+        self.attack = InTrainMode(pgd) if train_mode else pgd
+        self.target = (pgd.eps, pgd.step_size)
 
     def progress(self, stage, passes):
         f = ramp(self.eps_ramp, stage, passes)
-        self.attack.eps, self.attack.step_size = self.target[0] * f, self.target[1] * f
+        self.pgd.eps, self.pgd.step_size = self.target[0] * f, self.target[1] * f
 
 
 def ramp(eps_ramp, stage, passes):
@@ -165,15 +167,6 @@ class InTrainMode:
     def __call__(self, model, x, y):
         with torch.enable_grad():
             return self.attack.perturb(model, x.detach(), y)
-
-    def __getattr__(self, name):  # eps, step_size, ...: the wrapped attack's settings
-        return getattr(self.attack, name)
-
-    def __setattr__(self, name, value):
-        if name == "attack":
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.attack, name, value)
 
     def __repr__(self):
         return f"{self.attack!r} in train mode"
@@ -209,18 +202,14 @@ class Free(Method):
         return f"free training ({self.replays} replays per minibatch)"
 
 
-def _attack(a, attack):
-    return InTrainMode(attack) if a["attack_mode"] == "train" else attack
-
-
 def _pgd(a, shape, device):
-    attack = PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"])
-    return AttackTraining("pgd", _attack(a, attack), a["eps_ramp"])
+    pgd = PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"])
+    return AttackTraining("pgd", pgd, a["eps_ramp"], a["attack_mode"] == "train")
 
 
 def _fgsm_rs(a, shape, device):
     # FGSM-RS (Wong et al. 2020): one step of 1.25 eps from a uniform random start = PGD with steps=1.
-    return AttackTraining("fgsm_rs", _attack(a, PGD(a["eps"], 1.25 * a["eps"], 1, 1, True)), a["eps_ramp"])
+    return AttackTraining("fgsm_rs", PGD(a["eps"], 1.25 * a["eps"], 1, 1, True), a["eps_ramp"], a["attack_mode"] == "train")
 
 
 def _free(a, shape, device):

@@ -140,12 +140,11 @@ class Gradual(Stage):
     @torch.no_grad()
     def update(self, passes, masks):
         f = 1 - (1 - min(float(passes) / max(self.epochs, 1), 1.0)) ** 3
-        norms = {n: self.weights[n].detach().float().square().sum() for n in self.ratios}
-        pruned = admm_lib.hard_prune(self.weights, {n: r * f for n, r in self.ratios.items()},
-                                     self.pcfg["sparsity_type"])
+        pruned, energy = admm_lib.hard_prune_measured(self.weights, {n: r * f for n, r in self.ratios.items()},
+                                                      self.pcfg["sparsity_type"])
         for n, m in pruned.items():
             masks[n] &= m
-        self.figures = {"fraction": f, "pruned_energy": admm_lib.pruned_energy(norms, self.weights)}
+        self.figures = {"fraction": f, "pruned_energy": energy}
         return self.figures
 
     def describe_update(self, fig):
@@ -162,9 +161,8 @@ class Retrain(Stage):
     def begin(self, masks):
         # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks, together with the
         # masks of earlier pruning (a weight pruned before stays pruned).
-        norms = {n: self.weights[n].detach().float().square().sum() for n in self.ratios}
-        pruned = admm_lib.hard_prune(self.weights, self.ratios, self.pcfg["sparsity_type"])
-        self.figures = {"pruned_energy": admm_lib.pruned_energy(norms, self.weights)}
+        pruned, energy = admm_lib.hard_prune_measured(self.weights, self.ratios, self.pcfg["sparsity_type"])
+        self.figures = {"pruned_energy": energy}
         LOG.info("   hard prune: pruned energy 1 - ||Pi_S(W)||^2/||W||^2: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.figures["pruned_energy"].items()))
         return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}

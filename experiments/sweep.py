@@ -145,6 +145,12 @@ def plan(spec):
                   "sets": [f"model.width={L}", "prune.sparsity_type=irregular", *ratio_sets(ratios),
                            f"retrain.epochs={tune}"]}],
                 "retrain.pt", [pre("adv", L, seed)])
+    return _finish_plan(spec, cells, stages)
+
+
+def _finish_plan(spec, cells, stages):
+    """Every training step gets the seed and the spec's common settings; AutoAttack cells are
+    added for the cells the spec names; the cells are put in the spec's priority order."""
     for c in cells:
         for st in c["steps"]:
             if "script" in st:
@@ -319,52 +325,23 @@ def write_summary(sweep, cells, failed, t_start, done_now):
     os.replace(tmp, os.path.join(sweep.out, "summary.json"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the sweep of a spec (resumable); see docs/reproduction.md.")
-    p.add_argument("--spec", default=os.path.join(HERE, "paper_findings.yaml"), help="sweep spec YAML")
-    p.add_argument("--quick", action="store_true", help="use experiments/quick.yaml: a tiny end-to-end run")
-    p.add_argument("--out", help="output folder (default runs/experiments/<spec name>)")
-    p.add_argument("--parallel", type=int, help="cells at once (default: the spec's)")
-    p.add_argument("--only", help="comma-separated id prefixes: run only these cells (and what they need)")
-    p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
-    args = p.parse_args(argv)
-    spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
-    with open(spec_path) as f:
-        spec = yaml.safe_load(f)
-    out = args.out or os.path.join(ROOT, "runs", "experiments", spec["name"])
-    cells = plan(spec)
-    if args.only:
-        want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in args.only.split(","))}
-        grow = True
-        while grow:
-            need = {d for c in cells if c["id"] in want for d in c["deps"]} - want
-            want |= need
-            grow = bool(need)
-        cells = [c for c in cells if c["id"] in want]
-    sweep = Sweep(spec, out)
-    if args.dry_run:
-        for c in cells:
-            print(f"# {c['id']}  finding {c['finding']}  deps {c['deps']}")
-            for cmd in sweep.commands(c):
-                print("  " + shlex.join(cmd))
-        print(f"{len(cells)} cells")
-        return 0
-    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
-    prepare_data(spec)
-    if any(c["kind"] == "autoattack" for c in cells) and not autoattack_available():
-        print("autoattack is not available (eval.py or pyautoattack): skipping the AutoAttack cells", flush=True)
-        spec["autoattack_skipped"] = True
-        cells = [c for c in cells if c["kind"] != "autoattack"]
-    parallel = args.parallel or spec.get("parallel", 1)
-    t_start = time.time()
-    logf = open(os.path.join(out, "sweep.log"), "a")
+def select(cells, only):
+    """The cells whose ids start with one of the comma-separated prefixes ``only`` (all if None),
+    and every cell they need."""
+    if not only:
+        return cells
+    want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in only.split(","))}
+    grow = True
+    while grow:
+        need = {d for c in cells if c["id"] in want for d in c["deps"]} - want
+        want |= need
+        grow = bool(need)
+    return [c for c in cells if c["id"] in want]
 
-    def log(msg):
-        line = f"{time.strftime('%H:%M:%S')} [{time.time() - t_start:7.1f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
 
+def run_cells(sweep, cells, parallel, spec_path, out, t_start, log):
+    """Run the cells not done yet, ``parallel`` at once, each once its inputs are done; a failed
+    cell fails the cells that need it. Returns (done ids, {failed id: reason}, cells not run)."""
     done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
     pending = [c for c in cells if c["id"] not in done]
     failed = {}
@@ -399,6 +376,48 @@ def main(argv=None):
                     failed[c["id"]] = str(e)
                     log(f"FAIL  {c['id']}: {e}")
             write_summary(sweep, cells, failed, t_start, False)
+    return done, failed, pending
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Run the sweep of a spec (resumable); see docs/reproduction.md.")
+    p.add_argument("--spec", default=os.path.join(HERE, "paper_findings.yaml"), help="sweep spec YAML")
+    p.add_argument("--quick", action="store_true", help="use experiments/quick.yaml: a tiny end-to-end run")
+    p.add_argument("--out", help="output folder (default runs/experiments/<spec name>)")
+    p.add_argument("--parallel", type=int, help="cells at once (default: the spec's)")
+    p.add_argument("--only", help="comma-separated id prefixes: run only these cells (and what they need)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+    args = p.parse_args(argv)
+    spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
+    with open(spec_path) as f:
+        spec = yaml.safe_load(f)
+    out = args.out or os.path.join(ROOT, "runs", "experiments", spec["name"])
+    cells = select(plan(spec), args.only)
+    sweep = Sweep(spec, out)
+    if args.dry_run:
+        for c in cells:
+            print(f"# {c['id']}  finding {c['finding']}  deps {c['deps']}")
+            for cmd in sweep.commands(c):
+                print("  " + shlex.join(cmd))
+        print(f"{len(cells)} cells")
+        return 0
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    prepare_data(spec)
+    if any(c["kind"] == "autoattack" for c in cells) and not autoattack_available():
+        print("autoattack is not available (eval.py or pyautoattack): skipping the AutoAttack cells", flush=True)
+        spec["autoattack_skipped"] = True
+        cells = [c for c in cells if c["kind"] != "autoattack"]
+    parallel = args.parallel or spec.get("parallel", 1)
+    t_start = time.time()
+    logf = open(os.path.join(out, "sweep.log"), "a")
+
+    def log(msg):
+        line = f"{time.strftime('%H:%M:%S')} [{time.time() - t_start:7.1f}s] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    done, failed, pending = run_cells(sweep, cells, parallel, spec_path, out, t_start, log)
     write_summary(sweep, cells, failed, t_start, not pending and not failed)
     log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
     return 1 if failed else 0

@@ -369,11 +369,11 @@ def test_sparsity_report_counts():
 def test_pruned_energy_is_the_fraction_of_squared_norm_removed():
     w = torch.tensor([[3.0, 0.5], [-4.0, 0.0]])  # ||W||^2 = 25.25
     weights = {"fc.weight": w}
-    before = {"fc.weight": w.square().sum()}
-    admm.hard_prune(weights, {"fc.weight": 0.5}, "irregular")  # keeps 3 and -4: 0.25 of 25.25 removed
-    assert admm.pruned_energy(before, weights)["fc.weight"] == pytest.approx(0.25 / 25.25)
-    on_set = {"fc.weight": w.square().sum()}
-    assert admm.pruned_energy(on_set, weights)["fc.weight"] == pytest.approx(0.0, abs=1e-7)  # already sparse
+    masks, energy = admm.hard_prune_measured(weights, {"fc.weight": 0.5}, "irregular")  # keeps 3 and -4
+    assert energy["fc.weight"] == pytest.approx(0.25 / 25.25)
+    assert masks["fc.weight"].tolist() == [[True, False], [True, False]]
+    _, again = admm.hard_prune_measured(weights, {"fc.weight": 0.5}, "irregular")
+    assert again["fc.weight"] == pytest.approx(0.0, abs=1e-7)  # already sparse: nothing removed
 
 
 def test_update_without_rescaling_the_dual_keeps_u_as_the_original_code():

@@ -275,9 +275,9 @@ def test_train_mode_attack_and_eps_ramp():
     assert seen and all(seen) and model.training  # the attack ran in train mode, and left it so
     assert (x_adv - x).abs().max() <= 0.3 / 4 + 1e-6  # pass 0 of a 4-pass ramp: eps / 4
     method.progress("pretrain", 3.5)
-    assert method.attack.eps == pytest.approx(0.3)
+    assert method.pgd.eps == pytest.approx(0.3)
     method.progress("admm", 0)  # the ramp is for pretraining only
-    assert method.attack.eps == pytest.approx(0.3)
+    assert method.pgd.eps == pytest.approx(0.3)
 
 
 def test_epoch_row_counts_passes_of_a_partial_last_loop():
