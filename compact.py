@@ -486,15 +486,16 @@ def load_model(path, device="cpu"):
     """What ``eval.py --ckpt PATH`` needs from a training checkpoint or an export file:
     (model on ``device`` in eval mode, config, meta). meta: "format" ("checkpoint" or "export"),
     "stage", "adversarial", "sparsity" (the pruned model's ``admm.sparsity_report``, also for an
-    export, whose compact layers no longer show the zeros) and "compression" (``figures``; for a
+    export, whose compact layers no longer show the zeros), "compression" (``figures``; for a
     checkpoint the export is built in memory with the default storage and not written; None for a
-    model that declares no channel groups)."""
+    model that declares no channel groups) and "convergence" (a checkpoint's ADMM residuals and
+    pruned energies by stage, ``TrainState.convergence``; empty for an export)."""
     obj = load_file(path)
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
         src = obj.get("source") or {}
         meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
-                "sparsity": obj["sparsity"], "compression": figures(obj, os.path.getsize(path))}
+                "sparsity": obj["sparsity"], "compression": figures(obj, os.path.getsize(path)), "convergence": {}}
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
@@ -506,7 +507,8 @@ def load_model(path, device="cpu"):
         else:  # every architecture evaluates; only the compact figures need to know its channel groups
             sparsity, compression = sparsity_report(model, cfg), None
         meta = {"format": "checkpoint", "stage": obj.get("stage"), "adversarial": obj.get("adversarial"),
-                "sparsity": sparsity, "compression": compression}
+                "sparsity": sparsity, "compression": compression,
+                "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
     return model.to(device).eval(), cfg, meta
 
 

@@ -93,6 +93,7 @@ def main(argv=None):
     rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
     rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
     rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes; or None
+    rep["convergence"] = meta["convergence"]  # ADMM residuals and pruned energy at each hard prune, by stage
     rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
                          "adversarial": meta["adversarial"]}
     if sweep:

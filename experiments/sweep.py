@@ -39,6 +39,7 @@ import admm  # noqa: E402
 import data  # noqa: E402
 from models import build_model  # noqa: E402
 from rundir import RunFolder  # noqa: E402
+from stages import pipeline  # noqa: E402
 
 
 # --------------------------------------------------------------------------- pruning targets
@@ -74,24 +75,35 @@ def ratio_sets(ratios):
 # --------------------------------------------------------------------------- the plan
 
 def plan(spec):
-    """The cells of ``spec``, in priority order (all of seed 0 first, the critical path first).
+    """The cells of ``spec``, in its priority order: findings 1-4 of the paper (``widths`` and
+    the keys after it) and the comparison of pruning methods (``methods``), whichever it has.
 
     A cell: {id, finding, kind, seed, meta, steps, ckpt, deps}. A step is either a training
     stage {script, stage, init (None = the run folder's previous stage), sets} or
     {inherit: source ckpt, width}."""
-    L, S = spec["large_width"], spec["small_width"]
-    widths, tune = spec["widths"], spec["admm_epochs"] + spec["retrain_epochs"]
-    stages = {"admm.epochs": spec["admm_epochs"], "retrain.epochs": spec["retrain_epochs"]}
     cells = []
 
     def add(cid, finding, kind, seed, meta, steps, ckpt, deps=()):
-        if any(c["id"] == cid for c in cells):
-            return
-        cells.append({"id": cid, "finding": finding, "kind": kind, "seed": seed, "meta": meta,
-                      "steps": steps, "ckpt": ckpt, "deps": list(deps)})
+        if not any(c["id"] == cid for c in cells):
+            cells.append({"id": cid, "finding": finding, "kind": kind, "seed": seed, "meta": meta,
+                          "steps": steps, "ckpt": ckpt, "deps": list(deps)})
 
-    def pre(mode, w, seed):
-        return f"pre-{mode}-w{w}-s{seed}"
+    if "widths" in spec:
+        paper_cells(spec, add)
+    if "methods" in spec:
+        method_cells(spec, add)
+    return _finish_plan(spec, cells)
+
+
+def pre(mode, w, seed):
+    """The id of the dense (pretrained) cell: ``mode`` adv or nat, LeNet width ``w``."""
+    return f"pre-{mode}-w{w}-s{seed}"
+
+
+def paper_cells(spec, add):
+    """Findings 1-4: dense widths, pruning vs the small model, schemes, adversarial pruning."""
+    L, S = spec["large_width"], spec["small_width"]
+    widths, tune = spec["widths"], spec["admm_epochs"] + spec["retrain_epochs"]
 
     def pruned(cid, finding, seed, script, scheme, ratios, meta):
         base = [f"model.width={L}", f"prune.sparsity_type={scheme}", *ratio_sets(ratios)]
@@ -133,24 +145,60 @@ def plan(spec):
             for scheme in spec["schemes"]:
                 pruned(f"admm-{scheme}-w{m}count-s{seed}", [3], seed, "adv_main.py", scheme, matched_ratios(L, m),
                        {"matched_width": m})
-        # Finding 5: high irregular ratios on every layer, ADMM vs one-shot magnitude pruning with
-        # the same number of fine-tuning epochs (admm + retrain) spent on masked retraining.
-        for r in spec["high_ratios"]:
-            ratios = {n: r for n in weight_counts("lenet", L)}
-            tag = f"r{round(r * 100, 2):g}"
-            pruned(f"admm-irregular-{tag}-s{seed}", [5], seed, "adv_main.py", "irregular", ratios, {"ratio": r})
-            add(f"oneshot-irregular-{tag}-s{seed}", [5], "oneshot", seed,
-                {"width": L, "scheme": "irregular", "ratios": ratios, "ratio": r, "training": "adversarial"},
-                [{"script": "adv_main.py", "stage": "retrain", "init": ("cell", pre("adv", L, seed), "pretrain.pt"),
-                  "sets": [f"model.width={L}", "prune.sparsity_type=irregular", *ratio_sets(ratios),
-                           f"retrain.epochs={tune}"]}],
-                "retrain.pt", [pre("adv", L, seed)])
-    return _finish_plan(spec, cells, stages)
 
 
-def _finish_plan(spec, cells, stages):
+def method_sets(method, budget, rounds):
+    """--set overrides that give pruning ``method`` (admm, progressive, gradual, oneshot)
+    ``budget`` epochs after pretraining. One-shot spends them all on masked retraining; the others
+    spend a fifth of each round (at least one epoch) on masked retraining and the rest on the
+    pruning stage. Progressive ADMM splits the budget evenly over its ``rounds``."""
+    if method == "oneshot":
+        return ["prune.method=oneshot", f"retrain.epochs={budget}"]
+    n = len(rounds) if method == "progressive" else 1
+    if budget % n or budget // n < 2:
+        raise ValueError(f"a budget of {budget} epochs does not split into {n} rounds of at least 2 epochs")
+    per_round = budget // n
+    tail = max(1, per_round // 5)
+    sets = [f"prune.method={'gradual' if method == 'gradual' else 'admm'}", f"admm.epochs={per_round - tail}",
+            f"retrain.epochs={tail}"]
+    return sets + ([f"prune.rounds={list(rounds)}"] if method == "progressive" else [])
+
+
+def method_stages(method, rounds):
+    """The stage names a ``method`` cell runs after pretraining, in order."""
+    kind = {"progressive": "admm"}.get(method, method)
+    return [name for name, _, _ in pipeline(rounds if method == "progressive" else (), kind)][1:]
+
+
+def method_cells(spec, add):
+    """Finding 5: every layer pruned (irregular) at each of ``ratios``, by each pruning method, at
+    each budget of epochs after the same pretrained model, natural and adversarial training."""
+    m = spec["methods"]
+    w, dataset = m["width"], spec.get("dataset", "fashion_mnist")
+    for seed in spec["seeds"]:
+        for mode in m["trainings"]:
+            script = "adv_main.py" if mode == "adv" else "main.py"
+            training = "adversarial" if mode == "adv" else "natural"
+            add(pre(mode, w, seed), [5], "pretrain", seed, {"width": w, "training": training},
+                [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+            for budget in m["budgets"]:
+                for r in m["ratios"]:
+                    ratios = {n: r for n in weight_counts("lenet", w, dataset)}
+                    base = [f"model.width={w}", "prune.sparsity_type=irregular", *ratio_sets(ratios)]
+                    for method in m["methods"]:
+                        sets = base + method_sets(method, budget, m["rounds"])
+                        steps = [{"script": script, "stage": name, "sets": sets,
+                                  "init": ("cell", pre(mode, w, seed), "pretrain.pt") if i == 0 else None}
+                                 for i, name in enumerate(method_stages(method, m["rounds"]))]
+                        add(f"{method}-{mode}-r{round(r * 100, 2):g}-e{budget}-s{seed}", [5], method, seed,
+                            {"width": w, "training": training, "ratio": r, "budget": budget, "method": method,
+                             "ratios": ratios}, steps, "retrain.pt", [pre(mode, w, seed)])
+
+
+def _finish_plan(spec, cells):
     """Every training step gets the seed and the spec's common settings; AutoAttack cells are
     added for the cells the spec names; the cells are put in the spec's priority order."""
+    stages = {f"{k}.epochs": spec[f"{k}_epochs"] for k in ("admm", "retrain") if f"{k}_epochs" in spec}
     for c in cells:
         for st in c["steps"]:
             if "script" in st:
@@ -268,7 +316,7 @@ def _train_time(rd):
         with open(path) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 3 and parts[2] in ("pretrain", "admm", "retrain") and parts[-1].endswith("s"):
+                if len(parts) > 3 and parts[2].split(".")[0] in ("pretrain", "admm", "gradual", "retrain") and parts[-1].endswith("s"):
                     try:
                         total += float(parts[-1][:-1])
                     except ValueError:
