@@ -19,10 +19,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from rundir import RunFolder  # noqa: E402
+from sweep import method_sets  # noqa: E402
 
 RATIOS = {"conv1.weight": 0.8, "conv2.weight": 0.97, "fc1.weight": 0.99, "fc2.weight": 0.9}
 PRETRAIN_EPOCHS = 10
+ROUNDS = [0.5, 1.0]  # progressive ADMM: half of each layer's target, then all of it
 
 
 TABLE_HEAD = ("| epochs after pretraining | method | seed | natural accuracy | largest pruned energy | "
@@ -30,18 +33,10 @@ TABLE_HEAD = ("| epochs after pretraining | method | seed | natural accuracy | l
 
 
 def cells(budget, admm):
-    """{cell name: --set overrides} at ``budget`` epochs after pretraining; ``admm``: the rho
-    schedule (a list of --set overrides) of the ADMM cells."""
-    head, tail = budget - budget // 5, budget // 5  # 80 % pruning stage, 20 % masked retraining
-    half = budget // 2
-    return {
-        "oneshot": ["prune.method=oneshot", f"retrain.epochs={budget}"],
-        "gradual": ["prune.method=gradual", f"admm.epochs={head}", f"retrain.epochs={tail}"],
-        "admm": ["prune.method=admm", f"admm.epochs={head}", f"retrain.epochs={tail}", *admm],
-        # two rounds (half, then all of each layer's target), each ADMM then masked retraining
-        "progressive": ["prune.method=admm", "prune.rounds=[0.5, 1.0]", f"admm.epochs={half - half // 5}",
-                        f"retrain.epochs={half // 5}", *admm],
-    }
+    """{cell name: --set overrides} at ``budget`` epochs after pretraining (split as in the
+    Fashion-MNIST sweep, ``sweep.method_sets``); ``admm``: the rho schedule of the ADMM cells."""
+    return {m: method_sets(m, budget, ROUNDS) + (admm if m in ("admm", "progressive") else [])
+            for m in ("oneshot", "gradual", "admm", "progressive")}
 
 
 def run(cmd, log):

@@ -1,7 +1,11 @@
 """Turn a sweep's ``summary.json`` into ``RESULTS.md`` (tables for findings 1-5, verdicts) and plots.
 
     python experiments/report.py                       # runs/experiments/paper_findings -> docs/
-    python experiments/report.py --summary S --out D
+    python experiments/report.py --summary S --out D [--methods M]
+
+Findings 1-4 come from the paper_findings sweep; Finding 5 (the pruning methods compared) from
+the pruning_methods sweep (``--methods``, or the same summary when its spec has ``methods``),
+through ``methods_report.py``, or else from the section it last wrote (``results/pruning_methods.md``).
 
 Every number comes from the cells' ``eval.py`` reports. Over seeds a cell is shown as
 ``mean ± half-range`` (for two seeds: the distance of each seed from the mean), with the number
@@ -25,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from sweep import weight_counts  # noqa: E402
+import methods_report  # noqa: E402
 
 
 # --------------------------------------------------------------------------- numbers
@@ -259,47 +264,24 @@ def finding4(R, lines):
     return verdict
 
 
-def finding5(R, lines):
-    L = R.spec["large_width"]
-    lines += ["## Finding 5: ADMM vs one-shot magnitude pruning", "",
-              f"w={L} (adversarially trained), every layer pruned (irregular) at the ratio. ADMM: "
-              f"{R.spec['admm_epochs']} ADMM epochs + {R.spec['retrain_epochs']} masked retraining epochs; "
-              f"one-shot: magnitude pruning, then {R.spec['admm_epochs'] + R.spec['retrain_epochs']} masked "
-              "retraining epochs (the same fine-tuning budget). Both adversarial.", "",
-              "| ratio | compression | ADMM natural | ADMM PGD | one-shot natural | one-shot PGD | seeds |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    wins, n, chance = 0, 0, []
-    for r in R.spec["high_ratios"]:
-        tag = f"r{round(r * 100, 2):g}"
-        a, o = f"admm-irregular-{tag}", f"oneshot-irregular-{tag}"
-        lines.append(f"| {100 * r:g}% | {1 / (1 - r):.0f}x | {R.cell(a, 'natural')} | {R.cell(a, 'pgd')} | "
-                     f"{R.cell(o, 'natural')} | {R.cell(o, 'pgd')} | {min(R.seeds(a), R.seeds(o))} |")
-        ma, mo = R.mean(a, "pgd"), R.mean(o, "pgd")
-        na, no = R.mean(a, "natural"), R.mean(o, "natural")
-        if None not in (ma, mo):
-            if max(na, no) < 0.15:  # both near chance (10 classes): no comparison to make
-                chance.append(f"{100 * r:g}%")
-                continue
-            n += 1
-            wins += ma >= mo
-    if not n:
-        verdict = "not decided (cells missing)"
+def finding5(summary, methods_path, out):
+    """(verdict, section) of Finding 5: from ``summary`` when its spec has the methods comparison,
+    else from the pruning_methods sweep's summary at ``methods_path``, else the stored section."""
+    stored = os.path.join(out, "results", "pruning_methods.md")
+    if "methods" not in summary["spec"] and os.path.isfile(methods_path):
+        with open(methods_path) as f:
+            summary = json.load(f)
+    if "methods" in summary["spec"]:
+        text = methods_report.write(summary, out)
+    elif os.path.isfile(stored):
+        with open(stored) as f:
+            text = f.read()
     else:
-        verdict = "**held**" if wins == n else ("**partly held**" if wins else "**did not hold**")
-    if chance:
-        lines += ["", f"At {', '.join(chance)} both methods left a model at chance level (natural accuracy below "
-                  "15 %): that ratio is too high for this model and budget, and it is left out of the verdict."]
-    comps = [(f"{100 * r:g}% PGD", f"admm-irregular-r{round(r * 100, 2):g}", f"oneshot-irregular-r{round(r * 100, 2):g}",
-              "pgd") for r in R.spec["high_ratios"] if f"{100 * r:g}%" not in chance]
-    HEADLINE[5] = "PGD accuracy ADMM vs one-shot: " + ", ".join(
-        f"{100 * r:g}%: {pct(R.mean(f'admm-irregular-r{round(r * 100, 2):g}', 'pgd'))} vs "
-        f"{pct(R.mean(f'oneshot-irregular-r{round(r * 100, 2):g}', 'pgd'))}" for r in R.spec["high_ratios"])
-    note = noise_note(R, comps)
-    if note and verdict.startswith("**"):
-        verdict += " by the means, but some margins are within noise"
-    lines += ["", f"Rule: held if ADMM's mean PGD accuracy is at least one-shot's at every other ratio: {wins} of {n}. "
-              f"Verdict: {verdict}." + note + " See also `admm_vs_oneshot.png`.", ""]
-    return verdict
+        return "not run", "## Finding 5: ADMM vs magnitude pruning at high ratios\n\nNot run: " \
+            "python experiments/sweep.py --spec experiments/pruning_methods.yaml\n"
+    verdict = next((line.split("Verdict: ", 1)[1].rstrip(".") for line in text.splitlines() if "Verdict: " in line),
+                   "see the section")
+    return verdict, text
 
 
 # --------------------------------------------------------------------------- plots
@@ -369,27 +351,6 @@ def plot_compression(R, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Findings 2-3: accuracy vs compression, per scheme (adversarial ADMM)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_oneshot(R, path):
-    rs = R.spec["high_ratios"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for kind, mk in (("admm", "o"), ("oneshot", "s")):
-        for metric, ls in (("pgd", "-"), ("natural", "--")):
-            pts = [(100 * r, *_err(R, f"{kind}-irregular-r{round(r * 100, 2):g}", metric)) for r in rs]
-            pts = [p for p in pts if p[1] is not None]
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=mk + ls,
-                            capsize=3, label=f"{'ADMM' if kind == 'admm' else 'one-shot'}: {metric}")
-    ax.set_xlabel("irregular pruning ratio, every layer (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Finding 5: ADMM vs one-shot pruning")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -489,7 +450,7 @@ def admm_residuals(summary):
     out = {}
     for c in summary["cells"]:
         rd = os.path.join(summary["out"], "runs", c["id"])
-        if c["kind"] != "admm":
+        if c["kind"] != "admm" or 5 in c["finding"]:  # findings 2-4; Finding 5 reports its own
             continue
         worst = []
         if os.path.isfile(os.path.join(rd, "metrics.jsonl")):
@@ -510,7 +471,7 @@ def caveats(spec, summary=None):
     first, last = [v[0] for v in res.values()], [v[1] for v in res.values()]
     conv = ([f"ADMM did not converge in {spec['admm_epochs']} epochs: the largest per-layer ||W - Z|| / ||W|| "
              f"(from the run logs) was {min(first):.2f} to {max(first):.2f} at the first Z/U update and still "
-             f"{min(last):.2f} to {max(last):.2f} at the last, over the {len(res)} ADMM cells. The hard pruning "
+             f"{min(last):.2f} to {max(last):.2f} at the last, over the {len(res)} ADMM cells of findings 2-4. The hard pruning "
              "before retraining therefore still removed weights the network used, and masked retraining had to "
              "recover; a longer ADMM stage or a faster-growing rho would be needed to see ADMM at its best."]
             if res and max(last) > 0.1 else [])
@@ -540,6 +501,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder for RESULTS.md and the PNGs")
     p.add_argument("--spec-path", default="experiments/paper_findings.yaml",
                    help="the spec path to print in the regeneration commands")
+    p.add_argument("--methods", default=os.path.join(ROOT, "runs", "experiments", "pruning_methods", "summary.json"),
+                   help="summary.json of the pruning_methods sweep (Finding 5), if it exists")
     a = p.parse_args(argv)
     with open(a.summary) as f:
         summary = json.load(f)
@@ -547,14 +510,15 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     plot_width(R, os.path.join(a.out, "robust_vs_width.png"))
     plot_compression(R, os.path.join(a.out, "accuracy_vs_compression.png"))
-    plot_oneshot(R, os.path.join(a.out, "admm_vs_oneshot.png"))
     os.makedirs(os.path.join(a.out, "results"), exist_ok=True)
     with open(os.path.join(a.out, "results", f"{R.spec['name']}.json"), "w") as f:
         json.dump(compact(summary), f, indent=1)
 
     body, verdicts = [], {}
-    for n, fn in enumerate((finding1, finding2, finding3, finding4, finding5), 1):
+    for n, fn in enumerate((finding1, finding2, finding3, finding4), 1):
         verdicts[n] = fn(R, body)
+    verdicts[5], section5 = finding5(summary, a.methods, a.out)
+    body += section5.splitlines()
     n_seeds = max((R.seeds(k) for k in R.by_key), default=0)
     head = [f"# Results: the paper's findings at small scale ({R.spec['name']})", "",
             "Ye et al., *Adversarial Robustness vs. Model Compression, or Both?* (ICCV 2019), tested on "
@@ -564,7 +528,7 @@ def main(argv=None):
             "## Summary", ""]
     names = {1: "capacity: robust accuracy needs width", 2: "pruning a wide model beats training the small one",
              3: "irregular >= column >= filter", 4: "natural pruning loses robustness, adversarial ADMM keeps it",
-             5: "ADMM beats one-shot pruning at high ratios"}
+             5: "ADMM beats magnitude pruning at high ratios"}
     head += [f"{n}. {names[n]}: {verdicts[n]}." + (f" {HEADLINE[n]}." if n in HEADLINE else "") for n in range(1, 6)] + [""]
     regen = ["## Regenerate", "", "```",
              "# Fashion-MNIST from Debian (dataset-fashion-mnist) is unpacked by the driver; otherwise torchvision downloads it",
@@ -576,7 +540,7 @@ def main(argv=None):
     regen += ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
     figs = ["## Plots", "", "![robust accuracy vs width](robust_vs_width.png)", "",
             "![accuracy vs compression](accuracy_vs_compression.png)", "",
-            "![ADMM vs one-shot](admm_vs_oneshot.png)", ""]
+            "![accuracy vs pruning rate](pruning_methods.png)", ""]
     notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(R.spec, summary)] + [""]
     # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
     extra = os.path.join(a.out, "results", "demo_methods.md")
@@ -584,7 +548,7 @@ def main(argv=None):
     text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R) + regen + more)
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
-    print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and 3 plots ({len(summary['cells'])} cells)")
+    print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and its plots ({len(summary['cells'])} cells)")
     return 0
 
 

@@ -182,5 +182,6 @@ def test_quick_sweep_end_to_end(tmp_path):
     for n in range(1, 6):
         assert f"## Finding {n}" in text
     assert "±" in text or "1 seed" in text
-    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "admm_vs_oneshot.png"):
+    assert "Verdict: " in (docs / "results" / "pruning_methods.md").read_text()
+    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "pruning_methods.png"):
         assert (docs / png).stat().st_size > 1000

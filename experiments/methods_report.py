@@ -1,0 +1,241 @@
+"""Finding 5 from the pruning-methods sweep (``pruning_methods.yaml``): tables, verdict and plot.
+
+    python experiments/methods_report.py --summary runs/experiments/pruning_methods/summary.json --out docs
+
+Writes ``<out>/results/pruning_methods.md`` (the Finding 5 section that ``report.py`` puts into
+RESULTS.md), ``<out>/results/pruning_methods.json`` (one row per cell) and
+``<out>/pruning_methods.png``; ``report.py`` calls ``write`` when it makes RESULTS.md. Every number comes from the cells' ``eval.py`` reports: accuracy on
+the evaluation subset and the convergence figures the checkpoint carries (ADMM's residuals, the
+pruned energy at each hard prune). A cell is ``mean ± half-range`` over its seeds.
+
+Rules, fixed before the numbers were seen (issue 10):
+- An ADMM or progressive-ADMM cell whose largest per-layer pruned energy, at any of its hard prunes
+  and for any seed, is above 5 % is **not converged**: shown, and left out of the verdict.
+- A comparison where every method is near chance (natural accuracy below 15 %) is left out too.
+- ADMM wins a comparison when its mean accuracy (PGD for adversarial training, natural for
+  natural training) is at least the better of one-shot's and gradual's.
+"""
+import argparse
+import json
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHODS = {"admm": "ADMM", "progressive": "progressive ADMM", "oneshot": "one-shot", "gradual": "gradual"}
+NOT_CONVERGED = 0.05  # largest per-layer pruned energy above which an ADMM cell has not converged
+CHANCE = 0.15         # natural accuracy below which a model is at chance (10 classes)
+
+
+def largest_energy(ev):
+    """The largest per-layer pruned energy over every hard prune of a cell (``eval.json``)."""
+    return max((e for stage, fig in ev.get("convergence", {}).items()
+                for e in fig.get("pruned_energy", {}).values()), default=float("nan"))
+
+
+def rows(summary):
+    """One row per finished cell: its setting, accuracies and largest pruned energy."""
+    out = []
+    for c in summary["cells"]:
+        if c["kind"] not in METHODS or 5 not in c["finding"]:
+            continue
+        m, ev = c["meta"], c["eval"]
+        out.append({"id": c["id"], "method": m["method"], "training": m["training"], "ratio": m["ratio"],
+                    "budget": m["budget"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
+                    "pgd": ev["accuracy"].get("pgd"), "energy": largest_energy(ev), "wall_s": c["wall_s"]})
+    return out
+
+
+class Table:
+    """Rows grouped by (training, budget, ratio, method) over seeds."""
+
+    def __init__(self, rows):
+        self.groups = {}
+        for r in rows:
+            self.groups.setdefault((r["training"], r["budget"], r["ratio"], r["method"]), []).append(r)
+
+    def values(self, key, metric):
+        return [r[metric] for r in self.groups.get(key, [])]
+
+    def mean(self, key, metric):
+        v = self.values(key, metric)
+        return statistics.fmean(v) if v else None
+
+    def spread(self, key, metric):
+        v = self.values(key, metric)
+        return (max(v) - min(v)) / 2 if v else 0.0
+
+    def cell(self, key, metric):
+        v = self.values(key, metric)
+        if not v:
+            return "-"
+        m = 100 * statistics.fmean(v)
+        return f"{m:.1f}" if len(v) == 1 else f"{m:.1f} ± {100 * self.spread(key, metric):.1f}"
+
+    def converged(self, key):
+        """Whether every seed's largest pruned energy is at most 5 % (always for the baselines)."""
+        return key[3] not in ("admm", "progressive") or all(e <= NOT_CONVERGED for e in self.values(key, "energy"))
+
+
+def metric_of(training):
+    return "pgd" if training == "adversarial" else "natural"
+
+
+def table_lines(T, training, budget, ratios, methods, limit):
+    """The table of one training mode and budget, and the comparisons it decides:
+    [(ratio, ADMM mean, best baseline mean, within noise)]."""
+    metric = metric_of(training)
+    lines = [f"**{training.capitalize()} training, {budget} epochs after pretraining** "
+             f"({'PGD' if metric == 'pgd' else 'natural'} accuracy decides; natural / PGD in %, "
+             "largest per-layer pruned energy at the hard prune(s) in %)", "",
+             "| ratio | " + " | ".join(METHODS[m] for m in methods) + " | seeds |",
+             "|---" * (len(methods) + 2) + "|"]
+    decided = []
+    for r in ratios:
+        keys = {m: (training, budget, r, m) for m in methods}
+        cells = []
+        for m, k in keys.items():
+            e = max(T.values(k, "energy"), default=float("nan"))
+            flag = "" if T.converged(k) else " **not converged**"
+            energy = "-" if e != e else f"{100 * e:.2f}"  # nan: no figure recorded
+            cells.append(f"{T.cell(k, 'natural')} / {T.cell(k, 'pgd')} (energy {energy}){flag}")
+        seeds = min(len(T.values(k, "natural")) for k in keys.values())
+        lines.append(f"| {100 * r:g}% | " + " | ".join(cells) + f" | {seeds} |")
+        at_chance = all((T.mean(k, "natural") or 0) < CHANCE for k in keys.values())
+        base = [T.mean(keys[m], metric) for m in ("oneshot", "gradual") if T.mean(keys[m], metric) is not None]
+        a = T.mean(keys["admm"], metric)
+        if a is None or not base or at_chance or not T.converged(keys["admm"]):
+            continue
+        best = max(("oneshot", "gradual"), key=lambda m: T.mean(keys[m], metric) or -1)
+        noise = max(T.spread(keys["admm"], metric), T.spread(keys[best], metric), (0.25 / limit) ** 0.5)
+        decided.append((r, a, max(base), abs(a - max(base)) < noise))
+    return lines + [""], decided
+
+
+def section(summary, plot_name="pruning_methods.png"):
+    spec, rs = summary["spec"], rows(summary)
+    cfg = lambda key: spec["set"].get(key, "the config's")  # noqa: E731
+    m, T = spec["methods"], Table(rs)
+    limit = spec["eval"]["limit"]
+    lines = ["## Finding 5: ADMM vs magnitude pruning at high ratios", "",
+             f"{spec.get('dataset', 'fashion_mnist')} ({cfg('data.train_limit')} training images, the first "
+             f"{limit:,} test images), LeNet w={m['width']}, every layer pruned (irregular) at the ratio. Each "
+             f"cell starts from its seed's pretrained model ({cfg('pretrain.epochs')} epochs) and gets "
+             "the same number of epochs after it:",
+             "- **ADMM**: 80 % ADMM (Z/U update every epoch, rho "
+             f"{cfg('prune.rho')} x{cfg('prune.rho_growth')} per update), 20 % masked "
+             "retraining (at least one epoch).",
+             f"- **progressive ADMM** (Ye, Feng et al.): {len(m['rounds'])} rounds, to "
+             + " then ".join(f"{100 * f:g} %" for f in m["rounds"])
+             + " of each layer's target, each with half the budget, split as ADMM's.",
+             "- **one-shot**: magnitude pruning, then masked retraining for the whole budget.",
+             "- **gradual** (Zhu & Gupta 2017): the cubic schedule over the pruning stage, then masked retraining.",
+             "", f"Adversarial training: PGD-{cfg('adv.steps')}; evaluation: PGD-"
+             f"{spec['eval']['steps']} at the config's eps. *Energy* is the largest per-layer share of the "
+             "squared weight norm removed by a hard prune (for one-shot: by the magnitude prune itself). "
+             f"An ADMM cell above {100 * NOT_CONVERGED:g} % is **not converged** and kept out of the verdict.", ""]
+    decided = {}
+    for training in ("adversarial", "natural"):
+        for budget in m["budgets"]:
+            t, d = table_lines(T, training, budget, m["ratios"], m["methods"], limit)
+            lines += t
+            decided[(training, budget)] = d
+    lines += verdict_lines(T, decided, m) + [f"![accuracy vs pruning rate]({plot_name})", ""]
+    lines += cost_lines(rs)
+    return "\n".join(lines), rs
+
+
+def verdict_lines(T, decided, m):
+    n = sum(len(d) for d in decided.values())
+    wins = sum(a >= b for d in decided.values() for _, a, b, _ in d)
+    noisy = [f"{t} {b} epochs {100 * r:g}%" for (t, b), d in decided.items() for r, _, _, w in d if w]
+    unconv = [f"{t} {b} epochs {100 * r:g}%" for t in ("adversarial", "natural") for b in m["budgets"]
+              for r in m["ratios"] if T.values((t, b, r, "admm"), "energy") and not T.converged((t, b, r, "admm"))]
+    verdict = ("not decided (no comparison where ADMM converged)" if not n else
+               "**held**" if wins == n else "**partly held**" if wins else "**did not hold**")
+    if noisy and n:
+        verdict += " by the means, but some margins are within noise"
+    lines = [f"Rule: ADMM wins a comparison when its mean accuracy (PGD for adversarial, natural for natural "
+             f"training) is at least the better baseline's (one-shot or gradual). ADMM won {wins} of the {n} "
+             "comparisons where it converged and the models were above chance"
+             + (f"; not converged: {', '.join(unconv)}" if unconv else "") + f". Verdict: {verdict}."]
+    if noisy:
+        lines.append(f"Within noise (difference below the seed spread or the binomial standard error): {', '.join(noisy)}.")
+    for (t, b), d in decided.items():
+        if d:
+            lines.append(f"- {t}, {b} epochs: " + ", ".join(
+                f"{100 * r:g}%: ADMM {100 * a:.1f} vs best baseline {100 * base:.1f}" for r, a, base, _ in d))
+    return lines + [""]
+
+
+def cost_lines(rs):
+    by = {}
+    for r in rs:
+        by.setdefault((r["method"], r["training"], r["budget"]), []).append(r["wall_s"])
+    lines = ["Wall seconds per cell (training and evaluation; two cells at once on the 2 cores):", "",
+             "| method | training | budget | cells | mean wall s |", "|---|---|---|---|---|"]
+    lines += [f"| {METHODS[k[0]]} | {k[1]} | {k[2]} | {len(v)} | {statistics.fmean(v):.0f} |"
+              for k, v in sorted(by.items())]
+    return lines + [f"", f"Sum of cell wall times: {sum(r['wall_s'] for r in rs) / 60:.1f} min.", ""]
+
+
+def plot(summary, path):
+    """Accuracy vs pruning rate, one line per method; one panel per training mode and budget.
+    Hollow markers: ADMM cells that did not converge."""
+    spec, T = summary["spec"], Table(rows(summary))
+    m = spec["methods"]
+    panels = [(t, b) for t in ("adversarial", "natural") for b in m["budgets"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    xs = list(range(len(m["ratios"])))
+    for ax, (training, budget) in zip(axes[0], panels):
+        metric = metric_of(training)
+        for method, mk in zip(m["methods"], "osD^v"):
+            keys = [(training, budget, r, method) for r in m["ratios"]]
+            pts = [(x, T.mean(k, metric), T.spread(k, metric), T.converged(k)) for x, k in zip(xs, keys)
+                   if T.mean(k, metric) is not None]
+            if not pts:
+                continue
+            line = ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                               fmt=mk + "-", capsize=3, label=METHODS[method], markersize=5)
+            for x, y, _, ok in pts:
+                if not ok:
+                    ax.plot(x, 100 * y, mk, markersize=9, mfc="white", mec=line[0].get_color())
+        ax.set_xticks(xs, [f"{100 * r:g}%" for r in m["ratios"]])
+        ax.set_title(f"{training}, {budget} epochs", fontsize=9)
+        ax.set_xlabel("pruned, every layer")
+        ax.set_ylabel(f"{'PGD' if metric == 'pgd' else 'natural'} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Finding 5: accuracy vs pruning rate (hollow: ADMM not converged)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(summary, out):
+    """Write the plot, the section and the rows under ``out``; return the section's text."""
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    plot(summary, os.path.join(out, "pruning_methods.png"))
+    text, rs = section(summary, "pruning_methods.png")
+    with open(os.path.join(out, "results", "pruning_methods.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "results", "pruning_methods.json"), "w") as f:
+        json.dump(rs, f, indent=1)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--summary", default="runs/experiments/pruning_methods/summary.json")
+    p.add_argument("--out", default="docs", help="folder for the plot; the section goes to <out>/results/")
+    a = p.parse_args(argv)
+    with open(a.summary) as f:
+        print(write(json.load(f), a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
