@@ -28,7 +28,8 @@ def main():
     try:
         import torchattacks
     except ImportError:
-        raise SystemExit("this benchmark needs torchattacks: pip install torchattacks")
+        raise SystemExit("this benchmark needs torchattacks: pip install --no-deps torchattacks==3.5.1 "
+                         "(--no-deps: its requests~=2.25.1 pin would downgrade requests)")
     print(machine(), f"torchattacks {torchattacks.__version__}")
     device = torch.device(args.device)
     torch.manual_seed(0)
