@@ -144,6 +144,7 @@ def section(summary, plot_name="pruning_methods.png"):
             lines += t
             decided[(training, budget)] = d
     lines += verdict_lines(T, decided, m) + [f"![accuracy vs pruning rate]({plot_name})", ""]
+    lines += trajectory_lines(summary, max(m["budgets"]))
     lines += cost_lines(rs)
     return "\n".join(lines), rs
 
@@ -168,6 +169,54 @@ def verdict_lines(T, decided, m):
         if d:
             lines.append(f"- {t}, {b} epochs: " + ", ".join(
                 f"{100 * r:g}%: ADMM {100 * a:.1f} vs best baseline {100 * base:.1f}" for r, a, base, _ in d))
+    return lines + [""]
+
+
+def stage_ends(run_dir, key):
+    """{stage kind: ``key`` (e.g. train_adv) at the stage's last epoch} from a run's metrics.jsonl."""
+    path, out = os.path.join(run_dir, "metrics.jsonl"), {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for row in map(json.loads, f):
+                if row["kind"] == "epoch" and row.get(key) is not None:
+                    out[row["stage"].split(".")[0]] = row[key]  # progressive: the last round's
+    return out
+
+
+def trajectory_lines(summary, budget):
+    """Where the training accuracy goes, at the longest budget: the training-set accuracy (under
+    the training attack for adversarial training) at the end of the pruning stage and at the end
+    of masked retraining, mean over seeds and ratios, per method. Read from each run's
+    metrics.jsonl (the sweep's run folders); nothing when they are not there."""
+    acc = {}
+    for c in summary["cells"]:
+        m = c["meta"]
+        if c["kind"] not in METHODS or 5 not in c["finding"] or m["budget"] != budget:
+            continue
+        key = "train_adv" if m["training"] == "adversarial" else "train_natural"
+        ends = stage_ends(os.path.join(summary["out"], "runs", c["id"]), key)
+        for stage in ("admm", "gradual", "retrain"):
+            if stage in ends:
+                acc.setdefault((m["training"], m["method"], "retrain" if stage == "retrain" else "prune"),
+                               {}).setdefault(m["ratio"], []).append(ends[stage])
+    if not acc:
+        return []
+    ratios = sorted({r for v in acc.values() for r in v})
+    lines = [f"Where the accuracy goes at {budget} epochs: training-set accuracy (adversarial training: under "
+             "the training attack) at the end of the pruning stage -> at the end of masked retraining, mean "
+             "over seeds, in % (from each run's `metrics.jsonl`):", "",
+             "| training | method | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    for training in ("adversarial", "natural"):
+        for method in METHODS:
+            if (training, method, "retrain") not in acc:
+                continue
+            cells = []
+            for r in ratios:
+                pr, rt = (acc.get((training, method, k), {}).get(r) for k in ("prune", "retrain"))
+                cells.append(("" if not pr else f"{100 * statistics.fmean(pr):.1f} -> ")
+                             + ("-" if not rt else f"{100 * statistics.fmean(rt):.1f}"))
+            lines.append(f"| {training} | {METHODS[method]} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
