@@ -138,19 +138,45 @@ def resolve_ratios(model, prune_ratios):
 
 # --------------------------------------------------------------------------- ADMM state
 
-class ADMM:
-    """ADMM auxiliary variables Z, scaled duals U and penalties rho, one of each per pruned layer.
+class Sparsity:
+    """The sparsity sets S_i of ADMM's Z-step: layer ``name`` keeps ``n - round(ratios[name] * n)``
+    groups of ``scheme`` (irregular | filter | column). ``quant.Quantization`` is the other
+    projection; ADMM uses either through ``names`` and ``project`` alone."""
 
-    ``ratios`` ({name: ratio}) and ``scheme`` say which sparsity set S_i each layer projects to.
-    Weights are passed in at each call as {name: tensor}; the object never holds the model.
+    def __init__(self, scheme, ratios):
+        self.scheme, self.ratios = scheme, dict(ratios)
+
+    @property
+    def names(self):
+        return list(self.ratios)
+
+    def project(self, name, w):
+        return project(w, self.ratios[name], self.scheme)
+
+    def state_dict(self):
+        return {"ratios": self.ratios, "scheme": self.scheme}  # the keys ADMM states always had
+
+    @classmethod
+    def from_state_dict(cls, state, device=None):
+        return cls(state["scheme"], state["ratios"])
+
+    def __repr__(self):
+        return f"Sparsity({self.scheme!r}, {self.ratios})"
+
+
+class ADMM:
+    """ADMM auxiliary variables Z, scaled duals U and penalties rho, one of each per layer of
+    ``projection`` (a ``Sparsity``, or a ``quant.Quantization``), which says onto which set each
+    layer's Z is projected. Weights are passed in at each call as {name: tensor}; the object
+    never holds the model.
     """
 
-    def __init__(self, weights, ratios, scheme, rho):
-        self.ratios, self.scheme = dict(ratios), scheme
+    def __init__(self, weights, projection, rho):
+        self.projection = projection
         # Initialise Z = Pi_S(W), U = 0 (ICCV'19 Sec. 3.2).
-        self.Z = {n: project(weights[n].detach(), r, scheme) for n, r in self.ratios.items()}
+        self.Z = {n: projection.project(n, weights[n].detach()) for n in projection.names}
         self.U = {n: torch.zeros_like(z) for n, z in self.Z.items()}
-        self.rho = {n: float(rho) for n in self.ratios}
+        self.rho = {n: float(rho) for n in projection.names}
 
     def penalty(self, weights):
         """sum_i rho_i/2 * ||W_i - Z_i + U_i||_F^2, differentiable w.r.t. the weights (Eq. 6)."""
@@ -168,9 +194,9 @@ class ADMM:
         residuals of this update are left in ``self.dual`` ({name: float}).
         """
         self.dual = {}
-        for n, r in self.ratios.items():
+        for n in self.projection.names:
             w, z_prev = weights[n].detach(), self.Z[n]
-            self.Z[n] = project(w + self.U[n], r, self.scheme)
+            self.Z[n] = self.projection.project(n, w + self.U[n])
             self.U[n] = self.U[n] + w - self.Z[n]
             # Dual residual rho ||Z_k+1 - Z_k|| (Boyd et al. 2011, Eq. 3.19), relative to ||W|| like the primal one.
             self.dual[n] = (self.rho[n] * (self.Z[n] - z_prev).norm() / w.norm().clamp_min(1e-12)).item()
@@ -182,7 +208,7 @@ class ADMM:
     @torch.no_grad()
     def residuals(self, weights):
         """Per-layer primal residual ||W - Z|| / ||W|| (Boyd et al. 2011, Eq. 3.19, relative to ||W||);
-        it falls as W converges to the sparse set."""
+        it falls as W converges to the projection's set."""
         return {n: ((weights[n] - self.Z[n]).norm() / weights[n].norm().clamp_min(1e-12)).item()
                 for n in self.Z}
 
@@ -194,12 +220,18 @@ class ADMM:
                           for n in self.Z])
 
     def state_dict(self):
-        return {"Z": self.Z, "U": self.U, "rho": self.rho, "ratios": self.ratios, "scheme": self.scheme}
+        """Z, U, rho and the projection's own keys (a sparsity set's ``ratios`` and ``scheme``:
+        the state's format from before quantization, unchanged)."""
+        return {"Z": self.Z, "U": self.U, "rho": self.rho, **self.projection.state_dict()}
 
     @classmethod
-    def from_state_dict(cls, state, device=None):
+    def from_state_dict(cls, state, device=None, projection=Sparsity):
+        """The state saved by ``state_dict``, with its projection rebuilt by ``projection``'s
+        ``from_state_dict`` (the caller knows which set it projects to; every state saved before
+        quantization is a ``Sparsity``'s)."""
         self = cls.__new__(cls)
-        self.ratios, self.scheme, self.rho = dict(state["ratios"]), state["scheme"], dict(state["rho"])
+        self.projection = projection.from_state_dict(state, device)
+        self.rho = dict(state["rho"])
         self.Z = {n: t.to(device) for n, t in state["Z"].items()}
         self.U = {n: t.to(device) for n, t in state["U"].items()}
         return self

@@ -86,7 +86,8 @@ class ADMMStage(Stage):
     def begin(self, masks):
         if self.pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
             masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.weights)}
-        self.admm = admm_lib.ADMM(self.weights, self.ratios, self.pcfg["sparsity_type"], self.pcfg["rho"])
+        sparsity = admm_lib.Sparsity(self.pcfg["sparsity_type"], self.ratios)
+        self.admm = admm_lib.ADMM(self.weights, sparsity, self.pcfg["rho"])
         return masks
 
     def penalty(self):

@@ -3,6 +3,7 @@ the quantization projection, and the quantize stage."""
 import pytest
 import torch
 
+import admm
 import quant
 
 
@@ -101,3 +102,70 @@ def test_bits_out_of_range_raise():
     for bits in (0, 17):
         with pytest.raises(ValueError, match="bits"):
             quant.quantize(torch.randn(4), bits)
+
+
+# --------------------------------------------------------------------------- ADMM with the quantization projection
+
+def tiny_task(pretrain=0):
+    """A two-layer net, trained for ``pretrain`` epochs, and a learnable synthetic task (labels
+    from a random linear teacher; 256 examples, 8 batches)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = (x @ torch.randn(16, 4)).argmax(1)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(pretrain):
+        run_epoch(net, x, y, opt)
+    return net, x, y
+
+
+def run_epoch(net, x, y, opt, penalty=None):
+    for i in range(0, len(x), 32):
+        loss = torch.nn.functional.cross_entropy(net(x[i:i + 32]), y[i:i + 32])
+        opt.zero_grad()
+        (loss + (penalty() if penalty else 0)).backward()
+        opt.step()
+
+
+def accuracy(net, x, y):
+    with torch.no_grad():
+        return float((net(x).argmax(1) == y).float().mean())
+
+
+def test_admm_quantization_drives_w_to_its_levels_and_keeps_pruned_zeros():
+    net, x, y = tiny_task(pretrain=20)
+    weights = admm.prunable_weights(net)
+    masks = admm.hard_prune(weights, {"0.weight": 0.5}, "irregular")  # a pruned layer and a dense one
+    bits = {"0.weight": 2, "2.weight": 3}
+    state = admm.ADMM(weights, quant.Quantization(bits, masks), rho=0.5)
+    # Adam moves a weight by about lr per step whatever rho is: lr 1e-3 left W where it was.
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    admm.attach_masks(opt, weights, masks)
+    first = state.residuals(weights)
+    for epoch in range(8):
+        run_epoch(net, x, y, opt, lambda: state.penalty(weights))
+        res = state.update(weights, rho_growth=1.5)
+        for n, b in bits.items():  # Z on the levels, pruned zeros kept
+            assert quant.distinct_nonzero(state.Z[n]) <= 2 ** b - 2
+        assert not state.Z["0.weight"][~masks["0.weight"]].any()
+    # ||W - Z|| / ||W||: 0.33 -> 0.05 (ternary, pruned) and 0.17 -> 0.04 (3 bits, dense) here.
+    assert all(res[n] < 0.3 * first[n] for n in bits), (first, res)
+    assert not weights["0.weight"][~masks["0.weight"]].any()
+    assert accuracy(net, x, y) > 0.85  # trained to 1.0; ADMM keeps the task while it quantizes
+
+
+def test_admm_quantization_state_round_trip():
+    net, _, _ = tiny_task()
+    weights = admm.prunable_weights(net)
+    masks = admm.hard_prune(weights, {"0.weight": 0.5}, "irregular")
+    s = admm.ADMM(weights, quant.Quantization({"0.weight": 2, "2.weight": 4}, masks), rho=0.1)
+    with torch.no_grad():
+        weights["2.weight"].add_(0.1)
+    s.update(weights, rho_growth=2.0)
+    saved = s.state_dict()
+    t = admm.ADMM.from_state_dict(saved, projection=quant.Quantization)
+    assert t.projection.bits == {"0.weight": 2, "2.weight": 4} and list(t.projection.masks) == ["0.weight"]
+    assert torch.equal(t.projection.masks["0.weight"], masks["0.weight"]) and t.rho == s.rho
+    for n in s.Z:
+        assert torch.equal(t.Z[n], s.Z[n]) and torch.equal(t.U[n], s.U[n])
+        assert torch.equal(t.projection.project(n, weights[n]), s.projection.project(n, weights[n]))
