@@ -115,25 +115,32 @@ def prunable_weights(model):
             for mod_name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
 
 
-def resolve_ratios(model, prune_ratios):
-    """Expand ``prune_ratios`` (names or fnmatch patterns such as ``conv*.weight``) to {name: ratio}.
+def resolve_names(model, table, key):
+    """Expand ``table`` ({parameter name or fnmatch pattern such as ``conv*.weight``: value}) to
+    {name: value} over the prunable weights.
 
     Entries apply in the order written; a later entry overrides an earlier one for the names it
-    matches. An entry that matches no prunable weight is an error listing the valid names.
-    Layers with ratio 0 are dropped (nothing to prune).
+    matches. An entry that matches no prunable weight is an error naming the config ``key`` and
+    listing the valid names.
     """
     names = list(prunable_weights(model))
-    out = {}
-    for key, ratio in prune_ratios.items():
-        hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
+    out = {}  # in the order first matched, as it always was (the order of the log's columns)
+    for k, value in table.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, k)]
         if not hits:
-            raise ValueError(f"prune.prune_ratios: {key!r} matches no prunable weight; "
-                             f"valid names: {', '.join(names)}")
-        ratio = float(ratio)
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {ratio}")
-        out.update({n: ratio for n in hits})
-    return {n: r for n, r in out.items() if r > 0}
+            raise ValueError(f"{key}: {k!r} matches no prunable weight; valid names: {', '.join(names)}")
+        out.update(dict.fromkeys(hits, value))
+    return out
+
+
+def resolve_ratios(model, prune_ratios):
+    """``prune.prune_ratios`` as {name: ratio} (see ``resolve_names``). Layers with ratio 0 are
+    dropped (nothing to prune)."""
+    for key, ratio in prune_ratios.items():
+        if not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {float(ratio)}")
+    out = resolve_names(model, prune_ratios, "prune.prune_ratios")
+    return {n: float(r) for n, r in out.items() if float(r) > 0}
 
 
 # --------------------------------------------------------------------------- ADMM state

@@ -17,6 +17,8 @@ then zero but not pruned (its mask stays True).
 """
 import torch
 
+import admm as admm_lib
+
 
 def top_code(bits):
     """The largest code L of a layer at ``bits``: 2^(b-1) - 1 for b >= 2, 1 for b = 1 (codes ±1)."""
@@ -67,27 +69,35 @@ def quantize(w, bits, mask=None, iters=100):
     The projection is ``codes * q``.
     """
     x = w.detach().float()
-    keep = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(x.device, torch.bool)
-    x = x * keep
-    top = x.abs().max() if x.numel() else x.new_zeros(())
+    # Only the kept weights take part (pruned ones get code 0): 10x less work on a 90 % pruned layer.
+    keep = None if mask is None else mask.to(x.device, torch.bool)
+    v = x.flatten() if keep is None else x[keep]
+    top = v.abs().max() if v.numel() else v.new_zeros(())
     if top == 0:  # nothing to scale: every kept weight is zero; the zero tensor is on every level set
         return torch.zeros_like(x), 0.0
     L = top_code(bits)
-    starts = (top / L, 2 * x.abs().sum() / keep.sum() / L)
-    codes, q, _ = min((_alternate(x, keep, bits, q, iters) for q in starts), key=lambda r: float(r[2]))
-    return codes, float(_nearest_float_scale(x, codes, q))
+    starts = (top / L, 2 * v.abs().mean() / L)
+    kept_codes, q, _ = min((_alternate(v, bits, q, iters) for q in starts), key=lambda r: float(r[2]))
+    codes = torch.zeros_like(x)
+    if keep is None:
+        codes = kept_codes.view_as(x)
+    else:
+        codes[keep] = kept_codes
+    return codes, float(_nearest_float_scale(v, kept_codes, q))
 
 
-def _alternate(x, keep, bits, q, iters):
-    """(codes, q, squared error) after alternating nearest codes and least-squares q from ``q``."""
-    codes = nearest_codes(x, q, bits) * keep
+def _alternate(v, bits, q, iters):
+    """(codes, q, squared error) of the 1-D ``v`` after alternating nearest codes and
+    least-squares q from ``q``."""
+    codes = nearest_codes(v, q, bits)
+    v64 = v.double()
     for _ in range(iters):
-        q = ((x.double() * codes).sum() / codes.double().square().sum()).float()  # > 0: see quantize
-        new = nearest_codes(x, q, bits) * keep
+        q = ((v64 * codes).sum() / codes.double().square().sum()).float()  # > 0: see quantize
+        new = nearest_codes(v, q, bits)
         if torch.equal(new, codes):
             break
         codes = new
-    return codes, q, (codes * q - x).square().sum()
+    return codes, q, (codes * q - v).square().sum()
 
 
 def _nearest_float_scale(x, codes, q, ulps=2):
@@ -109,6 +119,15 @@ def project(w, bits, mask=None):
     """``quantize``'s projection codes * q, in ``w``'s dtype and shape."""
     codes, q = quantize(w, bits, mask)
     return (codes * q).to(w.dtype)
+
+
+def resolve_bits(model, bits):
+    """``quant.bits`` ({parameter name or fnmatch pattern: b}) as {name: b}, resolved as
+    ``prune.prune_ratios`` is (``admm.resolve_names``); layers at 0 bits are dropped (left in float)."""
+    for key, b in bits.items():
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 16:
+            raise ValueError(f"quant.bits.{key}: bits must be an integer in 1..16 (0: not quantized), got {b!r}")
+    return {n: b for n, b in admm_lib.resolve_names(model, bits, "quant.bits").items() if b}
 
 
 @torch.no_grad()

@@ -1,10 +1,23 @@
 """ADMM quantization: the projection onto a layer's levels (exact semantics), the ADMM state with
 the quantization projection, and the quantize stage."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 import admm
 import quant
+from common import UserError
+from config import load_config
+from models import build_model
+from stages import make_stage, stage_names
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights_of(kind, n):
@@ -169,3 +182,125 @@ def test_admm_quantization_state_round_trip():
     for n in s.Z:
         assert torch.equal(t.Z[n], s.Z[n]) and torch.equal(t.U[n], s.U[n])
         assert torch.equal(t.projection.project(n, weights[n]), s.projection.project(n, weights[n]))
+
+
+# --------------------------------------------------------------------------- config and stages
+
+LENET_NAMES = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+def test_bits_resolve_by_name_or_pattern_like_prune_ratios():
+    cfg = load_config("configs/demo.yaml", ["quant.bits.*=4", "quant.bits.fc2.weight=8", "quant.bits.conv1.weight=0"])
+    assert cfg["quant"]["bits"] == {"*": 4, "fc2.weight": 8, "conv1.weight": 0}
+    bits = quant.resolve_bits(build_model("lenet", 1), cfg["quant"]["bits"])
+    assert bits == {"conv2.weight": 4, "fc1.weight": 4, "fc2.weight": 8}  # 0 bits: left in float
+    tables = "quant.bits={lenet: {fc1.weight: 2}, vgg16: {features.0.weight: 4}}"
+    assert load_config(None, [tables])["quant"]["bits"] == {"fc1.weight": 2}
+
+
+def test_unknown_layer_or_bad_bits_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError) as e:
+        quant.resolve_bits(build_model("lenet", 1), {"conv3.weight": 4})
+    assert "quant.bits: 'conv3.weight' matches no prunable weight" in str(e.value)
+    assert all(n in str(e.value) for n in LENET_NAMES)
+    for bad in ("17", "2.5", "true"):
+        with pytest.raises(UserError, match="quant.bits.fc1.weight: bits must be an integer in 1..16"):
+            load_config("configs/demo.yaml", [f"quant.bits.fc1.weight={bad}"])
+
+
+def test_quantize_runs_after_the_last_retrain_only_when_bits_are_set():
+    assert stage_names(load_config("configs/demo.yaml")) == ["pretrain", "admm", "retrain"]
+    cfg = load_config("configs/demo.yaml", ["quant.bits.*=4", "prune.rounds=[0.5, 1]"])
+    assert stage_names(cfg) == ["pretrain", "admm.r1", "retrain.r1", "admm", "retrain", "quantize"]
+    _, stage = make_stage("quantize", build_model("lenet", 1), cfg)
+    assert stage.bits == dict.fromkeys(LENET_NAMES, 4) and stage.section == "quantize"
+
+
+def test_quantize_stage_hard_quantizes_on_finish_and_keeps_masks():
+    cfg = load_config("configs/demo.yaml", ["quant.bits.*=2", "quant.bits.fc1.weight=3"])
+    model = build_model("lenet", 1)
+    weights = admm.prunable_weights(model)
+    masks = admm.hard_prune(weights, admm.resolve_ratios(model, cfg["prune"]["prune_ratios"]), "irregular")
+    _, stage = make_stage("quantize", model, cfg)
+    assert stage.begin(masks) is masks
+    with torch.no_grad():
+        for n, w in weights.items():
+            w.add_(0.01 * torch.randn_like(w) * masks[n])
+    stage.update(1, masks)
+    stage.finish()
+    for n, w in weights.items():
+        b, q = stage.bits[n], stage.figures["scale"][n]
+        assert quant.distinct_nonzero(w) <= 2 ** b - 2
+        assert not w[~masks[n]].any()
+        codes = w / q
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the levels of the scale saved
+        assert 0 <= stage.figures["quantized_energy"][n] < 1
+    assert set(stage.figures) == {"rho", "residual", "dual_residual", "scale", "quantized_energy"}
+
+
+# --------------------------------------------------------------------------- end to end, as a user runs it
+
+TINY = ["data.train_limit=192", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "quantize.epochs=2",
+        "adv.steps=1", "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=1", "quant.bits.*=3",
+        "quant.bits.fc2.weight=4", "quant.rho=0.5", "quant.rho_growth=1.5", "quantize.optimizer=adam",
+        "quantize.lr=0.01"]
+
+
+def run_script(out, *sets, extra=(), wait=True):
+    args = [sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
+            *[a for o in sets for a in ("--set", o)], *extra]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quant")
+    proc = run_script(out, *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_all_stages_end_on_the_levels_with_the_sparsity_kept(quantized_run):
+    out, proc = quantized_run
+    pruned = torch.load(out / "retrain.pt", weights_only=True)
+    final = torch.load(out / "quantize.pt", weights_only=True)
+    bits = {"conv1.weight": 3, "conv2.weight": 3, "fc1.weight": 3, "fc2.weight": 4}
+    assert final["admm"]["bits"] == bits
+    for n, b in bits.items():
+        w, mask = final["model"][n], pruned["masks"][n]
+        assert quant.distinct_nonzero(w) <= 2 ** b - 2, n
+        assert torch.equal(final["masks"][n], mask)  # the masks are kept
+        assert not w[~mask].any() and int((w == 0).sum()) >= int((pruned["model"][n] == 0).sum())
+        codes = w / final["convergence"]["quantize"]["scale"][n]
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert "hard quantization:" in proc.stdout and "final model (" + str(out / "quantize.pt") in proc.stdout
+    rep = json.loads((out / "eval.json").read_text())
+    assert set(rep["convergence"]["quantize"]["quantized_energy"]) == set(bits)
+
+
+def test_unknown_layer_in_bits_stops_before_training(tmp_path):
+    proc = run_script(tmp_path, "quant.bits.conv9.weight=4")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert "quant.bits: 'conv9.weight' matches no prunable weight; valid names: conv1.weight" in line
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_quantize_resumes_mid_stage_bit_identically(tmp_path, quantized_run):
+    out, _ = quantized_run
+    shutil.copy(out / "retrain.pt", tmp_path / "retrain.pt")
+    proc = run_script(tmp_path, *TINY, extra=["--stage", "quantize"], wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "quantize.last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    assert not (tmp_path / "quantize.pt").exists(), "the stage finished before it could be killed"
+    resumed = run_script(tmp_path, *TINY, extra=["--stage", "quantize", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming quantize" in resumed.stdout
+    a, b = (torch.load(p / "quantize.pt", weights_only=True) for p in (out, tmp_path))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # as the uninterrupted run
+    assert a["admm"]["rho"] == b["admm"]["rho"]
