@@ -228,7 +228,7 @@ def check_finite(state, run):
         name = state.stage.name
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
                         f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
-                        f"(or prune.rho) and continue with: {run.resume_command}")
+                        f"(or {state.stage.settings}.rho) and continue with: {run.resume_command}")
 
 
 def stop(state, run):

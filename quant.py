@@ -179,6 +179,7 @@ def hard_quantize(weights, projection):
         w = weights[n]
         codes, scales[n] = projection.quantize(n, w)
         z = (codes * scales[n]).to(w.dtype)
-        energy[n] = float((w.detach().float() - z.float()).square().sum()) / max(float(w.detach().float().square().sum()), 1e-30)
+        before = w.detach().float()
+        energy[n] = float((before - z.float()).square().sum()) / max(float(before.square().sum()), 1e-30)
         w.copy_(z)
     return scales, energy

@@ -32,9 +32,11 @@ from common import LOG
 
 class Stage:
     """Defaults shared by the stages: no penalty, no update, no state of its own. ``kind`` names
-    the stage class, ``section`` the config section it trains with (epochs, optimizer, lr) and
-    ``name`` its checkpoint files (``admm.r1`` for progressive rounds)."""
+    the stage class, ``section`` the config section it trains with (epochs, optimizer, lr),
+    ``settings`` the one its method's settings come from (rho, ...), and ``name`` its checkpoint
+    files (``admm.r1`` for progressive rounds)."""
     kind = section = None
+    settings = "prune"
     prunes = True  # logged in the stage's header
     update_every = 0
     penalty = None
@@ -191,8 +193,11 @@ class Quantize(ADMMStage):
     by the masks; settings from the ``quant`` section (rho, rho_growth, update_every, ...), the
     budget from the ``quantize`` section. At the end, hard quantization: W = Q(W), every weight
     on its level, and the masks kept. Nothing trains after it: the weights stay fixed on their
-    levels (retraining the biases alone, as the issue allows, is not implemented)."""
+    levels (retraining the biases alone, as the issue allows, is not implemented). The epoch rows
+    (and the checkpoint's test accuracies) are measured before the hard quantization; the final
+    report of a full run, after it."""
     kind = section = "quantize"
+    settings = "quant"
     prunes = False
 
     def __init__(self, weights, bits, qcfg, name=None, epochs=0):
