@@ -115,42 +115,75 @@ def prunable_weights(model):
             for mod_name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
 
 
-def resolve_ratios(model, prune_ratios):
-    """Expand ``prune_ratios`` (names or fnmatch patterns such as ``conv*.weight``) to {name: ratio}.
+def resolve_names(model, table, key):
+    """Expand ``table`` ({parameter name or fnmatch pattern such as ``conv*.weight``: value}) to
+    {name: value} over the prunable weights.
 
     Entries apply in the order written; a later entry overrides an earlier one for the names it
-    matches. An entry that matches no prunable weight is an error listing the valid names.
-    Layers with ratio 0 are dropped (nothing to prune).
+    matches. An entry that matches no prunable weight is an error naming the config ``key`` and
+    listing the valid names.
     """
     names = list(prunable_weights(model))
-    out = {}
-    for key, ratio in prune_ratios.items():
-        hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
+    out = {}  # in the order first matched, as it always was (the order of the log's columns)
+    for k, value in table.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, k)]
         if not hits:
-            raise ValueError(f"prune.prune_ratios: {key!r} matches no prunable weight; "
-                             f"valid names: {', '.join(names)}")
-        ratio = float(ratio)
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {ratio}")
-        out.update({n: ratio for n in hits})
-    return {n: r for n, r in out.items() if r > 0}
+            raise ValueError(f"{key}: {k!r} matches no prunable weight; valid names: {', '.join(names)}")
+        out.update(dict.fromkeys(hits, value))
+    return out
+
+
+def resolve_ratios(model, prune_ratios):
+    """``prune.prune_ratios`` as {name: ratio} (see ``resolve_names``). Layers with ratio 0 are
+    dropped (nothing to prune)."""
+    for key, ratio in prune_ratios.items():
+        if not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {float(ratio)}")
+    out = resolve_names(model, prune_ratios, "prune.prune_ratios")
+    return {n: float(r) for n, r in out.items() if float(r) > 0}
 
 
 # --------------------------------------------------------------------------- ADMM state
 
-class ADMM:
-    """ADMM auxiliary variables Z, scaled duals U and penalties rho, one of each per pruned layer.
+class Sparsity:
+    """The sparsity sets S_i of ADMM's Z-step: layer ``name`` keeps ``n - round(ratios[name] * n)``
+    groups of ``scheme`` (irregular | filter | column). ``quant.Quantization`` is the other
+    projection; ADMM uses either through ``names`` and ``project`` alone."""
 
-    ``ratios`` ({name: ratio}) and ``scheme`` say which sparsity set S_i each layer projects to.
-    Weights are passed in at each call as {name: tensor}; the object never holds the model.
+    def __init__(self, scheme, ratios):
+        self.scheme, self.ratios = scheme, dict(ratios)
+
+    @property
+    def names(self):
+        return list(self.ratios)
+
+    def project(self, name, w):
+        return project(w, self.ratios[name], self.scheme)
+
+    def state_dict(self):
+        return {"ratios": self.ratios, "scheme": self.scheme}  # the keys ADMM states always had
+
+    @classmethod
+    def from_state_dict(cls, state, device=None):
+        return cls(state["scheme"], state["ratios"])
+
+    def __repr__(self):
+        return f"Sparsity({self.scheme!r}, {self.ratios})"
+
+
+class ADMM:
+    """ADMM auxiliary variables Z, scaled duals U and penalties rho, one of each per layer of
+    ``projection`` (a ``Sparsity``, or a ``quant.Quantization``), which says onto which set each
+    layer's Z is projected. Weights are passed in at each call as {name: tensor}; the object
+    never holds the model.
     """
 
-    def __init__(self, weights, ratios, scheme, rho):
-        self.ratios, self.scheme = dict(ratios), scheme
+    def __init__(self, weights, projection, rho):
+        self.projection = projection
         # Initialise Z = Pi_S(W), U = 0 (ICCV'19 Sec. 3.2).
-        self.Z = {n: project(weights[n].detach(), r, scheme) for n, r in self.ratios.items()}
+        self.Z = {n: projection.project(n, weights[n].detach()) for n in projection.names}
         self.U = {n: torch.zeros_like(z) for n, z in self.Z.items()}
-        self.rho = {n: float(rho) for n in self.ratios}
+        self.rho = {n: float(rho) for n in projection.names}
 
     def penalty(self, weights):
         """sum_i rho_i/2 * ||W_i - Z_i + U_i||_F^2, differentiable w.r.t. the weights (Eq. 6)."""
@@ -168,9 +201,9 @@ class ADMM:
         residuals of this update are left in ``self.dual`` ({name: float}).
         """
         self.dual = {}
-        for n, r in self.ratios.items():
+        for n in self.projection.names:
             w, z_prev = weights[n].detach(), self.Z[n]
-            self.Z[n] = project(w + self.U[n], r, self.scheme)
+            self.Z[n] = self.projection.project(n, w + self.U[n])
             self.U[n] = self.U[n] + w - self.Z[n]
             # Dual residual rho ||Z_k+1 - Z_k|| (Boyd et al. 2011, Eq. 3.19), relative to ||W|| like the primal one.
             self.dual[n] = (self.rho[n] * (self.Z[n] - z_prev).norm() / w.norm().clamp_min(1e-12)).item()
@@ -182,7 +215,7 @@ class ADMM:
     @torch.no_grad()
     def residuals(self, weights):
         """Per-layer primal residual ||W - Z|| / ||W|| (Boyd et al. 2011, Eq. 3.19, relative to ||W||);
-        it falls as W converges to the sparse set."""
+        it falls as W converges to the projection's set."""
         return {n: ((weights[n] - self.Z[n]).norm() / weights[n].norm().clamp_min(1e-12)).item()
                 for n in self.Z}
 
@@ -194,12 +227,18 @@ class ADMM:
                           for n in self.Z])
 
     def state_dict(self):
-        return {"Z": self.Z, "U": self.U, "rho": self.rho, "ratios": self.ratios, "scheme": self.scheme}
+        """Z, U, rho and the projection's own keys (a sparsity set's ``ratios`` and ``scheme``:
+        the state's format from before quantization, unchanged)."""
+        return {"Z": self.Z, "U": self.U, "rho": self.rho, **self.projection.state_dict()}
 
     @classmethod
-    def from_state_dict(cls, state, device=None):
+    def from_state_dict(cls, state, device=None, projection=Sparsity):
+        """The state saved by ``state_dict``, with its projection rebuilt by ``projection``'s
+        ``from_state_dict`` (the caller knows which set it projects to; every state saved before
+        quantization is a ``Sparsity``'s)."""
         self = cls.__new__(cls)
-        self.ratios, self.scheme, self.rho = dict(state["ratios"]), state["scheme"], dict(state["rho"])
+        self.projection = projection.from_state_dict(state, device)
+        self.rho = dict(state["rho"])
         self.Z = {n: t.to(device) for n, t in state["Z"].items()}
         self.U = {n: t.to(device) for n, t in state["U"].items()}
         return self

@@ -73,6 +73,15 @@ DEFAULTS = {
         "rounds": [],              # progressive ADMM (arXiv:1903.09769): fractions of each layer's target ratio,
                                    # ascending, ending at 1.0, e.g. [0.8, 0.9, 1.0]; each round runs admm + retrain
     },
+    "quant": {                     # ADMM quantization after pruning (quant.py; Leng et al. 2018, arXiv:1903.09769)
+        "bits": {},                # {param name or fnmatch pattern: bits, 1..16 (0: not quantized)}, or {arch: {...}};
+                                   # empty: no quantization. Levels {-(2^(b-1)-1), ..., 0, ..., 2^(b-1)-1} x q per layer
+        "rho": 0.01,               # initial ADMM penalty (as prune.rho)
+        "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
+        "update_every": 1,         # passes over the data between Z/U updates
+        "rescale_dual": True,      # as prune.rescale_dual
+        "restart_lr": True,        # as prune.restart_lr, for the quantize stage's schedule
+    },
     "perf": {                      # GPU fast paths; no-ops on CPU
         "amp": "off",              # off | bf16 | fp16 (autocast; fp16 adds a grad scaler)
         "channels_last": False,
@@ -84,7 +93,10 @@ DEFAULTS = {
     "pretrain": copy.deepcopy(_STAGE),
     "admm": copy.deepcopy(_STAGE),
     "retrain": copy.deepcopy(_STAGE),
+    "quantize": copy.deepcopy(_STAGE),  # runs after retrain when quant.bits is set
 }
+
+STAGE_SECTIONS = ("pretrain", "admm", "retrain", "quantize")
 
 CHOICES = {
     "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
@@ -93,13 +105,21 @@ CHOICES = {
     "adv.attack_mode": ("eval", "train"),
     "prune.method": ("admm", "gradual", "oneshot"),
     "perf.amp": ("off", "bf16", "fp16"),
-    **{f"{s}.optimizer": ("sgd", "adam") for s in ("pretrain", "admm", "retrain")},
-    **{f"{s}.schedule": ("cosine", "step", "constant") for s in ("pretrain", "admm", "retrain")},
+    **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
+    **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
 NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
-                *(f"{s}.{k}" for s in ("pretrain", "admm", "retrain") for k in ("epochs", "momentum", "weight_decay")))
+                "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
-            "prune.update_every", "prune.rho_growth", *(f"{s}.lr" for s in ("pretrain", "admm", "retrain")))
+            "prune.update_every", "prune.rho_growth", "quant.update_every", "quant.rho_growth",
+            *(f"{s}.lr" for s in STAGE_SECTIONS))
+
+
+def parse_bits(value, key):
+    """Bits of one layer: an integer in 0..16 (0: left in float)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
+        raise UserError(f"{key}: bits must be an integer in 1..16 (0: not quantized), got {value!r}")
+    return value
 
 
 def parse_float(value, key):
@@ -114,6 +134,11 @@ def parse_float(value, key):
         except (ValueError, ZeroDivisionError):
             pass
     raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+
+
+# Tables keyed by parameter name or pattern (names hold dots, so they are no config sections;
+# ``--set prune.prune_ratios.fc1.weight=0.9`` sets one entry): {dotted key: parser of a value}.
+TABLES = {"prune.prune_ratios": parse_float, "quant.bits": parse_bits}
 
 
 def _coerce(key, value, default):
@@ -140,17 +165,18 @@ def _coerce(key, value, default):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise UserError(f"{key}: expected a list of integers, got {value!r}")
         return value
-    if key == "prune.prune_ratios":
+    if key in TABLES:
         if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):  # one table per arch
-            return {str(arch): _ratio_table(f"{key}.{arch}", v) for arch, v in value.items()}
-        return _ratio_table(key, value)
+            return {str(arch): _name_table(f"{key}.{arch}", v, TABLES[key]) for arch, v in value.items()}
+        return _name_table(key, value, TABLES[key])
     raise AssertionError(key)
 
 
-def _ratio_table(key, value):
+def _name_table(key, value, parse):
+    """{parameter name or pattern: value}, each value read by ``parse``."""
     if not isinstance(value, dict):
-        raise UserError(f"{key}: expected a mapping of parameter name -> ratio, got {value!r}")
-    return {str(k): parse_float(v, f"{key}.{k}") for k, v in value.items()}
+        raise UserError(f"{key}: expected a mapping of parameter name -> value, got {value!r}")
+    return {str(k): parse(v, f"{key}.{k}") for k, v in value.items()}
 
 
 def _merge(base, new, prefix=""):
@@ -162,7 +188,7 @@ def _merge(base, new, prefix=""):
             near = difflib.get_close_matches(str(k), list(base), n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(base)}"
             raise UserError(f"unknown config key {key!r}{hint}")
-        if isinstance(base[k], dict) and key != "prune.prune_ratios":
+        if isinstance(base[k], dict) and key not in TABLES:
             _merge(base[k], v, key + ".")
         else:
             base[k] = _coerce(key, v, base[k])
@@ -189,13 +215,15 @@ def validate(cfg):
     from models import available
     if cfg["model"]["arch"] not in available():
         raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")
-    ratios = cfg["prune"]["prune_ratios"]
-    if any(isinstance(v, dict) for v in ratios.values()):  # {arch: {name: ratio}}: pick this arch's table
-        if cfg["model"]["arch"] not in ratios:
-            raise UserError(f"prune.prune_ratios has tables for {', '.join(ratios)} but none for "
-                            f"model.arch={cfg['model']['arch']}; add one")
-        cfg["prune"]["prune_ratios"] = ratios = ratios[cfg["model"]["arch"]]
-    for name, r in ratios.items():
+    for key in TABLES:
+        section, name = key.split(".")
+        table = cfg[section][name]
+        if any(isinstance(v, dict) for v in table.values()):  # {arch: {name: value}}: pick this arch's table
+            if cfg["model"]["arch"] not in table:
+                raise UserError(f"{key} has tables for {', '.join(table)} but none for "
+                                f"model.arch={cfg['model']['arch']}; add one")
+            cfg[section][name] = table[cfg["model"]["arch"]]
+    for name, r in cfg["prune"]["prune_ratios"].items():
         if not 0.0 <= r < 1.0:
             raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
     rounds = cfg["prune"]["rounds"]
@@ -228,22 +256,24 @@ def load_config(path=None, overrides=()):
         except yaml.YAMLError as e:
             raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         _merge(cfg, data)
-    layers = {}
+    layers = {key: {} for key in TABLES}
     for item in overrides:
         key, value = parse_set(item)
-        if key.startswith("prune.prune_ratios."):  # one layer: the rest of the key is a parameter name
-            layers[key[len("prune.prune_ratios."):]] = parse_float(value, key)
+        table = next((t for t in TABLES if key.startswith(t + ".")), None)
+        if table:  # one layer: the rest of the key is a parameter name or pattern
+            layers[table][key[len(table) + 1:]] = TABLES[table](value, key)
             continue
         *parents, leaf = key.split(".")
         nested = value
         for p in reversed([*parents, leaf]):
             nested = {p: nested}
         _merge(cfg, nested)
-    cfg = validate(cfg)  # picks the per-arch ratio table, if any
-    if layers:  # per-layer overrides go on top of the (selected) table, as its last entries
-        table = cfg["prune"]["prune_ratios"]
-        for name, ratio in layers.items():
-            table.pop(name, None)  # re-inserted at the end, so it wins over earlier patterns
-            table[name] = ratio
+    cfg = validate(cfg)  # picks the per-arch tables, if any
+    if any(layers.values()):  # per-layer overrides go on top of the (selected) table, as its last entries
+        for key, entries in layers.items():
+            table = _get(cfg, key)
+            for name, value in entries.items():
+                table.pop(name, None)  # re-inserted at the end, so it wins over earlier patterns
+                table[name] = value
         validate(cfg)
     return cfg

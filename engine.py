@@ -1,11 +1,12 @@
 """The shared pipeline behind ``main.py`` (natural training) and ``adv_main.py`` (adversarial).
 
-Three stages run by one loop (``train_stage``); what differs between them is a ``stages.Stage``
+The stages run by one loop (``train_stage``); what differs between them is a ``stages.Stage``
 object, and what differs between training methods is a ``methods`` object:
 
     pretrain  train the dense model
     admm      train with the ADMM penalty rho/2 ||W - Z + U||^2, updating Z and U every few passes
     retrain   hard-prune W onto the sparsity set, then train with the masks held fixed
+    quantize  (with ``quant.bits``) ADMM onto quantization levels, then hard quantization
 
 Each stage starts from the previous stage's checkpoint in the run folder (or ``--init``) and
 writes ``<out>/<stage>.pt`` (see ``rundir.py`` for the folder's files). The two entry scripts
@@ -28,8 +29,9 @@ import yaml
 import admm as admm_lib
 import data as data_lib
 import distributed as dist
+import quant
 from common import LOG, UserError, get_device, load_checkpoint, save_checkpoint, seed_everything, setup_logging
-from config import load_config
+from config import TABLES, load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, progress, report, standard_attacks
 from methods import Method, make_method
 from rundir import RunFolder
@@ -105,6 +107,8 @@ def train_stage(name, model, run, init=None, resume=None):
             stop(state, run)
     if hook:
         hook.remove()
+    stage.finish()  # quantize: hard quantization, so that the final checkpoint is on the levels
+    state.metrics["convergence"] = state.convergence()  # with the figures of finish
     ckpt = save(state, run.folder, run.folder.final(name))
     if dist.is_main() and os.path.exists(run.folder.last(name)):
         os.remove(run.folder.last(name))
@@ -224,7 +228,7 @@ def check_finite(state, run):
         name = state.stage.name
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
                         f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
-                        f"(or prune.rho) and continue with: {run.resume_command}")
+                        f"(or {state.stage.settings}.rho) and continue with: {run.resume_command}")
 
 
 def stop(state, run):
@@ -244,7 +248,7 @@ def parse_args(argv, adversarial):
         + " with ADMM pruning: pretrain -> admm -> retrain.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
     p.add_argument("--stage", default="all", help="stage to run: all (default), pretrain, admm or retrain; with "
-                   "progressive rounds also admm.r1, retrain.r1, ...")
+                   "progressive rounds also admm.r1, retrain.r1, ...; with quant.bits also quantize")
     p.add_argument("--out", help="run folder (default: runs/<config stem>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
@@ -324,9 +328,10 @@ def _run(args, adversarial):
             init = train_stage(stage, model, ctx, init, resume if stage == todo[0] else None)
 
     if args.stage == "all" and dist.is_main():
+        final = folder.final(names[-1])
         rep = report(model, cfg, test, device, standard_attacks(cfg))
-        rep["convergence"] = load_checkpoint(folder.final("retrain")).get("metrics", {}).get("convergence", {})
-        LOG.info("final model (" + folder.final("retrain") + "):\n" + format_report(rep))
+        rep["convergence"] = load_checkpoint(final).get("metrics", {}).get("convergence", {})
+        LOG.info("final model (" + final + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
     # The other ranks wait for rank 0's final report: a rank that tears the process group down
@@ -342,6 +347,12 @@ def _check_pruning(cfg, model, stages):
     if not ratios and stages != ["pretrain"]:
         raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios, "
                         "or run only --stage pretrain")
+    try:
+        bits = quant.resolve_bits(model, cfg["quant"]["bits"])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg["quant"]["bits"] and not bits:
+        raise UserError("quant.bits quantizes no layer (all bits 0); give bits, or leave quant.bits empty")
     last = list(admm_lib.prunable_weights(model))[-1]
     if cfg["prune"]["sparsity_type"] == "filter" and last in ratios:
         raise UserError(f"prune.prune_ratios.{last}: filter pruning the output layer would delete classes; "
@@ -369,7 +380,8 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
             return todo, None, resume
     if not todo:
         if args.stage == "all":  # everything done already: report on the final model
-            load_weights(model, load_checkpoint(folder.final("retrain"), device), folder.final("retrain"), cfg)
+            final = folder.final(stage_names(cfg)[-1])
+            load_weights(model, load_checkpoint(final, device), final, cfg)
         return todo, None, None
     names = stage_names(cfg)
     prev = names[names.index(todo[0]) - 1] if todo[0] != "pretrain" else None
@@ -415,7 +427,7 @@ def _flat(d, prefix=""):
     """{"a": {"b": 1}} -> {"a.b": 1}"""
     out = {}
     for k, v in (d or {}).items():
-        if isinstance(v, dict) and k != "prune_ratios":
+        if isinstance(v, dict) and f"{prefix}{k}" not in TABLES:
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

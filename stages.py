@@ -1,9 +1,11 @@
-"""The three stages as objects with the same hooks; ``engine.train_stage`` runs any of them:
+"""The stages as objects with the same hooks; ``engine.train_stage`` runs any of them:
 
     pretrain  train the dense model
     admm      train with the ADMM penalty rho/2 ||W - Z + U||^2 (ICCV'19 Eq. 6), Z/U updated every
               ``prune.update_every`` passes over the data (Eq. 7-8)
     retrain   hard-prune W onto the sparsity set (W = Pi_S(W)), then train with the masks held fixed
+    quantize  (when ``quant.bits`` is set) ADMM as in admm, Z projected onto each layer's
+              quantization levels (quant.py), the masks held; then hard quantization W = Q(W)
 
 Hooks (all a stage needs to differ; the loop never asks which stage it runs):
 
@@ -13,23 +15,28 @@ Hooks (all a stage needs to differ; the loop never asks which stage it runs):
     update_every       passes over the data between ``update`` calls (0: never)
     lr_clock(p, E)     where the lr schedule stands after p of E passes (ADMM may restart it)
     update()           the periodic update; returns named figures for the log and metrics.jsonl
+    finish()           after the last epoch, before the final checkpoint (quantize: hard quantization)
     describe_update(f) the log line for those figures
     figures            the stage's convergence figures so far (ADMM: the last update's residuals;
-                       retrain: the hard prune's pruned energy), kept in the checkpoint's metrics
+                       retrain: the hard prune's pruned energy; quantize: also the hard
+                       quantization's energy and scales), kept in the checkpoint's metrics
     state_dict() / load_state_dict(state, device)   the stage's state in the checkpoint ("admm")
 """
 import torch
 
 import admm as admm_lib
 import distributed as dist
+import quant
 from common import LOG
 
 
 class Stage:
     """Defaults shared by the stages: no penalty, no update, no state of its own. ``kind`` names
-    the stage class, ``section`` the config section it trains with (epochs, optimizer, lr) and
-    ``name`` its checkpoint files (``admm.r1`` for progressive rounds)."""
+    the stage class, ``section`` the config section it trains with (epochs, optimizer, lr),
+    ``settings`` the one its method's settings come from (rho, ...), and ``name`` its checkpoint
+    files (``admm.r1`` for progressive rounds)."""
     kind = section = None
+    settings = "prune"
     prunes = True  # logged in the stage's header
     update_every = 0
     penalty = None
@@ -41,8 +48,18 @@ class Stage:
         self.weights, self.ratios, self.pcfg, self.name = weights, ratios, pcfg, name or self.kind
         self.epochs, self.figures = epochs, {}
 
+    @classmethod
+    def build(cls, model, cfg, name, fraction=1.0):
+        """The stage ``name`` for ``model`` under ``cfg``: the pruned layers' ratios scaled to the
+        ``fraction`` of its round, the ``prune`` settings, its section's epochs."""
+        ratios = {n: r * fraction for n, r in admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"]).items()}
+        return cls(admm_lib.prunable_weights(model), ratios, cfg["prune"], name, cfg[cls.section]["epochs"])
+
     def begin(self, masks):
         return masks
+
+    def finish(self):
+        """After the last epoch; what it changes is in the stage's final checkpoint."""
 
     def lr_clock(self, passes, epochs):
         """(position, length) of the learning-rate schedule after ``passes`` of ``epochs``."""
@@ -86,7 +103,8 @@ class ADMMStage(Stage):
     def begin(self, masks):
         if self.pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
             masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.weights)}
-        self.admm = admm_lib.ADMM(self.weights, self.ratios, self.pcfg["sparsity_type"], self.pcfg["rho"])
+        sparsity = admm_lib.Sparsity(self.pcfg["sparsity_type"], self.ratios)
+        self.admm = admm_lib.ADMM(self.weights, sparsity, self.pcfg["rho"])
         return masks
 
     def penalty(self):
@@ -168,10 +186,51 @@ class Retrain(Stage):
         return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
 
 
-STAGES = {s.kind: s for s in (Pretrain, ADMMStage, Gradual, Retrain)}
+class Quantize(ADMMStage):
+    """ADMM quantization after pruning (Leng et al., AAAI 2018; Ye, Feng et al., arXiv:1903.09769):
+    the ADMM stage's training and Z/U updates with Z = Q(W + U), the projection of each layer
+    in ``bits`` ({name: b}) onto its levels (``quant.quantize``), the pruned weights held at zero
+    by the masks; settings from the ``quant`` section (rho, rho_growth, update_every, ...), the
+    budget from the ``quantize`` section. At the end, hard quantization: W = Q(W), every weight
+    on its level, and the masks kept. Nothing trains after it: the weights stay fixed on their
+    levels (retraining the biases alone, as the issue allows, is not implemented). The epoch rows
+    (and the checkpoint's test accuracies) are measured before the hard quantization; the final
+    report of a full run, after it."""
+    kind = section = "quantize"
+    settings = "quant"
+    prunes = False
+
+    def __init__(self, weights, bits, qcfg, name=None, epochs=0):
+        super().__init__(weights, {}, qcfg, name, epochs)
+        self.bits = dict(bits)
+
+    @classmethod
+    def build(cls, model, cfg, name, fraction=1.0):
+        bits = quant.resolve_bits(model, cfg["quant"]["bits"])
+        return cls(admm_lib.prunable_weights(model), bits, cfg["quant"], name, cfg[cls.section]["epochs"])
+
+    def begin(self, masks):
+        self.admm = admm_lib.ADMM(self.weights, quant.Quantization(self.bits, masks), self.pcfg["rho"])
+        return masks
+
+    def load_state_dict(self, state, device):
+        self.admm = admm_lib.ADMM.from_state_dict(state, device, quant.Quantization)
+
+    def finish(self):
+        scales, energy = quant.hard_quantize(self.weights, self.admm.projection)
+        self.figures = {**self.figures, "scale": scales, "quantized_energy": energy}
+        LOG.info("   hard quantization: " + "  ".join(
+            f"{n}: {self.bits[n]} bits, {quant.distinct_nonzero(self.weights[n])} values, "
+            f"q={scales[n]:.4g}, energy moved {energy[n]:.4f}" for n in self.bits))
+
+    def __repr__(self):
+        return ", quantization of " + ", ".join(f"{n} to {b} bits" for n, b in self.bits.items())
 
 
-def pipeline(rounds=(), method="admm"):
+STAGES = {s.kind: s for s in (Pretrain, ADMMStage, Gradual, Retrain, Quantize)}
+
+
+def pipeline(rounds=(), method="admm", quantize=False):
     """The stages of a full run as [(name, kind, fraction of each layer's target ratio)]:
     pretrain, then the pruning stage of ``method`` (admm, or gradual magnitude pruning) and
     retrain; ``oneshot`` prunes by magnitude at retrain's start, with no stage before it.
@@ -179,26 +238,30 @@ def pipeline(rounds=(), method="admm"):
     ``rounds`` lists the fractions, e.g. [0.8, 0.9, 1.0]: each round runs ADMM to its ratios and
     then masked retraining, from the previous round's pruned model, whose pruned weights stay
     zero (their masks are kept). Earlier rounds are named ``admm.r1``, ``retrain.r1``, ...; the
-    last round's are ``admm`` and ``retrain``, so the final model is ``retrain.pt`` either way."""
+    last round's are ``admm`` and ``retrain``, so the pruned model is ``retrain.pt`` either way.
+    With ``quantize``, a ``quantize`` stage follows the last ``retrain``; its ``quantize.pt`` is
+    then the final model (the last step's)."""
     fractions = list(rounds) or [1.0]
     steps = [("pretrain", "pretrain", 1.0)]
     for k, f in enumerate(fractions, 1):
         tag = "" if k == len(fractions) else f".r{k}"
         steps += [] if method == "oneshot" else [(f"{method}{tag}", method, f)]
         steps += [(f"retrain{tag}", "retrain", f)]
-    return steps
+    return steps + ([("quantize", "quantize", 1.0)] if quantize else [])
+
+
+def _steps(cfg):
+    return pipeline(cfg["prune"]["rounds"], cfg["prune"]["method"], quantize=bool(cfg["quant"]["bits"]))
 
 
 def stage_names(cfg):
-    """The names of a full run's stages under ``cfg``, in order."""
-    return [step[0] for step in pipeline(cfg["prune"]["rounds"], cfg["prune"]["method"])]
+    """The names of a full run's stages under ``cfg``, in order; the last one's checkpoint is the
+    final model."""
+    return [step[0] for step in _steps(cfg)]
 
 
 def make_stage(name, model, cfg):
     """(index in the pipeline, the stage object) of pipeline step ``name`` for ``model``: its
-    class by kind, the pruned layers' ratios scaled to its round, the ``prune`` settings."""
-    steps = pipeline(cfg["prune"]["rounds"], cfg["prune"]["method"])
-    index, (_, kind, fraction) = next((i, s) for i, s in enumerate(steps) if s[0] == name)
-    ratios = {n: r * fraction for n, r in admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"]).items()}
-    cls = STAGES[kind]
-    return index, cls(admm_lib.prunable_weights(model), ratios, cfg["prune"], name, cfg[cls.section]["epochs"])
+    class by kind, built from ``cfg`` (``Stage.build``) for its round."""
+    index, (_, kind, fraction) = next((i, s) for i, s in enumerate(_steps(cfg)) if s[0] == name)
+    return index, STAGES[kind].build(model, cfg, name, fraction)

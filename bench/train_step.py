@@ -32,7 +32,7 @@ def bench(arch, width, channels, size, batch, k, device):
     attack = PGD(eps=8 / 255, step_size=2 / 255, steps=k, random_start=True)
     weights = admm_lib.prunable_weights(model)
     ratios = {n: 0.8 for n in weights}
-    state = admm_lib.ADMM(weights, ratios, "irregular", 1e-3)
+    state = admm_lib.ADMM(weights, admm_lib.Sparsity("irregular", ratios), 1e-3)
 
     def attack_iter():  # one PGD iteration's work: forward + gradient w.r.t. the input, eval mode
         model.eval()

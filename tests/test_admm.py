@@ -154,7 +154,7 @@ def test_low_precision_projection_keeps_dtype_and_count():
 def test_admm_update_matches_hand_computation():
     w = torch.tensor([[0.5, -0.1], [0.3, 0.05]])
     weights = {"fc.weight": w}
-    state = admm.ADMM(weights, {"fc.weight": 0.5}, "irregular", rho=0.1)
+    state = admm.ADMM(weights, admm.Sparsity("irregular", {"fc.weight": 0.5}), rho=0.1)
 
     # Z = Pi_S(W): keep the 2 of 4 largest |w|; U = 0.
     assert torch.equal(state.Z["fc.weight"], torch.tensor([[0.5, 0.0], [0.3, 0.0]]))
@@ -193,7 +193,7 @@ def test_admm_update_matches_hand_computation():
 def test_admm_rho_growth_keeps_unscaled_multiplier():
     w = torch.randn(6, 4)
     weights = {"w": w}
-    a, b = (admm.ADMM(weights, {"w": 0.5}, "irregular", rho=0.3) for _ in range(2))
+    a, b = (admm.ADMM(weights, admm.Sparsity("irregular", {"w": 0.5}), rho=0.3) for _ in range(2))
     w.add_(torch.randn(6, 4))
     a.update(weights, rho_growth=1.0)
     b.update(weights, rho_growth=3.0)
@@ -206,7 +206,7 @@ def test_admm_penalty_gradient_matches_formula_on_model():
     model = build_model("lenet", 1)
     weights = admm.prunable_weights(model)
     ratios = {"conv2.weight": 0.5, "fc1.weight": 0.8}
-    state = admm.ADMM(weights, ratios, "column", rho=0.05)
+    state = admm.ADMM(weights, admm.Sparsity("column", ratios), rho=0.05)
     with torch.no_grad():
         for p in weights.values():
             p.add_(0.01 * torch.randn_like(p))
@@ -224,10 +224,12 @@ def test_admm_penalty_gradient_matches_formula_on_model():
 
 def test_admm_state_dict_roundtrip():
     weights = {"a": torch.randn(5, 3), "b": torch.randn(4, 2, 3, 3)}
-    s = admm.ADMM(weights, {"a": 0.4, "b": 0.5}, "filter", rho=0.2)
+    s = admm.ADMM(weights, admm.Sparsity("filter", {"a": 0.4, "b": 0.5}), rho=0.2)
     s.update(weights, rho_growth=1.3)
     t = admm.ADMM.from_state_dict(s.state_dict())
-    assert t.scheme == "filter" and t.ratios == s.ratios and t.rho == s.rho
+    # The keys every ADMM state has had since before quantization: old checkpoints load.
+    assert set(s.state_dict()) == {"Z", "U", "rho", "ratios", "scheme"}
+    assert t.projection.scheme == "filter" and t.projection.ratios == s.projection.ratios and t.rho == s.rho
     for n in weights:
         assert torch.equal(t.Z[n], s.Z[n]) and torch.equal(t.U[n], s.U[n])
 
@@ -378,8 +380,8 @@ def test_pruned_energy_is_the_fraction_of_squared_norm_removed():
 
 def test_update_without_rescaling_the_dual_keeps_u_as_the_original_code():
     w = torch.tensor([[0.4, 0.2], [-0.1, 0.6]])
-    a = admm.ADMM({"fc.weight": w}, {"fc.weight": 0.5}, "irregular", rho=0.1)
-    b = admm.ADMM({"fc.weight": w}, {"fc.weight": 0.5}, "irregular", rho=0.1)
+    a = admm.ADMM({"fc.weight": w}, admm.Sparsity("irregular", {"fc.weight": 0.5}), rho=0.1)
+    b = admm.ADMM({"fc.weight": w}, admm.Sparsity("irregular", {"fc.weight": 0.5}), rho=0.1)
     w2 = {"fc.weight": torch.tensor([[0.3, 0.1], [-0.2, 0.05]])}
     a.update(w2, rho_growth=2.0)
     b.update(w2, rho_growth=2.0, rescale_dual=False)
