@@ -539,8 +539,7 @@ def main(argv=None):
     ex = next((c for c in summary["cells"] if c["id"].startswith(f"admm-irregular-w{R.spec['small_width']}count")), None)
     regen += ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
     figs = ["## Plots", "", "![robust accuracy vs width](robust_vs_width.png)", "",
-            "![accuracy vs compression](accuracy_vs_compression.png)", "",
-            "![accuracy vs pruning rate](pruning_methods.png)", ""]
+            "![accuracy vs compression](accuracy_vs_compression.png)", ""]  # Finding 5's plot is in its section
     notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(R.spec, summary)] + [""]
     # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
     extra = os.path.join(a.out, "results", "demo_methods.md")
