@@ -613,6 +613,7 @@ def load_model(path, device="cpu"):
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
         cfg = obj["config"]
         model = model_from_checkpoint(obj, path)
+        exp = None
         if has_channel_groups(model):
             exp, _ = export_checkpoint(obj, path, model=model)
             sparsity, compression = exp["sparsity"], figures(exp, nbytes_saved(exp))
@@ -622,8 +623,7 @@ def load_model(path, device="cpu"):
                 "sparsity": sparsity, "compression": compression,
                 "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
         scales = ((obj.get("convergence") or {}).get("quantize") or {}).get("scale")
-        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales,
-                                                 exp if compression else None)
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales, exp)
     return model.to(device).eval(), cfg, meta
 
 
