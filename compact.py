@@ -35,11 +35,13 @@ from torch import nn
 
 import admm as admm_lib
 import data as data_lib
+import quant
 from common import UserError, load_file
 from evaluation import load_weights, model_from_config
 
 FORMAT = "admm-at-export"  # the "format" entry that marks an export file
-VERSION = 1
+VERSION = 2  # 2: quantized layers as packed integer codes ("quantized"); a float export is still written as 1
+VERSIONS = (1, 2)  # what this code reads
 STORAGES = ("compact", "sparse")
 
 
@@ -251,6 +253,25 @@ def sparse_nbytes(entry):
     return sum(entry[k].numel() * entry[k].element_size() for k in ("values", "bitmask", "index") if k in entry)
 
 
+def _positions(entry, n, shape):
+    """Flat positions (int64) an entry's ``bitmask`` or ``index`` marks, checked against ``n`` elements."""
+    if "bitmask" in entry:
+        bm = entry["bitmask"]
+        if not (isinstance(bm, torch.Tensor) and bm.dtype == torch.uint8 and bm.shape == (math.ceil(n / 8),)):
+            raise ValueError(f"bitmask must be uint8 of {math.ceil(n / 8)} bytes for shape {shape}")
+        where = ((bm.long().unsqueeze(1) & _BITS) != 0).reshape(-1)
+        if where[n:].any():
+            raise ValueError("bitmask sets bits past the end of the tensor")
+        return where[:n].nonzero().flatten()
+    where = entry["index"]
+    if not (isinstance(where, torch.Tensor) and where.dim() == 1 and not where.is_floating_point()):
+        raise ValueError("index must be a 1-D integer tensor")
+    where = where.long()
+    if len(where) and (where.min() < 0 or where.max() >= n or (where[1:] <= where[:-1]).any()):
+        raise ValueError(f"index must be increasing positions in [0, {n})")
+    return where
+
+
 def decode_sparse(entry, name="tensor"):
     """The dense tensor of an ``encode_sparse`` entry; a malformed entry is a ``ValueError`` naming it."""
     try:
@@ -258,27 +279,69 @@ def decode_sparse(entry, name="tensor"):
         n = math.prod(shape)
         if not (isinstance(values, torch.Tensor) and values.dim() == 1 and values.is_floating_point()):
             raise ValueError("values must be a 1-D float tensor")
-        if "bitmask" in entry:
-            bm = entry["bitmask"]
-            if not (isinstance(bm, torch.Tensor) and bm.dtype == torch.uint8 and bm.shape == (math.ceil(n / 8),)):
-                raise ValueError(f"bitmask must be uint8 of {math.ceil(n / 8)} bytes for shape {shape}")
-            where = ((bm.long().unsqueeze(1) & _BITS) != 0).reshape(-1)
-            if where[n:].any():
-                raise ValueError("bitmask sets bits past the end of the tensor")
-            where = where[:n].nonzero().flatten()
-        else:
-            where = entry["index"]
-            if not (isinstance(where, torch.Tensor) and where.dim() == 1 and not where.is_floating_point()):
-                raise ValueError("index must be a 1-D integer tensor")
-            where = where.long()
-            if len(where) and (where.min() < 0 or where.max() >= n or (where[1:] <= where[:-1]).any()):
-                raise ValueError(f"index must be increasing positions in [0, {n})")
+        where = _positions(entry, n, shape)
         if len(where) != len(values):
             raise ValueError(f"{len(values)} values for {len(where)} positions")
     except (KeyError, TypeError) as e:
         raise ValueError(f"sparse entry {name}: missing or wrong field ({e})") from None
     except ValueError as e:
         raise ValueError(f"sparse entry {name}: {e}") from None
+    out = torch.zeros(n, dtype=values.dtype)
+    out[where] = values
+    return out.view(shape)
+
+
+def encode_quantized(t, bits, scale=None):
+    """{"shape", "bits", "scale" (float32 value as a float), "codes" (uint8, ``bits`` bits per code,
+    ``quant.pack_codes``), and for the sparse form "bitmask" or "index" as ``encode_sparse``
+    chooses them}: the weights of a quantized layer ``t`` (every value codes * scale) as integer
+    codes. Dense form: the codes of every element; sparse form: the codes of the nonzero weights
+    only, at the positions the sparse float export stores. The smaller form is taken (at 1 bit,
+    which has no 0 code, the sparse one whenever a weight is zero). None when ``t`` is not on
+    the levels of ``bits`` (``quant.levels_of``; ``scale`` is the recorded one, tried first)."""
+    lv = quant.levels_of(t, bits, scale)
+    if lv is None:
+        return None
+    codes, q = lv
+    flat = codes.flatten()
+    entry = {"shape": list(t.shape), "bits": int(bits), "scale": float(q)}
+    pos = encode_sparse(t)
+    pos.pop("values")
+    nz = flat != 0
+    sparse_bytes = math.ceil(int(nz.sum()) * bits / 8) + sum(pos[k].numel() * pos[k].element_size()
+                                                              for k in ("bitmask", "index") if k in pos)
+    if sparse_bytes < math.ceil(flat.numel() * bits / 8) or (bits == 1 and not nz.all()):
+        entry.update({k: v for k, v in pos.items() if k != "shape"})
+        flat = flat[nz]
+    entry["codes"] = quant.pack_codes(flat, bits)
+    return entry
+
+
+def quantized_nbytes(entry):
+    """Bytes of an ``encode_quantized`` entry's tensors, plus 4 for its float32 scale."""
+    return 4 + sum(entry[k].numel() * entry[k].element_size() for k in ("codes", "bitmask", "index") if k in entry)
+
+
+def decode_quantized(entry, name="tensor"):
+    """The float32 tensor codes * scale of an ``encode_quantized`` entry, bit for bit the
+    quantized weights it came from; a malformed entry is a ``ValueError`` naming it."""
+    try:
+        shape, bits, scale = [int(s) for s in entry["shape"]], entry["bits"], entry["scale"]
+        n = math.prod(shape)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
+        if not isinstance(scale, float) or not scale >= 0:
+            raise ValueError(f"scale must be a float >= 0, got {scale!r}")
+        where = _positions(entry, n, shape) if ("bitmask" in entry or "index" in entry) else None
+        codes = quant.unpack_codes(entry["codes"], bits, n if where is None else len(where))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"quantized entry {name}: missing or wrong field ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"quantized entry {name}: {e}") from None
+    # The same float32 product as quant.hard_quantize's codes * q: the weights come back bit for bit.
+    values = codes * scale
+    if where is None:
+        return values.view(shape)
     out = torch.zeros(n, dtype=values.dtype)
     out[where] = values
     return out.view(shape)
@@ -347,12 +410,26 @@ def input_shape(cfg):
     return (info.in_channels, info.image_size, info.image_size)
 
 
-def export_model(model, cfg, storage="compact", source=None):
+def payload_bits(exp):
+    """Bits of the tensors an export dict stores, as stored: dense tensors at their dtype's size,
+    sparse float entries as values + bitmask or int32 index, quantized entries as packed codes
+    (rounded up to whole bytes per layer) + bitmask or index + one float32 scale. No file overhead."""
+    dense = sum(t.numel() * t.element_size() for t in exp["state"].values())
+    return 8 * (dense + sum(sparse_nbytes(e) for e in exp["sparse"].values())
+                + sum(quantized_nbytes(e) for e in (exp.get("quantized") or {}).values()))
+
+
+def export_model(model, cfg, storage="compact", source=None, bits=None, scales=None):
     """The export dict of the pruned ``model`` built from ``cfg`` (plain data and tensors only).
 
     storage: ``compact`` stores each tensor dense; ``sparse`` stores each conv / linear weight as
     ``encode_sparse`` when that is smaller. Both hold the compact model (channels removed).
     source: what to record about the checkpoint it came from (path, stage, epoch, ...).
+    bits: {name: b} of the layers quantized to b bits (``quantized_layers``), stored as
+    ``encode_quantized`` (a layer not on its levels stays float); ``scales``: their recorded scales.
+    A quantized export (version 2) also records, in its figures, the size of the float export of
+    the same storage (``bytes.float_export``) and ``storage_bits``: {export, float_export,
+    dense_float32} (``payload_bits``; dense_float32 is the dense state dict's).
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -366,8 +443,8 @@ def export_model(model, cfg, storage="compact", source=None):
             entry = encode_sparse(state[name])
             if sparse_nbytes(entry) < state[name].numel() * state[name].element_size():
                 sparse[name] = entry
-    return {
-        "format": FORMAT, "version": VERSION, "storage": storage,
+    exp = {
+        "format": FORMAT, "version": 1, "storage": storage,
         "arch": cfg["model"]["arch"], "width": cfg["model"]["width"], "dataset": cfg["data"]["dataset"],
         "config": cfg, "source": dict(source or {}),
         "shapes": {k: list(v.shape) for k, v in state.items()},
@@ -381,6 +458,27 @@ def export_model(model, cfg, storage="compact", source=None):
                              "compact": small_fig["macs"]},
                     "bytes": {"checkpoint": (source or {}).get("bytes"), "dense": nbytes_saved(dense_sd)}},
     }
+    quantized = {n: e for n, b in (bits or {}).items() if n in state
+                 for e in [encode_quantized(state[n], b, (scales or {}).get(n))] if e is not None}
+    if quantized:
+        float_bytes, float_bits = nbytes_saved(exp), payload_bits(exp)
+        exp["version"], exp["quantized"] = VERSION, quantized
+        exp["state"] = {k: v for k, v in exp["state"].items() if k not in quantized}
+        exp["sparse"] = {k: v for k, v in exp["sparse"].items() if k not in quantized}
+        exp["figures"]["bytes"]["float_export"] = float_bytes
+        exp["figures"]["storage_bits"] = {
+            "export": payload_bits(exp), "float_export": float_bits,
+            "dense_float32": 8 * sum(t.numel() * t.element_size() for t in dense_sd.values())}
+    return exp
+
+
+def quantized_layers(cfg, stage, model):
+    """{name: bits} of the layers a checkpoint or export of ``stage`` holds quantized: those of
+    ``cfg``'s ``quant.bits`` resolved on ``model`` when the stage is the quantize stage (whose
+    end, hard quantization, puts them on their levels); {} otherwise (a float model, or an
+    earlier stage of a quantized run)."""
+    qbits = (cfg.get("quant") or {}).get("bits") or {}
+    return quant.resolve_bits(model, qbits) if stage == "quantize" and qbits else {}
 
 
 def sparsity_report(model, cfg):
@@ -404,10 +502,12 @@ def export_checkpoint(ckpt, path, storage=None, model=None):
     cfg = ckpt["config"]
     storage = storage or ("sparse" if cfg["prune"]["sparsity_type"] == "irregular" else "compact")
     model = model_from_checkpoint(ckpt, path) if model is None else model
+    bits = quantized_layers(cfg, ckpt.get("stage"), model)
+    scales = ((ckpt.get("convergence") or {}).get("quantize") or {}).get("scale")  # hard_quantize's
     source = {"path": str(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
               "adversarial": ckpt.get("adversarial"), "git": ckpt.get("git"),
               "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
-    return export_model(model, cfg, storage, source), model
+    return export_model(model, cfg, storage, source, bits, scales), model
 
 
 def is_export(obj):
@@ -422,12 +522,15 @@ def model_from_export(exp, path="export"):
 
     if not is_export(exp) or exp["format"] != FORMAT:
         raise bad(f"no 'format': {FORMAT!r} entry (write exports with export.py)")
-    if exp.get("version") != VERSION:
-        raise bad(f"version {exp.get('version')!r}, this code reads version {VERSION}")
+    if exp.get("version") not in VERSIONS:
+        raise bad(f"version {exp.get('version')!r}, this code reads versions {', '.join(map(str, VERSIONS))}")
     for key, typ in (("storage", str), ("arch", str), ("config", dict), ("shapes", dict), ("state", dict),
                      ("sparse", dict)):
         if not isinstance(exp.get(key), typ):
             raise bad(f"entry {key!r} is missing or not a {typ.__name__}")
+    quantized = exp.get("quantized", {})  # version 1 has none
+    if not isinstance(quantized, dict):
+        raise bad("entry 'quantized' is not a dict")
     cfg = exp["config"]
     try:
         if cfg["model"]["arch"] != exp["arch"] or cfg["data"]["dataset"] not in data_lib.INFO:
@@ -445,12 +548,17 @@ def model_from_export(exp, path="export"):
                 t = decode_sparse(exp["sparse"][name], name)
             except ValueError as e:
                 raise bad(str(e)) from None
+        elif name in quantized:
+            try:
+                t = decode_quantized(quantized[name], name)
+            except ValueError as e:
+                raise bad(str(e)) from None
         else:
             raise bad(f"tensor {name!r} is listed in 'shapes' but stored nowhere")
         if list(t.shape) != list(shape):
             raise bad(f"tensor {name!r} has shape {list(t.shape)}, 'shapes' says {list(shape)}")
         state[name] = t
-    extra = (set(exp["state"]) | set(exp["sparse"])) - set(exp["shapes"])
+    extra = (set(exp["state"]) | set(exp["sparse"]) | set(quantized)) - set(exp["shapes"])
     if extra:
         raise bad(f"tensors not listed in 'shapes': {', '.join(sorted(extra))}")
     try:
@@ -489,18 +597,23 @@ def load_model(path, device="cpu"):
     export, whose compact layers no longer show the zeros), "compression" (``figures``; for a
     checkpoint the export is built in memory with the default storage and not written; None for a
     model that declares no channel groups) and "convergence" (a checkpoint's ADMM residuals and
-    pruned energies by stage, ``TrainState.convergence``; empty for an export)."""
+    pruned energies by stage, ``TrainState.convergence``; empty for an export), and "quantization"
+    (``quantization_meta`` of the quantized layers; None when none is, and for a checkpoint of
+    an earlier stage)."""
     obj = load_file(path)
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
         src = obj.get("source") or {}
         meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
                 "sparsity": obj["sparsity"], "compression": figures(obj, os.path.getsize(path)), "convergence": {}}
+        scales = {n: e["scale"] for n, e in (obj.get("quantized") or {}).items()}
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales, obj)
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
         cfg = obj["config"]
         model = model_from_checkpoint(obj, path)
+        exp = None
         if has_channel_groups(model):
             exp, _ = export_checkpoint(obj, path, model=model)
             sparsity, compression = exp["sparsity"], figures(exp, nbytes_saved(exp))
@@ -509,7 +622,21 @@ def load_model(path, device="cpu"):
         meta = {"format": "checkpoint", "stage": obj.get("stage"), "adversarial": obj.get("adversarial"),
                 "sparsity": sparsity, "compression": compression,
                 "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
+        scales = ((obj.get("convergence") or {}).get("quantize") or {}).get("scale")
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales, exp)
     return model.to(device).eval(), cfg, meta
+
+
+def quantization_meta(model, bits, scales, exp):
+    """None without quantized layers (``bits`` empty), else {"layers": {name: {bits,
+    distinct_nonzero, scale}} (``quant.quantization_report`` on ``model``'s weights; ``scales``
+    the recorded ones), "warnings": [lines], "storage_bits": the export dict ``exp``'s
+    ``figures.storage_bits`` (None without an export: no channel groups)}."""
+    if not bits:
+        return None
+    rows, warn = quant.quantization_report(admm_lib.prunable_weights(model), bits, scales)
+    storage = (exp or {}).get("figures", {}).get("storage_bits")
+    return {"layers": rows, "warnings": warn, "storage_bits": storage}
 
 
 def _mb(n):
@@ -526,6 +653,8 @@ def format_figures(f):
              f"   ({m['dense'] / max(m['compact'], 1):.2f}x fewer)",
              f"file size: checkpoint {_mb(b['checkpoint'])}, dense weights {_mb(b['dense'])}, "
              f"export ({f['storage']}) {_mb(b['export'])} = {b['dense'] / max(b['export'], 1):.2f}x smaller "
-             f"than the dense weights",
+             f"than the dense weights"
+             + (f", {b['float_export'] / max(b['export'], 1):.2f}x smaller than the float export ({f['storage']}) "
+                f"{_mb(b['float_export'])}" if b.get("float_export") else ""),
              "channels kept: " + ", ".join(f"{g} {k}/{n}" for g, (k, n) in f["channels"].items())]
     return "\n".join(lines)

@@ -315,6 +315,7 @@ def format_report(rep):
                      f"{L['nonzero']:9d} {L['element']:8.4f} {L['column']:7.4f} {L['filter']:7.4f}")
     lines.append(f"{s['type']} pruning: overall sparsity {s['overall']:.4f} of pruned layers, "
                  f"compression {s['compression_rate']:.2f}x")
+    lines += format_quantization(rep.get("quantization"), rep.get("storage_bits"))
     a = rep["attack"]
     what = f"{rep['n_examples']} test examples" + (" (partial, --limit)" if rep["partial"] else "")
     lines.append(f"accuracy on {what}, eps={a['eps']:.4f}"
@@ -340,6 +341,29 @@ def format_report(rep):
     lines += format_convergence(rep.get("convergence"))
     lines += [f"WARNING: {w}" for w in rep["warnings"]] or ["sanity checks: no warnings"]
     return "\n".join(lines)
+
+
+def format_quantization(layers, storage_bits=None):
+    """Report lines of the quantized layers ({name: {bits, distinct_nonzero, scale}}, see
+    ``quant.quantization_report``) and of the model's storage (``compact.export_model``'s
+    ``storage_bits``); none for a model without quantized layers."""
+    if not layers:
+        return []
+    lines = [f"{'quantized layer':28} {'bits':>4} {'values':>6} {'allowed':>7} {'scale':>11}"]
+    for n, q in layers.items():
+        allowed = 2 if q["bits"] == 1 else 2 ** q["bits"] - 2
+        scale = "off levels" if q["scale"] is None else f"{q['scale']:.5g}"
+        lines.append(f"{n:28} {q['bits']:4d} {q['distinct_nonzero']:6d} {allowed:7d} {scale:>11}")
+    if storage_bits:
+        lines.append(format_storage(storage_bits))
+    return lines
+
+
+def format_storage(sb):
+    """One line of ``compact.export_model``'s ``storage_bits`` ({export, float_export, dense_float32})."""
+    return (f"storage (codes + sparse indices + float32 scales, float tensors at their size): {sb['export']:,d} bits, "
+            f"{sb['float_export'] / max(sb['export'], 1):.2f}x less than the float export, "
+            f"{sb['dense_float32'] / max(sb['export'], 1):.2f}x less than dense float32")
 
 
 def format_convergence(conv):

@@ -3,9 +3,12 @@
     python export.py --ckpt runs/demo/retrain.pt --out runs/demo/retrain.export.pt [--format compact|sparse]
                      [--json FILE] [--overwrite] [--no-latency] [--threads N]
 
-The export loads with ``torch.load(..., weights_only=True)`` and is rebuilt by
-``compact.load_exported`` (or ``compact.load_model``, which also reads checkpoints). The export is
-read back after writing and its outputs checked against the masked model's. See compact.py.
+A checkpoint of the quantize stage is exported with its quantized layers as packed integer codes
+plus one float32 scale per layer (``compact.encode_quantized``); the report then also gives the
+size against the float export of the same storage. The export loads with
+``torch.load(..., weights_only=True)`` and is rebuilt by ``compact.load_exported`` (or
+``compact.load_model``, which also reads checkpoints). The export is read back after writing and
+its outputs checked against the masked model's. See compact.py.
 """
 import argparse
 import json
@@ -19,6 +22,7 @@ import torch
 
 import compact
 from common import UserError, load_checkpoint, run_cli, save_checkpoint
+from evaluation import format_storage
 
 
 def main(argv=None):
@@ -58,6 +62,10 @@ def main(argv=None):
     print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
           f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
     print(compact.format_figures(fig))
+    if "storage_bits" in fig:  # a quantized export: its layers as packed integer codes
+        print("quantized layers as packed codes: " + ", ".join(
+            f"{n} {e['bits']} bits" for n, e in exp["quantized"].items()))
+        print(format_storage(fig["storage_bits"]))
     print(f"check on {len(x)} random inputs: max |compact - masked| / max |masked| = {diff:.2e}, "
           f"same predictions: {same}")
     if not args.no_latency:

@@ -183,3 +183,109 @@ def hard_quantize(weights, projection):
         energy[n] = float((before - z.float()).square().sum()) / max(float(before.square().sum()), 1e-30)
         w.copy_(z)
     return scales, energy
+
+
+# --------------------------------------------------------------------------- codes on disk, and the report
+
+def _step(bits):
+    """Spacing of the codes: 1 for b >= 2; 2 for b = 1, whose codes are -1 and +1 only."""
+    return 2 if bits == 1 else 1
+
+
+@torch.no_grad()
+def pack_codes(codes, bits):
+    """The integer codes ``codes`` (any shape, values in [-L, L], L = ``top_code(bits)``; at b = 1
+    only -1 and +1) packed ``bits`` bits each into a uint8 tensor of ceil(n * bits / 8) bytes.
+    Code c is stored as the unsigned (c + L) / step (0 .. 2^b - 2 for b >= 2, 0 or 1 at b = 1),
+    least significant bit first, code after code; ``unpack_codes`` reverses it."""
+    L, flat = top_code(bits), codes.detach().flatten().cpu().round().to(torch.int32)
+    u = flat + L
+    if (u < 0).any() or (u > 2 * L).any() or (bits == 1 and (flat == 0).any()):
+        raise ValueError(f"codes out of the {bits}-bit range [-{L}, {L}]" + (" (no 0 at 1 bit)" if bits == 1 else ""))
+    u = u // _step(bits)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    stream = ((u.unsqueeze(1) >> shifts) & 1).to(torch.uint8).flatten()  # n * bits bits
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def unpack_codes(packed, bits, n):
+    """The ``n`` codes ``pack_codes`` packed into ``packed``, as a float32 1-D tensor."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-n * bits // 8):
+        raise ValueError(f"codes must be {-(-n * bits // 8)} uint8 bytes for {n} codes of {bits} bits")
+    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n * bits]
+    u = (stream.view(n, bits).to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(1)
+    if bits > 1 and (u > 2 * top_code(bits)).any():
+        raise ValueError(f"a code is out of the {bits}-bit range")
+    return (u * _step(bits) - top_code(bits)).float()
+
+
+def _ulp_neighbours(q, ulps=2):
+    """The float32 scale ``q`` and its ``ulps`` float32 neighbours on each side, nearest first."""
+    q = torch.tensor(q, dtype=torch.float32)
+    out, up, down = [q], q, q
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+        out += [up, down]
+    return [float(s) for s in out]
+
+
+@torch.no_grad()
+def levels_of(w, bits, scale=None):
+    """(codes, q) with ``codes * q`` equal to ``w`` bit for bit (float32 product, codes integer
+    in [-L, L], nonzero weights at b = 1 on ±1), or None when ``w`` is not on the levels of any
+    scale: the integer codes of an already-quantized tensor, as the export stores them.
+
+    ``scale``: the layer's recorded scale (``hard_quantize``'s, kept in the checkpoint's
+    convergence figures), tried first. Without it, or if it does not fit, the largest |w| is
+    k * q for some code k in 1..L, so q is searched among max|w| / k (each within 2 float32 ulps,
+    the rounding of k * q); the search runs on the distinct values only (at most 2L of them).
+    ``w``: any shape; codes come back float32 in ``w``'s shape, q as a float (0.0 if ``w`` is all zero).
+    """
+    x = w.detach().float().cpu()
+    values = x[x != 0].unique()
+    if not values.numel():
+        return torch.zeros_like(x), 0.0
+    L = top_code(bits)
+    if values.numel() > (2 if bits == 1 else 2 * L):
+        return None  # more values than levels: no scale can fit
+    top = float(values.abs().max())
+    candidates = ([scale] if scale else []) + [top / k for k in range(L, 0, -1)]
+
+    def fits(v, s):
+        c = torch.round(v / s)
+        ok = c.abs().max() <= L and torch.equal(c * s, v)
+        return ok and (bits > 1 or bool((c[v != 0].abs() == 1).all()))
+
+    for q in candidates:
+        for s in _ulp_neighbours(q) if q > 0 else []:
+            if fits(values, s) and fits(x, s):
+                return torch.round(x / s), s
+    return None
+
+
+def allowed_values(bits):
+    """Most distinct nonzero values a layer at ``bits`` may hold: 2^b - 2 (b >= 2), 2 at b = 1."""
+    return 2 if bits == 1 else 2 ** bits - 2
+
+
+def quantization_report(weights, bits, scales=None):
+    """({name: {"bits", "distinct_nonzero", "scale"}}, warnings) of the layers in ``bits``
+    ({name: b}) among ``weights`` ({name: tensor}). ``scale`` is the float32 scale q the weights
+    sit on (``levels_of``; ``scales`` {name: q} are the recorded ones, tried first), None when the
+    layer is not on its levels. A warning line for each layer with more distinct nonzero values
+    than ``allowed_values`` or off its levels."""
+    rows, warn = {}, []
+    for n, b in bits.items():
+        if n not in weights:
+            continue
+        w = weights[n]
+        lv = levels_of(w, b, (scales or {}).get(n))
+        rows[n] = {"bits": b, "distinct_nonzero": distinct_nonzero(w), "scale": None if lv is None else lv[1]}
+        if rows[n]["distinct_nonzero"] > allowed_values(b):
+            warn.append(f"{n}: {rows[n]['distinct_nonzero']} distinct nonzero values, more than the "
+                        f"{allowed_values(b)} of {b} bits: the layer is not quantized")
+        elif lv is None:
+            warn.append(f"{n}: its values are not the integer multiples of one scale that {b} bits allow")
+    return rows, warn

@@ -195,7 +195,11 @@ class Quantize(ADMMStage):
     on its level, and the masks kept. Nothing trains after it: the weights stay fixed on their
     levels (retraining the biases alone, as the issue allows, is not implemented). The epoch rows
     (and the checkpoint's test accuracies) are measured before the hard quantization; the final
-    report of a full run, after it."""
+    report of a full run, after it.
+
+    ``quantize.epochs: 0`` is the round-to-nearest baseline (post-training quantization of the
+    pruned model, no ADMM): no epoch runs, so ``finish`` projects the pruned weights with the same
+    projection (levels, scale and masks as ADMM's Z-step) and nothing else changes."""
     kind = section = "quantize"
     settings = "quant"
     prunes = False
