@@ -331,6 +331,11 @@ def _run(args, adversarial):
         final = folder.final(names[-1])
         rep = report(model, cfg, test, device, standard_attacks(cfg))
         rep["convergence"] = load_checkpoint(final).get("metrics", {}).get("convergence", {})
+        if names[-1] == "quantize":  # the quantized layers: bits, distinct values, scale (as eval.py)
+            scales = rep["convergence"].get("quantize", {}).get("scale")
+            bits = quant.resolve_bits(model, cfg["quant"]["bits"])
+            rep["quantization"], warn = quant.quantization_report(admm_lib.prunable_weights(model), bits, scales)
+            rep["warnings"] += warn
         LOG.info("final model (" + final + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)

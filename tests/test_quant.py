@@ -278,6 +278,11 @@ def test_all_stages_end_on_the_levels_with_the_sparsity_kept(quantized_run):
     assert "hard quantization:" in proc.stdout and "final model (" + str(out / "quantize.pt") in proc.stdout
     rep = json.loads((out / "eval.json").read_text())
     assert set(rep["convergence"]["quantize"]["quantized_energy"]) == set(bits)
+    # the final report lists each quantized layer on its levels, as eval.py does
+    assert "quantized layer" in proc.stdout
+    for n, b in bits.items():
+        q = rep["quantization"][n]
+        assert q["bits"] == b and q["distinct_nonzero"] <= 2 ** b - 2 and q["scale"] is not None
 
 
 def test_unknown_layer_in_bits_stops_before_training(tmp_path):
