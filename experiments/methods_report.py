@@ -121,7 +121,7 @@ def section(summary, plot_name="pruning_methods.png"):
     m, T = spec["methods"], Table(rs)
     limit = spec["eval"]["limit"]
     lines = ["## Finding 5: ADMM vs magnitude pruning at high ratios", "",
-             f"{spec.get('dataset', 'fashion_mnist')} ({cfg('data.train_limit')} training images, the first "
+             f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images and "
              f"{limit:,} test images), LeNet w={m['width']}, every layer pruned (irregular) at the ratio. Each "
              f"cell starts from its seed's pretrained model ({cfg('pretrain.epochs')} epochs) and gets "
              "the same number of epochs after it:",
@@ -133,9 +133,11 @@ def section(summary, plot_name="pruning_methods.png"):
              + " of each layer's target, each with half the budget, split as ADMM's.",
              "- **one-shot**: magnitude pruning, then masked retraining for the whole budget.",
              "- **gradual** (Zhu & Gupta 2017): the cubic schedule over the pruning stage, then masked retraining.",
+             f"- Every stage after pretraining trains with the same optimizer and lr (Adam, {cfg('admm.lr')}).",
              "", f"Adversarial training: PGD-{cfg('adv.steps')}; evaluation: PGD-"
              f"{spec['eval']['steps']} at the config's eps. *Energy* is the largest per-layer share of the "
-             "squared weight norm removed by a hard prune (for one-shot: by the magnitude prune itself). "
+             "squared weight norm removed by a hard prune (one-shot: the magnitude prune itself; gradual: its "
+             "last pruning step; progressive: the larger of its two rounds'). "
              f"An ADMM cell above {100 * NOT_CONVERGED:g} % is **not converged** and kept out of the verdict.", ""]
     decided = {}
     for training in ("adversarial", "natural"):

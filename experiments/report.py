@@ -279,6 +279,10 @@ def finding5(summary, methods_path, out):
     else:
         return "not run", "## Finding 5: ADMM vs magnitude pruning at high ratios\n\nNot run: " \
             "python experiments/sweep.py --spec experiments/pruning_methods.yaml\n"
+    notes = os.path.join(out, "results", "pruning_methods_notes.md")  # the reading of the numbers, by hand
+    if os.path.isfile(notes):
+        with open(notes) as f:
+            text = text.rstrip() + "\n\n" + f.read()
     verdict = next((line.split("Verdict: ", 1)[1].rstrip(".") for line in text.splitlines() if "Verdict: " in line),
                    "see the section")
     return verdict, text
