@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = {"admm": "ADMM", "progressive": "progressive ADMM", "oneshot": "one-shot", "gradual": "gradual"}
+COLORS = {"admm": "C0", "progressive": "C1", "oneshot": "C2", "gradual": "C3"}  # the same in every panel
 NOT_CONVERGED = 0.05  # largest per-layer pruned energy above which an ADMM cell has not converged
 CHANCE = 0.15         # natural accuracy below which a model is at chance (10 classes)
 
@@ -249,11 +250,12 @@ def plot(summary, path):
                    if T.mean(k, metric) is not None]
             if not pts:
                 continue
-            line = ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                               fmt=mk + "-", capsize=3, label=METHODS[method], markersize=5)
+            color = COLORS.get(method)
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                        fmt=mk + "-", capsize=3, label=METHODS[method], markersize=5, color=color)
             for x, y, _, ok in pts:
                 if not ok:
-                    ax.plot(x, 100 * y, mk, markersize=9, mfc="white", mec=line[0].get_color())
+                    ax.plot(x, 100 * y, mk, markersize=9, mfc="white", mec=color)
         ax.set_xticks(xs, [f"{100 * r:g}%" for r in m["ratios"]])
         ax.set_title(f"{training}, {budget} epochs", fontsize=9)
         ax.set_xlabel("pruned, every layer")
