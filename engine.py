@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import admm as admm_lib
+import compact
 import data as data_lib
 import distributed as dist
 import quant
@@ -331,9 +332,9 @@ def _run(args, adversarial):
         final = folder.final(names[-1])
         rep = report(model, cfg, test, device, standard_attacks(cfg))
         rep["convergence"] = load_checkpoint(final).get("metrics", {}).get("convergence", {})
-        if names[-1] == "quantize":  # the quantized layers: bits, distinct values, scale (as eval.py)
+        bits = compact.quantized_layers(cfg, names[-1], model)  # the layers on their levels, as eval.py finds them
+        if bits:
             scales = rep["convergence"].get("quantize", {}).get("scale")
-            bits = quant.resolve_bits(model, cfg["quant"]["bits"])
             rep["quantization"], warn = quant.quantization_report(admm_lib.prunable_weights(model), bits, scales)
             rep["warnings"] += warn
         LOG.info("final model (" + final + "):\n" + format_report(rep))

@@ -37,12 +37,15 @@ def largest_energy(ev):
                 for e in fig.get("pruned_energy", {}).values()), default=float("nan"))
 
 
+def method_cells(summary):
+    """The finished cells of the methods comparison (Finding 5) in ``summary``."""
+    return [c for c in summary["cells"] if c["kind"] in METHODS and 5 in c["finding"]]
+
+
 def rows(summary):
     """One row per finished cell: its setting, accuracies and largest pruned energy."""
     out = []
-    for c in summary["cells"]:
-        if c["kind"] not in METHODS or 5 not in c["finding"]:
-            continue
+    for c in method_cells(summary):
         m, ev = c["meta"], c["eval"]
         out.append({"id": c["id"], "method": m["method"], "training": m["training"], "ratio": m["ratio"],
                     "budget": m["budget"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
@@ -192,9 +195,9 @@ def trajectory_lines(summary, budget):
     of masked retraining, mean over seeds and ratios, per method. Read from each run's
     metrics.jsonl (the sweep's run folders); nothing when they are not there."""
     acc = {}
-    for c in summary["cells"]:
+    for c in method_cells(summary):
         m = c["meta"]
-        if c["kind"] not in METHODS or 5 not in c["finding"] or m["budget"] != budget:
+        if m["budget"] != budget:
             continue
         key = "train_adv" if m["training"] == "adversarial" else "train_natural"
         ends = stage_ends(os.path.join(summary["out"], "runs", c["id"]), key)
