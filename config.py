@@ -76,8 +76,8 @@ DEFAULTS = {
     "quant": {                     # ADMM quantization after pruning (quant.py; Leng et al. 2018, arXiv:1903.09769)
         "bits": {},                # {param name or fnmatch pattern: bits, 1..16 (0: not quantized)}, or {arch: {...}};
                                    # empty: no quantization. Levels {-(2^(b-1)-1), ..., 0, ..., 2^(b-1)-1} x q per layer
-        "rho": 0.01,               # initial ADMM penalty (as prune.rho)
-        "rho_growth": 1.0,         # rho *= rho_growth at each Z/U update
+        "rho": 0.1,                # initial ADMM penalty (as prune.rho); with rho_growth, O(1) within the
+        "rho_growth": 1.5,         # stage: rho *= rho_growth at each Z/U update (10 updates: 0.1 -> 3.8)
         "update_every": 1,         # passes over the data between Z/U updates
         "rescale_dual": True,      # as prune.rescale_dual
         "restart_lr": True,        # as prune.restart_lr, for the quantize stage's schedule

@@ -369,16 +369,20 @@ def format_storage(sb):
 def format_convergence(conv):
     """Report lines for a checkpoint's convergence figures (``metrics["convergence"]``): ADMM's
     residuals at its last Z/U update and the fraction of each layer's squared norm the hard prune
-    removed. A converged ADMM stage has small residuals and removes almost nothing."""
+    removed; the same two for ADMM quantization (the ``quantize`` stage) and its hard quantization.
+    A converged ADMM stage has small residuals and moves almost nothing at its hard step."""
     lines = []
-    if conv and "admm" in conv:
-        a = conv["admm"]
-        lines.append(f"ADMM at its last Z/U update (rho {a['rho']:.4g}): primal ||W-Z||/||W||  "
-                     + "  ".join(f"{k}={v:.4f}" for k, v in a["residual"].items()))
-        if "dual_residual" in a:
-            lines.append("  dual rho||Z-Z_prev||/||W||  " + "  ".join(f"{k}={v:.4f}" for k, v in a["dual_residual"].items()))
-    if conv and "retrain" in conv:
-        e = conv["retrain"]["pruned_energy"]
-        lines.append("pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2): "
-                     + "  ".join(f"{k}={v:.4f}" for k, v in e.items()) + f"  (largest {max(e.values(), default=0):.4f})")
+    join = lambda d: "  ".join(f"{k}={v:.4f}" for k, v in d.items())  # noqa: E731
+    for stage, what in (("admm", "ADMM"), ("quantize", "ADMM quantization")):
+        if conv and "residual" in conv.get(stage, {}):
+            a = conv[stage]
+            lines.append(f"{what} at its last Z/U update (rho {a['rho']:.4g}): primal ||W-Z||/||W||  {join(a['residual'])}")
+            if "dual_residual" in a:
+                lines.append(f"  dual rho||Z-Z_prev||/||W||  {join(a['dual_residual'])}")
+    for stage, what in (("retrain", "pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2)"),
+                        ("quantize", "energy moved by the hard quantization (||W - Q(W)||^2/||W||^2)")):
+        key = "pruned_energy" if stage == "retrain" else "quantized_energy"
+        if conv and key in conv.get(stage, {}):
+            e = conv[stage][key]
+            lines.append(f"{what}: {join(e)}  (largest {max(e.values(), default=0):.4f})")
     return lines

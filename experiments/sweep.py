@@ -92,6 +92,8 @@ def plan(spec):
         paper_cells(spec, add)
     if "methods" in spec:
         method_cells(spec, add)
+    if "quantization" in spec:
+        quant_cells(spec, add)
     return _finish_plan(spec, cells)
 
 
@@ -193,6 +195,36 @@ def method_cells(spec, add):
                         add(f"{method}-{mode}-r{round(r * 100, 2):g}-e{budget}-s{seed}", [5], method, seed,
                             {"width": w, "training": training, "ratio": r, "budget": budget, "method": method,
                              "ratios": ratios}, steps, "retrain.pt", [pre(mode, w, seed)])
+
+
+QUANT_METHODS = ("admm", "rtn")  # ADMM quantization; round-to-nearest (the quantize stage with 0 epochs)
+
+
+def quant_cells(spec, add):
+    """Finding 6: one pruned model per seed (the config's ratios, ADMM + masked retraining after
+    pretraining), then its weights quantized to each of ``bits`` by ADMM quantization (the quantize
+    stage, ``epochs`` epochs) and by round-to-nearest (the same stage with 0 epochs: no training).
+    The dense (pretrain) and pruned float models are the cells the references come from."""
+    q = spec["quantization"]
+    w, mode = q["width"], q["training"]
+    script, training = ("adv_main.py", "adversarial") if mode == "adv" else ("main.py", "natural")
+    for seed in spec["seeds"]:
+        dense, pruned = pre(mode, w, seed), f"pruned-{mode}-w{w}-s{seed}"
+        add(dense, [6], "pretrain", seed, {"width": w, "training": training},
+            [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+        add(pruned, [6], "pruned", seed, {"width": w, "training": training},
+            [{"script": script, "stage": "admm", "init": ("cell", dense, "pretrain.pt"), "sets": [f"model.width={w}"]},
+             {"script": script, "stage": "retrain", "init": None, "sets": [f"model.width={w}"]}], "retrain.pt", [dense])
+        for bits in q["bits"]:
+            for method in q["methods"]:
+                if method not in QUANT_METHODS:
+                    raise ValueError(f"quantization.methods: {method!r} is not one of {', '.join(QUANT_METHODS)}")
+                epochs = q["epochs"] if method == "admm" else 0
+                sets = [f"model.width={w}", f"quant.bits.*={bits}", f"quantize.epochs={epochs}"]
+                add(f"quant-{method}-{mode}-b{bits}-s{seed}", [6], "quantize", seed,
+                    {"width": w, "training": training, "bits": bits, "method": method, "epochs": epochs},
+                    [{"script": script, "stage": "quantize", "init": ("cell", pruned, "retrain.pt"), "sets": sets}],
+                    "quantize.pt", [pruned])
 
 
 def _finish_plan(spec, cells):
@@ -316,7 +348,7 @@ def _train_time(rd):
         with open(path) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 3 and parts[2].split(".")[0] in ("pretrain", "admm", "gradual", "retrain") and parts[-1].endswith("s"):
+                if len(parts) > 3 and parts[2].split(".")[0] in ("pretrain", "admm", "gradual", "retrain", "quantize") and parts[-1].endswith("s"):
                     try:
                         total += float(parts[-1][:-1])
                     except ValueError:
