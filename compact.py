@@ -427,9 +427,9 @@ def export_model(model, cfg, storage="compact", source=None, bits=None, scales=N
     source: what to record about the checkpoint it came from (path, stage, epoch, ...).
     bits: {name: b} of the layers quantized to b bits (``quantized_layers``), stored as
     ``encode_quantized`` (a layer not on its levels stays float); ``scales``: their recorded scales.
-    A quantized export (version 2) also records, in its figures, the size of the float export of
-    the same storage (``bytes.float_export``) and ``storage_bits``: {export, float_export,
-    dense_float32} (``payload_bits``; dense_float32 is the dense state dict's).
+    Its figures record ``storage_bits``: {export, dense_float32} (``payload_bits``; dense_float32
+    is the dense state dict's); a quantized export (version 2) also the size of the float export of
+    the same storage (``bytes.float_export``, ``storage_bits.float_export``).
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -458,17 +458,17 @@ def export_model(model, cfg, storage="compact", source=None, bits=None, scales=N
                              "compact": small_fig["macs"]},
                     "bytes": {"checkpoint": (source or {}).get("bytes"), "dense": nbytes_saved(dense_sd)}},
     }
+    storage_bits = {"export": payload_bits(exp),
+                    "dense_float32": 8 * sum(t.numel() * t.element_size() for t in dense_sd.values())}
     quantized = {n: e for n, b in (bits or {}).items() if n in state
                  for e in [encode_quantized(state[n], b, (scales or {}).get(n))] if e is not None}
     if quantized:
-        float_bytes, float_bits = nbytes_saved(exp), payload_bits(exp)
+        exp["figures"]["bytes"]["float_export"] = nbytes_saved(exp)
         exp["version"], exp["quantized"] = VERSION, quantized
         exp["state"] = {k: v for k, v in exp["state"].items() if k not in quantized}
         exp["sparse"] = {k: v for k, v in exp["sparse"].items() if k not in quantized}
-        exp["figures"]["bytes"]["float_export"] = float_bytes
-        exp["figures"]["storage_bits"] = {
-            "export": payload_bits(exp), "float_export": float_bits,
-            "dense_float32": 8 * sum(t.numel() * t.element_size() for t in dense_sd.values())}
+        storage_bits = {**storage_bits, "float_export": storage_bits["export"], "export": payload_bits(exp)}
+    exp["figures"]["storage_bits"] = storage_bits
     return exp
 
 
@@ -607,7 +607,7 @@ def load_model(path, device="cpu"):
         meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
                 "sparsity": obj["sparsity"], "compression": figures(obj, os.path.getsize(path)), "convergence": {}}
         scales = {n: e["scale"] for n, e in (obj.get("quantized") or {}).items()}
-        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales, obj)
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales)
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
@@ -623,20 +623,18 @@ def load_model(path, device="cpu"):
                 "sparsity": sparsity, "compression": compression,
                 "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
         scales = ((obj.get("convergence") or {}).get("quantize") or {}).get("scale")
-        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales, exp)
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales)
     return model.to(device).eval(), cfg, meta
 
 
-def quantization_meta(model, bits, scales, exp):
+def quantization_meta(model, bits, scales):
     """None without quantized layers (``bits`` empty), else {"layers": {name: {bits,
     distinct_nonzero, scale}} (``quant.quantization_report`` on ``model``'s weights; ``scales``
-    the recorded ones), "warnings": [lines], "storage_bits": the export dict ``exp``'s
-    ``figures.storage_bits`` (None without an export: no channel groups)}."""
+    the recorded ones), "warnings": [lines]}."""
     if not bits:
         return None
     rows, warn = quant.quantization_report(admm_lib.prunable_weights(model), bits, scales)
-    storage = (exp or {}).get("figures", {}).get("storage_bits")
-    return {"layers": rows, "warnings": warn, "storage_bits": storage}
+    return {"layers": rows, "warnings": warn}
 
 
 def _mb(n):

@@ -94,9 +94,10 @@ def main(argv=None):
     rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
     rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes; or None
     rep["convergence"] = meta["convergence"]  # ADMM residuals and pruned energy at each hard prune, by stage
+    if (meta["compression"] or {}).get("storage_bits"):  # payload bits of the export, and dense float32
+        rep["storage_bits"] = meta["compression"]["storage_bits"]
     if meta["quantization"]:  # quantized layers (a quantize-stage checkpoint, or its export); else nothing new
         rep["quantization"] = meta["quantization"]["layers"]
-        rep["storage_bits"] = meta["quantization"]["storage_bits"]
         rep["warnings"] += meta["quantization"]["warnings"]
     rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
                          "adversarial": meta["adversarial"]}

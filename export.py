@@ -62,7 +62,7 @@ def main(argv=None):
     print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
           f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
     print(compact.format_figures(fig))
-    if "storage_bits" in fig:  # a quantized export: its layers as packed integer codes
+    if "quantized" in exp:  # a quantized export: its layers as packed integer codes
         print("quantized layers as packed codes: " + ", ".join(
             f"{n} {e['bits']} bits" for n, e in exp["quantized"].items()))
         print(format_storage(fig["storage_bits"]))
