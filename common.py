@@ -31,6 +31,12 @@ def run_cli(main, *args):
     sys.exit(2)
 
 
+def progress(iterable, total, desc):
+    """A tqdm bar on terminals; silent when stderr is not a terminal (logs, CI, batch jobs)."""
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
 def get_device(name):
     """``auto`` -> cuda if available, else cpu; anything else is passed to ``torch.device``."""
     if name == "auto":

@@ -31,9 +31,9 @@ import compact
 import data as data_lib
 import distributed as dist
 import quant
-from common import LOG, UserError, get_device, load_checkpoint, save_checkpoint, seed_everything, setup_logging
+from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
 from config import TABLES, load_config
-from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, progress, report, standard_attacks
+from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
 from methods import Method, make_method
 from rundir import RunFolder
 from stages import make_stage, stage_names

@@ -3,7 +3,6 @@ on the same examples, the worst case over attacks, the gradient-masking sanity c
 sweep, the sparsity + accuracy report, and building a model from a config or checkpoint."""
 import contextlib
 import math
-import sys
 import time
 import zlib
 
@@ -13,7 +12,7 @@ import admm as admm_lib
 import data as data_lib
 import distributed as dist
 from attacks import FGSM, PGD, AutoAttack
-from common import UserError
+from common import UserError, progress
 from models import build_model
 
 ATTACKS = ("natural", "fgsm", "pgd", "pgd_cw", "pgd_l2", "autoattack", "apgd", "autoattack_l2", "apgd_l2")
@@ -23,12 +22,6 @@ APGD = ("apgd-ce", "apgd-t")  # the cheaper subset of AutoAttack, named apgd
 # and for 28x28 digits.
 EPS_L2 = {"cifar10": 0.5}
 EPS_L2_DEFAULT = 2.0
-
-
-def progress(iterable, total, desc):
-    """A tqdm bar on terminals; silent when stderr is not a terminal (logs, CI, batch jobs)."""
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
 def model_from_config(cfg, info, device):
@@ -79,7 +72,9 @@ def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc
     """Which of the first ``limit`` examples of ``split`` (0 = all) ``model`` still classifies
     correctly under each attack in ``attacks`` ({name: attack, or None for natural}). Every attack
     sees the same examples, batched on ``device``, one attack after another, each with its own
-    progress bar. With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated.
+    progress bar. An attack with ``whole_set`` (AutoAttack, whose checks are statistics of the set)
+    gets all the examples in one call and batches them itself.
+    With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated.
     Returns ({name: bool tensor [n] on the CPU}, {name: wall-clock seconds the attack took})."""
     was_training = model.training
     model.eval()
@@ -89,6 +84,12 @@ def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc
         for name, attack in attacks.items():
             t0 = time.perf_counter()
             batches = data_lib.batches(split, batch_size, device, limit=limit, rank=rank, world=world)
+            if getattr(attack, "whole_set", False):
+                x, y = (torch.cat(t) for t in zip(*batches))
+                with _rng(seed, name, 0, device):
+                    x_adv = attack(model, x, y)
+                batches = zip(x_adv.split(batch_size), y.split(batch_size))
+                attack = None  # the batches below are already the adversarial examples
             hits = []
             for i, (x, y) in enumerate(progress(batches, n_batches, f"{desc} {name}") if rank == 0 else batches):
                 with _rng(seed, name, i, device):
@@ -132,13 +133,15 @@ def standard_attacks(cfg, names=("natural", "fgsm", "pgd"), eps=None, steps=None
     step_size = e["step_size"] if step_size is None else step_size
     restarts = e["restarts"] if restarts is None else restarts
     eps_l2 = EPS_L2.get(cfg["data"]["dataset"], EPS_L2_DEFAULT) if eps_l2 is None else eps_l2
-    rs = cfg["adv"]["random_start"]
+    rs, bs = cfg["adv"]["random_start"], cfg["data"]["test_batch_size"]
     table = {"natural": lambda: None, "fgsm": lambda: FGSM(eps),
              "pgd": lambda: PGD(eps, step_size, steps, restarts, rs),
              "pgd_cw": lambda: PGD(eps, step_size, steps, restarts, rs, loss="cw"),
              "pgd_l2": lambda: PGD(eps_l2, 2.5 * eps_l2 / max(steps, 1), steps, restarts, rs, norm="l2"),
-             "autoattack": lambda: AutoAttack(eps), "apgd": lambda: AutoAttack(eps, attacks=APGD),
-             "autoattack_l2": lambda: AutoAttack(eps_l2, "l2"), "apgd_l2": lambda: AutoAttack(eps_l2, "l2", APGD)}
+             "autoattack": lambda: AutoAttack(eps, batch_size=bs),
+             "apgd": lambda: AutoAttack(eps, attacks=APGD, batch_size=bs),
+             "autoattack_l2": lambda: AutoAttack(eps_l2, "l2", batch_size=bs),
+             "apgd_l2": lambda: AutoAttack(eps_l2, "l2", APGD, batch_size=bs)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise UserError(f"--attacks: unknown attack(s) {', '.join(unknown)}; choose from {', '.join(table)}")

@@ -138,6 +138,33 @@ def test_sanity_checks_tolerate_sampling_noise():
                            {"pgd": 0.51, "pgd_half_eps": 0.49, "pgd_stronger": 0.53, "pgd_large_eps": 0.11}) == []
 
 
+# --------------------------------------------------------------------------- AutoAttack sees the whole set
+
+class _WholeSet:
+    """An attack that asks for the whole evaluation set at once (as AutoAttack does) and records
+    the sizes it was called with; it returns the examples unchanged."""
+    whole_set = True
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, x, y):
+        self.calls.append(len(x))
+        return x
+
+
+def test_a_whole_set_attack_is_called_once_on_every_example(small):
+    """AutoAttack's own checks are statistics of what it is given (Square's: more than 0.2 % of
+    it), so it must get the evaluated set in one call, not batch by batch."""
+    model, split, x, y = small
+    whole = _WholeSet()
+    correct, _ = correct_per_example(model, split, {"natural": None, "whole": whole}, 64, "cpu", limit=200, seed=0)
+    assert whole.calls == [200]  # one call with all 200 examples, not 4 batches of at most 64
+    assert torch.equal(correct["whole"], correct["natural"])  # and its output was scored per example
+    assert AutoAttack.whole_set and not PGD.whole_set
+    assert AutoAttack(EPS, batch_size=64).batch_size == 64  # the library batches inside
+
+
 # --------------------------------------------------------------------------- worst case
 
 def test_worst_case_is_per_example_and_at_most_each_attack(small, cfg):
