@@ -54,18 +54,18 @@ def rows(summary):
 
 
 class Table:
-    """Rows grouped by (training, budget, ratio, method) over seeds."""
+    """Rows grouped over seeds by the values of ``fields`` (a key is the tuple of them)."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, fields=("training", "budget", "ratio", "method")):
         self.groups = {}
         for r in rows:
-            self.groups.setdefault((r["training"], r["budget"], r["ratio"], r["method"]), []).append(r)
+            self.groups.setdefault(tuple(r[f] for f in fields), []).append(r)
 
     def values(self, key, metric):
         return [r[metric] for r in self.groups.get(key, [])]
 
     def mean(self, key, metric):
-        v = self.values(key, metric)
+        v = [x for x in self.values(key, metric) if x is not None]
         return statistics.fmean(v) if v else None
 
     def spread(self, key, metric):

@@ -1,11 +1,13 @@
-"""Turn a sweep's ``summary.json`` into ``RESULTS.md`` (tables for findings 1-5, verdicts) and plots.
+"""Turn a sweep's ``summary.json`` into ``RESULTS.md`` (tables for findings 1-6, verdicts) and plots.
 
     python experiments/report.py                       # runs/experiments/paper_findings -> docs/
-    python experiments/report.py --summary S --out D [--methods M]
+    python experiments/report.py --summary S --out D [--methods M] [--quantization Q]
 
-Findings 1-4 come from the paper_findings sweep; Finding 5 (the pruning methods compared) from
-the pruning_methods sweep (``--methods``, or the same summary when its spec has ``methods``),
-through ``methods_report.py``, or else from the section it last wrote (``results/pruning_methods.md``).
+Findings 1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared) and 6
+(ADMM quantization vs round-to-nearest) have their own sweeps (``pruning_methods.yaml``,
+``quantization.yaml``): each comes from its sweep's summary (``--methods``, ``--quantization``, or
+the same summary when its spec has the section) through ``methods_report.py`` /
+``quant_report.py``, or else from the section that last wrote (``results/<sweep name>.md``).
 
 Every number comes from the cells' ``eval.py`` reports. Over seeds a cell is shown as
 ``mean ± half-range`` (for two seeds: the distance of each seed from the mean), with the number
@@ -30,6 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from sweep import weight_counts  # noqa: E402
 import methods_report  # noqa: E402
+import quant_report  # noqa: E402
 
 
 # --------------------------------------------------------------------------- numbers
@@ -82,6 +85,10 @@ class Results:
 
 
 HEADLINE = {}  # finding -> its key numbers, for the summary at the top
+NAMES = {1: "capacity: robust accuracy needs width", 2: "pruning a wide model beats training the small one",
+         3: "irregular >= column >= filter", 4: "natural pruning loses robustness, adversarial ADMM keeps it",
+         5: "ADMM beats magnitude pruning at high ratios",
+         6: "ADMM quantization keeps a pruned robust model's accuracy better than round-to-nearest"}
 
 
 def within_noise(R, a, b, metric):
@@ -264,22 +271,23 @@ def finding4(R, lines):
     return verdict
 
 
-def finding5(summary, methods_path, out):
-    """(verdict, section) of Finding 5: from ``summary`` when its spec has the methods comparison,
-    else from the pruning_methods sweep's summary at ``methods_path``, else the stored section."""
-    stored = os.path.join(out, "results", "pruning_methods.md")
-    if "methods" not in summary["spec"] and os.path.isfile(methods_path):
-        with open(methods_path) as f:
+def own_sweep_finding(n, title, key, writer, stem, summary, sweep_path, out):
+    """(verdict, section) of Finding ``n``, which has its own sweep (a spec with section ``key``):
+    from ``summary`` when its spec has that section, else from the sweep's summary at
+    ``sweep_path``, else the section stored by the last run (``<out>/results/<stem>.md``). The
+    reading of the numbers, written by hand, follows it from ``results/<stem>_notes.md``."""
+    stored = os.path.join(out, "results", f"{stem}.md")
+    if key not in summary["spec"] and os.path.isfile(sweep_path):
+        with open(sweep_path) as f:
             summary = json.load(f)
-    if "methods" in summary["spec"]:
-        text = methods_report.write(summary, out)
+    if key in summary["spec"]:
+        text = writer.write(summary, out)
     elif os.path.isfile(stored):
         with open(stored) as f:
             text = f.read()
     else:
-        return "not run", "## Finding 5: ADMM vs magnitude pruning at high ratios\n\nNot run: " \
-            "python experiments/sweep.py --spec experiments/pruning_methods.yaml\n"
-    notes = os.path.join(out, "results", "pruning_methods_notes.md")  # the reading of the numbers, by hand
+        return "not run", f"## Finding {n}: {title}\n\nNot run: python experiments/sweep.py --spec experiments/{stem}.yaml\n"
+    notes = os.path.join(out, "results", f"{stem}_notes.md")
     if os.path.isfile(notes):
         with open(notes) as f:
             text = text.rstrip() + "\n\n" + f.read()
@@ -507,6 +515,8 @@ def main(argv=None):
                    help="the spec path to print in the regeneration commands")
     p.add_argument("--methods", default=os.path.join(ROOT, "runs", "experiments", "pruning_methods", "summary.json"),
                    help="summary.json of the pruning_methods sweep (Finding 5), if it exists")
+    p.add_argument("--quantization", default=os.path.join(ROOT, "runs", "experiments", "quantization", "summary.json"),
+                   help="summary.json of the quantization sweep (Finding 6), if it exists")
     a = p.parse_args(argv)
     with open(a.summary) as f:
         summary = json.load(f)
@@ -521,8 +531,10 @@ def main(argv=None):
     body, verdicts = [], {}
     for n, fn in enumerate((finding1, finding2, finding3, finding4), 1):
         verdicts[n] = fn(R, body)
-    verdicts[5], section5 = finding5(summary, a.methods, a.out)
-    body += section5.splitlines()
+    for n, key, writer, stem, path in ((5, "methods", methods_report, "pruning_methods", a.methods),
+                                       (6, "quantization", quant_report, "quantization", a.quantization)):
+        verdicts[n], text = own_sweep_finding(n, NAMES[n], key, writer, stem, summary, path, a.out)
+        body += text.splitlines()
     n_seeds = max((R.seeds(k) for k in R.by_key), default=0)
     head = [f"# Results: the paper's findings at small scale ({R.spec['name']})", "",
             "Ye et al., *Adversarial Robustness vs. Model Compression, or Both?* (ICCV 2019), tested on "
@@ -530,10 +542,7 @@ def main(argv=None):
             "*Regenerate*; accuracies are % on the evaluation subset, shown as mean ± half-range over "
             f"{'seeds' if n_seeds > 1 else '1 seed (no spread)'} (the seeds column says how many).", "",
             "## Summary", ""]
-    names = {1: "capacity: robust accuracy needs width", 2: "pruning a wide model beats training the small one",
-             3: "irregular >= column >= filter", 4: "natural pruning loses robustness, adversarial ADMM keeps it",
-             5: "ADMM beats magnitude pruning at high ratios"}
-    head += [f"{n}. {names[n]}: {verdicts[n]}." + (f" {HEADLINE[n]}." if n in HEADLINE else "") for n in range(1, 6)] + [""]
+    head += [f"{n}. {NAMES[n]}: {verdicts[n]}." + (f" {HEADLINE[n]}." if n in HEADLINE else "") for n in NAMES] + [""]
     regen = ["## Regenerate", "", "```",
              "# Fashion-MNIST from Debian (dataset-fashion-mnist) is unpacked by the driver; otherwise torchvision downloads it",
              f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue",

@@ -84,8 +84,11 @@ def plan(spec):
     cells = []
 
     def add(cid, finding, kind, seed, meta, steps, ckpt, deps=()):
-        if not any(c["id"] == cid for c in cells):
-            cells.append({"id": cid, "finding": finding, "kind": kind, "seed": seed, "meta": meta,
+        same = next((c for c in cells if c["id"] == cid), None)
+        if same:  # a cell that several findings share (a pretrained model) runs once
+            same["finding"] += [f for f in finding if f not in same["finding"]]
+        else:
+            cells.append({"id": cid, "finding": list(finding), "kind": kind, "seed": seed, "meta": meta,
                           "steps": steps, "ckpt": ckpt, "deps": list(deps)})
 
     if "widths" in spec:

@@ -170,7 +170,16 @@ def test_quick_sweep_end_to_end(tmp_path):
     for cid in summary["planned"]:
         cell = json.loads((out / "cells" / f"{cid}.json").read_text())
         assert 0.0 <= cell["eval"]["accuracy"]["pgd"] <= cell["eval"]["accuracy"]["natural"] + 1e-9
-    assert {f for c in summary["cells"] for f in c["finding"]} == {1, 2, 3, 4, 5}
+    assert {f for c in summary["cells"] for f in c["finding"]} == {1, 2, 3, 4, 5, 6}
+    # Finding 6: each quantized model is on its levels, smaller than the pruned float model
+    cells = {c["id"]: c for c in summary["cells"]}
+    float_bits = cells["pruned-adv-w1-s0"]["eval"]["storage_bits"]["export"]
+    for method in ("admm", "rtn"):
+        for bits in (4, 2):
+            ev = cells[f"quant-{method}-adv-b{bits}-s0"]["eval"]
+            assert all(q["bits"] == bits and q["distinct_nonzero"] <= 2 ** bits - 2 for q in ev["quantization"].values())
+            assert ev["storage_bits"]["export"] < float_bits
+    assert 6 in cells["pre-adv-w1-s0"]["finding"]  # the dense reference, shared with findings 1 and 5
 
     # Resumable: a second run finds every cell done and runs nothing.
     again = run("experiments/sweep.py", "--quick", "--out", str(out))
@@ -179,9 +188,11 @@ def test_quick_sweep_end_to_end(tmp_path):
     proc = run("experiments/report.py", "--summary", str(out / "summary.json"), "--out", str(docs))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (docs / "RESULTS.md").read_text()
-    for n in range(1, 6):
+    for n in range(1, 7):
         assert f"## Finding {n}" in text
     assert "±" in text or "1 seed" in text
     assert "Verdict: " in (docs / "results" / "pruning_methods.md").read_text()
-    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "pruning_methods.png"):
+    section6 = (docs / "results" / "quantization.md").read_text()
+    assert "Verdict: " in section6 and "| dense float32 |" in section6 and "| 2 |" in section6
+    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "pruning_methods.png", "quantization.png"):
         assert (docs / png).stat().st_size > 1000
