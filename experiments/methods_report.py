@@ -234,7 +234,7 @@ def cost_lines(rs):
              "| method | training | budget | cells | mean wall s |", "|---|---|---|---|---|"]
     lines += [f"| {METHODS[k[0]]} | {k[1]} | {k[2]} | {len(v)} | {statistics.fmean(v):.0f} |"
               for k, v in sorted(by.items())]
-    return lines + [f"", f"Sum of cell wall times: {sum(r['wall_s'] for r in rs) / 60:.1f} min.", ""]
+    return lines + ["", f"Sum of cell wall times: {sum(r['wall_s'] for r in rs) / 60:.1f} min.", ""]
 
 
 def plot(summary, path):
@@ -271,27 +271,35 @@ def plot(summary, path):
     plt.close(fig)
 
 
-def write(summary, out):
-    """Write the plot, the section and the rows under ``out``; return the section's text."""
+def write_section(summary, out, stem, plot_fn, section_fn):
+    """Write ``<out>/<stem>.png`` (``plot_fn``), the section ``<out>/results/<stem>.md`` and its rows
+    ``<out>/results/<stem>.json`` (``section_fn``); return the section's text. Shared by the
+    reports of the findings that have their own sweep."""
     os.makedirs(os.path.join(out, "results"), exist_ok=True)
-    plot(summary, os.path.join(out, "pruning_methods.png"))
-    text, rs = section(summary, "pruning_methods.png")
-    with open(os.path.join(out, "results", "pruning_methods.md"), "w") as f:
+    plot_fn(summary, os.path.join(out, f"{stem}.png"))
+    text, rs = section_fn(summary, f"{stem}.png")
+    with open(os.path.join(out, "results", f"{stem}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "results", "pruning_methods.json"), "w") as f:
+    with open(os.path.join(out, "results", f"{stem}.json"), "w") as f:
         json.dump(rs, f, indent=1)
     return text
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--summary", default="runs/experiments/pruning_methods/summary.json")
+def write(summary, out):
+    """Write Finding 5's plot, section and rows under ``out``; return the section's text."""
+    return write_section(summary, out, "pruning_methods", plot, section)
+
+
+def cli(write_fn, stem, description, argv=None):
+    """``--summary`` (default runs/experiments/<stem>/summary.json) -> ``write_fn`` into ``--out``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--summary", default=f"runs/experiments/{stem}/summary.json")
     p.add_argument("--out", default="docs", help="folder for the plot; the section goes to <out>/results/")
     a = p.parse_args(argv)
     with open(a.summary) as f:
-        print(write(json.load(f), a.out))
+        print(write_fn(json.load(f), a.out))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(write, "pruning_methods", __doc__.splitlines()[0]))

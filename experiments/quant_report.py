@@ -17,9 +17,6 @@ Rules, fixed before the numbers were seen (issue 13):
 - An ADMM cell whose hard quantization moved more than 5 % of some layer's squared norm, in any
   seed, has **not converged**: shown, and left out of the verdict.
 """
-import argparse
-import json
-import os
 import statistics
 
 import matplotlib
@@ -28,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from methods_report import Table  # noqa: E402 - mean ± half-range over seeds, grouped by a key
+from methods_report import Table, cli, write_section  # noqa: E402 - seeds' mean ± half-range; shared writer
 
 METHODS = {"admm": "ADMM quantization", "rtn": "round-to-nearest"}
 REFERENCES = {"dense": "dense float32", "pruned": "pruned, float32 (sparse)"}
@@ -194,26 +191,9 @@ def plot(summary, path):
 
 
 def write(summary, out):
-    """Write the plot, the section and the rows under ``out``; return the section's text."""
-    os.makedirs(os.path.join(out, "results"), exist_ok=True)
-    plot(summary, os.path.join(out, "quantization.png"))
-    text, rs = section(summary, "quantization.png")
-    with open(os.path.join(out, "results", "quantization.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results", "quantization.json"), "w") as f:
-        json.dump(rs, f, indent=1)
-    return text
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--summary", default="runs/experiments/quantization/summary.json")
-    p.add_argument("--out", default="docs", help="folder for the plot; the section goes to <out>/results/")
-    a = p.parse_args(argv)
-    with open(a.summary) as f:
-        print(write(json.load(f), a.out))
-    return 0
+    """Write Finding 6's plot, section and rows under ``out``; return the section's text."""
+    return write_section(summary, out, "quantization", plot, section)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(write, "quantization", __doc__.splitlines()[0]))
