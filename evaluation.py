@@ -73,7 +73,7 @@ def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc
     correctly under each attack in ``attacks`` ({name: attack, or None for natural}). Every attack
     sees the same examples, batched on ``device``, one attack after another, each with its own
     progress bar. An attack with ``whole_set`` (AutoAttack, whose checks are statistics of the set)
-    gets all the examples in one call and batches them itself.
+    gets all the examples (this rank's share under torchrun) in one call and batches them itself.
     With ``world`` > 1 only this ``rank``'s share (every world-th example) is evaluated.
     Returns ({name: bool tensor [n] on the CPU}, {name: wall-clock seconds the attack took})."""
     was_training = model.training
@@ -85,10 +85,12 @@ def correct_per_example(model, split, attacks, batch_size, device, limit=0, desc
             t0 = time.perf_counter()
             batches = data_lib.batches(split, batch_size, device, limit=limit, rank=rank, world=world)
             if getattr(attack, "whole_set", False):
-                x, y = (torch.cat(t) for t in zip(*batches))
-                with _rng(seed, name, 0, device):
-                    x_adv = attack(model, x, y)
-                batches = zip(x_adv.split(batch_size), y.split(batch_size))
+                batches = list(batches)
+                if batches:  # (a rank's share can be empty)
+                    x, y = (torch.cat(t) for t in zip(*batches))
+                    with _rng(seed, name, 0, device):
+                        x_adv = attack(model, x, y)
+                    batches = list(zip(x_adv.split(batch_size), y.split(batch_size)))
                 attack = None  # the batches below are already the adversarial examples
             hits = []
             for i, (x, y) in enumerate(progress(batches, n_batches, f"{desc} {name}") if rank == 0 else batches):
@@ -364,9 +366,9 @@ def format_quantization(layers, storage_bits=None):
 
 def format_storage(sb):
     """One line of ``compact.export_model``'s ``storage_bits`` ({export, float_export, dense_float32})."""
+    vs_float = f"{sb['float_export'] / max(sb['export'], 1):.2f}x less than the float export, " if "float_export" in sb else ""
     return (f"storage (codes + sparse indices + float32 scales, float tensors at their size): {sb['export']:,d} bits, "
-            f"{sb['float_export'] / max(sb['export'], 1):.2f}x less than the float export, "
-            f"{sb['dense_float32'] / max(sb['export'], 1):.2f}x less than dense float32")
+            f"{vs_float}{sb['dense_float32'] / max(sb['export'], 1):.2f}x less than dense float32")
 
 
 def format_convergence(conv):

@@ -210,6 +210,10 @@ def quant_cells(spec, add):
     The dense (pretrain) and pruned float models are the cells the references come from."""
     q = spec["quantization"]
     w, mode = q["width"], q["training"]
+    unknown = [m for m in q["methods"] if m not in QUANT_METHODS]
+    if mode not in ("adv", "nat") or unknown:
+        raise ValueError(f"quantization: training must be adv or nat and methods among {', '.join(QUANT_METHODS)}; "
+                         f"got {mode!r}, {q['methods']!r}")
     script, training = ("adv_main.py", "adversarial") if mode == "adv" else ("main.py", "natural")
     for seed in spec["seeds"]:
         dense, pruned = pre(mode, w, seed), f"pruned-{mode}-w{w}-s{seed}"
@@ -220,8 +224,6 @@ def quant_cells(spec, add):
              {"script": script, "stage": "retrain", "init": None, "sets": [f"model.width={w}"]}], "retrain.pt", [dense])
         for bits in q["bits"]:
             for method in q["methods"]:
-                if method not in QUANT_METHODS:
-                    raise ValueError(f"quantization.methods: {method!r} is not one of {', '.join(QUANT_METHODS)}")
                 epochs = q["epochs"] if method == "admm" else 0
                 sets = [f"model.width={w}", f"quant.bits.*={bits}", f"quantize.epochs={epochs}"]
                 add(f"quant-{method}-{mode}-b{bits}-s{seed}", [6], "quantize", seed,
@@ -396,7 +398,10 @@ def write_summary(sweep, cells, failed, t_start, done_now):
         p = sweep.result(c["id"])
         if os.path.isfile(p):
             with open(p) as f:
-                results.append(json.load(f))
+                r = json.load(f)
+            # what the plan says the cell serves now (a spec can gain a finding that shares a
+            # cell finished before), not what it said when the cell ran
+            results.append({**r, "finding": c["finding"]})
     summary = {"spec": sweep.spec, "out": sweep.out, "planned": [c["id"] for c in cells],
                "done": [r["id"] for r in results], "failed": failed,
                "missing": [c["id"] for c in cells if not os.path.isfile(sweep.result(c["id"])) and c["id"] not in failed],

@@ -162,7 +162,38 @@ def test_a_whole_set_attack_is_called_once_on_every_example(small):
     assert whole.calls == [200]  # one call with all 200 examples, not 4 batches of at most 64
     assert torch.equal(correct["whole"], correct["natural"])  # and its output was scored per example
     assert AutoAttack.whole_set and not PGD.whole_set
-    assert AutoAttack(EPS, batch_size=64).batch_size == 64  # the library batches inside
+    # an empty share (a rank with no examples under torchrun) calls nothing and scores nothing
+    empty = data.Split(split.images[:0], split.labels[:0])
+    none, _ = correct_per_example(model, empty, {"whole": whole}, 64, "cpu", seed=0)
+    assert whole.calls == [200] and none["whole"].numel() == 0
+
+
+def test_autoattack_log_lines_move_the_bar_and_warnings_are_kept():
+    """The library's per-attack lines advance the bar; only its warnings reach the report."""
+    import logging
+    from attacks import _Collect
+
+    class Bar:
+        n, postfix = 0, ""
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s):
+            self.postfix = s
+
+    collect = _Collect(Bar())
+    log = logging.getLogger("test-autoattack-collect")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(collect)
+    try:
+        log.debug("running apgd-ce")
+        log.debug("robust accuracy after APGD-CE: 61.70% (total time 12.0 s)")
+        log.warning("Square Attack has decreased the robust accuracy of 0.40%.")
+    finally:
+        log.removeHandler(collect)
+    assert collect.bar.n == 1 and collect.bar.postfix.startswith("APGD-CE: 61.70%")
+    assert collect.messages == ["Square Attack has decreased the robust accuracy of 0.40%."]
 
 
 # --------------------------------------------------------------------------- worst case

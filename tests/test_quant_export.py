@@ -219,6 +219,14 @@ def test_eval_of_a_float_checkpoint_is_the_old_report(tmp_path, capsys):
     assert rep["storage_bits"]["export"] < rep["storage_bits"]["dense_float32"]
 
 
+def test_storage_line_of_a_model_with_no_float_export_to_compare():
+    """A quantize-stage checkpoint saved mid-ADMM (weights not yet on their levels) has no quantized
+    layer in its export, so no float_export: the storage line still prints, without that ratio."""
+    from evaluation import format_storage
+    line = format_storage({"export": 1000, "dense_float32": 32000})
+    assert "1,000 bits" in line and "32.00x less than dense float32" in line and "float export" not in line
+
+
 def test_a_layer_with_too_many_values_is_a_warning(tmp_path, capsys):
     model, cfg, masks, before, ckpt = quantized_lenet()
     with torch.no_grad():
