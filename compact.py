@@ -481,6 +481,12 @@ def quantized_layers(cfg, stage, model):
     return quant.resolve_bits(model, qbits) if stage == "quantize" and qbits else {}
 
 
+def recorded_scales(ckpt):
+    """{name: scale q} that the hard quantization of a quantize-stage checkpoint recorded (its
+    convergence figures), or None."""
+    return ((ckpt.get("convergence") or {}).get("quantize") or {}).get("scale")
+
+
 def sparsity_report(model, cfg):
     """``admm.sparsity_report`` of ``model`` under ``cfg``'s prune ratios and sparsity type."""
     ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
@@ -502,8 +508,7 @@ def export_checkpoint(ckpt, path, storage=None, model=None):
     cfg = ckpt["config"]
     storage = storage or ("sparse" if cfg["prune"]["sparsity_type"] == "irregular" else "compact")
     model = model_from_checkpoint(ckpt, path) if model is None else model
-    bits = quantized_layers(cfg, ckpt.get("stage"), model)
-    scales = ((ckpt.get("convergence") or {}).get("quantize") or {}).get("scale")  # hard_quantize's
+    bits, scales = quantized_layers(cfg, ckpt.get("stage"), model), recorded_scales(ckpt)
     source = {"path": str(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
               "adversarial": ckpt.get("adversarial"), "git": ckpt.get("git"),
               "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
@@ -622,8 +627,8 @@ def load_model(path, device="cpu"):
         meta = {"format": "checkpoint", "stage": obj.get("stage"), "adversarial": obj.get("adversarial"),
                 "sparsity": sparsity, "compression": compression,
                 "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
-        scales = ((obj.get("convergence") or {}).get("quantize") or {}).get("scale")
-        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model), scales)
+        meta["quantization"] = quantization_meta(model, quantized_layers(cfg, meta["stage"], model),
+                                                 recorded_scales(obj))
     return model.to(device).eval(), cfg, meta
 
 

@@ -331,12 +331,13 @@ def _run(args, adversarial):
     if args.stage == "all" and dist.is_main():
         final = folder.final(names[-1])
         rep = report(model, cfg, test, device, standard_attacks(cfg))
-        rep["convergence"] = load_checkpoint(final).get("metrics", {}).get("convergence", {})
-        bits = compact.quantized_layers(cfg, names[-1], model)  # the layers on their levels, as eval.py finds them
-        if bits:
-            scales = rep["convergence"].get("quantize", {}).get("scale")
-            rep["quantization"], warn = quant.quantization_report(admm_lib.prunable_weights(model), bits, scales)
-            rep["warnings"] += warn
+        ckpt = load_checkpoint(final)
+        rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
+        # the layers on their levels, found as eval.py finds them
+        q = compact.quantization_meta(model, compact.quantized_layers(cfg, names[-1], model), compact.recorded_scales(ckpt))
+        if q:
+            rep["quantization"] = q["layers"]
+            rep["warnings"] += q["warnings"]
         LOG.info("final model (" + final + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)

@@ -11,6 +11,7 @@ import torch
 import admm as admm_lib
 import data as data_lib
 import distributed as dist
+import quant
 from attacks import FGSM, PGD, AutoAttack
 from common import UserError, progress
 from models import build_model
@@ -356,7 +357,7 @@ def format_quantization(layers, storage_bits=None):
         return []
     lines = [f"{'quantized layer':28} {'bits':>4} {'values':>6} {'allowed':>7} {'scale':>11}"]
     for n, q in layers.items():
-        allowed = 2 if q["bits"] == 1 else 2 ** q["bits"] - 2
+        allowed = quant.allowed_values(q["bits"])
         scale = "off levels" if q["scale"] is None else f"{q['scale']:.5g}"
         lines.append(f"{n:28} {q['bits']:4d} {q['distinct_nonzero']:6d} {allowed:7d} {scale:>11}")
     if storage_bits:
@@ -384,9 +385,8 @@ def format_convergence(conv):
             lines.append(f"{what} at its last Z/U update (rho {a['rho']:.4g}): primal ||W-Z||/||W||  {join(a['residual'])}")
             if "dual_residual" in a:
                 lines.append(f"  dual rho||Z-Z_prev||/||W||  {join(a['dual_residual'])}")
-    for stage, what in (("retrain", "pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2)"),
-                        ("quantize", "energy moved by the hard quantization (||W - Q(W)||^2/||W||^2)")):
-        key = "pruned_energy" if stage == "retrain" else "quantized_energy"
+    for stage, key, what in (("retrain", "pruned_energy", "pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2)"),
+                             ("quantize", "quantized_energy", "energy moved by the hard quantization (||W - Q(W)||^2/||W||^2)")):
         if conv and key in conv.get(stage, {}):
             e = conv[stage][key]
             lines.append(f"{what}: {join(e)}  (largest {max(e.values(), default=0):.4f})")

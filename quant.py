@@ -83,7 +83,7 @@ def quantize(w, bits, mask=None, iters=100):
         codes = kept_codes.view_as(x)
     else:
         codes[keep] = kept_codes
-    return codes, float(_nearest_float_scale(v, kept_codes, q))
+    return codes, _nearest_float_scale(v, kept_codes, q)
 
 
 def _alternate(v, bits, q, iters):
@@ -101,16 +101,11 @@ def _alternate(v, bits, q, iters):
 
 
 def _nearest_float_scale(x, codes, q, ulps=2):
-    """The float32 scale within ``ulps`` of ``q`` whose ``codes * scale`` is nearest to ``x``
-    (``q`` itself on a tie). The least squares q is exact in real numbers, but Z = codes * q is
-    rounded to float32, and q of a projected Z can come back one ulp off; this step finds the
-    scale that reproduces Z exactly (error 0), so that projecting Z gives Z."""
-    cands = [q]
-    for direction in (float("inf"), float("-inf")):
-        s = q
-        for _ in range(ulps):
-            s = torch.nextafter(s, torch.tensor(direction))
-            cands.append(s)
+    """The float32 scale within ``ulps`` of ``q`` (``_ulp_neighbours``) whose ``codes * scale`` is
+    nearest to ``x`` (``q`` itself on a tie). The least squares q is exact in real numbers, but
+    Z = codes * q is rounded to float32, and q of a projected Z can come back one ulp off; this
+    step finds the scale that reproduces Z exactly (error 0), so that projecting Z gives Z."""
+    cands = _ulp_neighbours(float(q), ulps)
     errors = torch.stack([(codes * s - x).square().sum() for s in cands])
     return cands[int(errors.argmin())]  # argmin returns the first minimum: q on a tie
 

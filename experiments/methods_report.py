@@ -62,10 +62,11 @@ class Table:
             self.groups.setdefault(tuple(r[f] for f in fields), []).append(r)
 
     def values(self, key, metric):
-        return [r[metric] for r in self.groups.get(key, [])]
+        """The seeds' values of ``metric`` (None, a figure a cell lacks, left out)."""
+        return [r[metric] for r in self.groups.get(key, []) if r[metric] is not None]
 
     def mean(self, key, metric):
-        v = [x for x in self.values(key, metric) if x is not None]
+        v = self.values(key, metric)
         return statistics.fmean(v) if v else None
 
     def spread(self, key, metric):

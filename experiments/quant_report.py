@@ -62,7 +62,7 @@ def converged(T, key):
 
 
 def kbits(T, key):
-    v = [x for x in T.values(key, "storage_bits") if x is not None]
+    v = T.values(key, "storage_bits")
     return f"{statistics.fmean(v) / 1000:,.0f}" if v else "-"
 
 
