@@ -302,7 +302,8 @@ def layer_sparsity(w):
 def sparsity_report(model, ratios, scheme):
     """Sparsity of every prunable layer (with its target ``ratio``, 0 if not pruned), plus, over
     the pruned layers (ratio > 0): ``overall``, their zero fraction, and ``compression_rate``,
-    their total weights / nonzero weights."""
+    their total weights / nonzero weights; and over all prunable layers: ``prunable`` {params,
+    zeros, fraction} (what an overall ``prune.target`` counts)."""
     layers, total, zeros = [], 0, 0
     for n, w in prunable_weights(model).items():
         nnz = int((w != 0).sum())
@@ -310,5 +311,8 @@ def sparsity_report(model, ratios, scheme):
                        "nonzero": nnz, **layer_sparsity(w)})
         if n in ratios:
             total, zeros = total + w.numel(), zeros + w.numel() - nnz
+    every = sum(L["params"] for L in layers)
+    every_zeros = sum(L["params"] - L["nonzero"] for L in layers)
     return {"type": scheme, "overall": zeros / total if total else 0.0,
-            "compression_rate": total / max(total - zeros, 1) if total else 1.0, "layers": layers}
+            "compression_rate": total / max(total - zeros, 1) if total else 1.0, "layers": layers,
+            "prunable": {"params": every, "zeros": every_zeros, "fraction": every_zeros / max(every, 1)}}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import admm as admm_lib
+import allocation as allocation_lib
 import data as data_lib
 import quant
 from common import UserError, load_file
@@ -505,7 +506,7 @@ def export_checkpoint(ckpt, path, storage=None, model=None):
     """(export dict, masked model) of the checkpoint dict ``ckpt`` read from ``path``. storage
     defaults to ``sparse`` for irregular pruning (nothing to remove, much to skip) and ``compact``
     for filter and column pruning. model: the masked model, if already built."""
-    cfg = ckpt["config"]
+    cfg = allocation_lib.resolved_config(ckpt)  # the ratios the run pruned to, in the sparsity report
     storage = storage or ("sparse" if cfg["prune"]["sparsity_type"] == "irregular" else "compact")
     model = model_from_checkpoint(ckpt, path) if model is None else model
     bits, scales = quantized_layers(cfg, ckpt.get("stage"), model), recorded_scales(ckpt)
@@ -616,7 +617,7 @@ def load_model(path, device="cpu"):
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
-        cfg = obj["config"]
+        cfg = allocation_lib.resolved_config(obj)  # the ratios the run pruned to, in the sparsity report
         model = model_from_checkpoint(obj, path)
         exp = None
         if has_channel_groups(model):

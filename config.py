@@ -72,6 +72,18 @@ DEFAULTS = {
                                    # epochs and lr) | oneshot (magnitude pruning at retrain's start)
         "rounds": [],              # progressive ADMM (arXiv:1903.09769): fractions of each layer's target ratio,
                                    # ascending, ending at 1.0, e.g. [0.8, 0.9, 1.0]; each round runs admm + retrain
+        "rate_rounds": [],         # progressive ADMM by overall compression rate instead, ascending, ending at the
+                                   # target's 1 / (1 - prune.target), e.g. [10, 30, 100] for target 0.99
+        "target": 0.0,             # one overall target: fraction of all prunable weights pruned, exactly (0: off,
+                                   # prune_ratios alone); prune_ratios entries still fix the layers they name
+        "allocation": "uniform",   # how the target is split (allocation.py): uniform | global (one magnitude
+                                   # threshold) | lamp (Lee et al. 2021) | erk (Evci et al. 2020) | from_checkpoint
+        "rates_from": "",          # allocation from_checkpoint: a checkpoint whose allocation (e.g. a HARP run's
+                                   # learned rates) gives the layers' shares, rescaled to prune.target
+        "score_lr": 0.0,           # hydra, harp: peak lr of the scores (0: admm.lr); the admm section gives the rest
+        "rate_lr": 0.0,            # harp: peak lr of the per-layer keep rates (0: admm.lr)
+        "rate_gamma": 1.0,         # harp: gamma_0 of the rate loss; gamma = (e + 1) gamma_0 until the target is met
+        "rate_start": 1.0,         # harp: initial keep rates = the allocation's times this (HARP starts denser)
     },
     "quant": {                     # ADMM quantization after pruning (quant.py; Leng et al. 2018, arXiv:1903.09769)
         "bits": {},                # {param name or fnmatch pattern: bits, 1..16 (0: not quantized)}, or {arch: {...}};
@@ -103,15 +115,16 @@ CHOICES = {
     "prune.sparsity_type": ("irregular", "filter", "column"),
     "adv.method": ("pgd", "fgsm_rs", "free"),
     "adv.attack_mode": ("eval", "train"),
-    "prune.method": ("admm", "gradual", "oneshot"),
+    "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
+    "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
 NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
-                "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
+                "prune.score_lr", "prune.rate_lr", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
-            "prune.update_every", "prune.rho_growth", "quant.update_every", "quant.rho_growth",
+            "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
             *(f"{s}.lr" for s in STAGE_SECTIONS))
 
 
@@ -157,7 +170,7 @@ def _coerce(key, value, default):
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
-    if key == "prune.rounds":
+    if key in ("prune.rounds", "prune.rate_rounds"):
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise UserError(f"{key}: expected a list of numbers such as [0.8, 0.9, 1.0], got {value!r}")
         return [float(v) for v in value]
@@ -230,7 +243,40 @@ def validate(cfg):
     if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
         raise UserError(f"prune.rounds: {rounds} must rise strictly from above 0 and end at 1.0 (the target), "
                         "e.g. [0.8, 0.9, 1.0]")
+    _validate_allocation(cfg["prune"])
     return cfg
+
+
+def _validate_allocation(p):
+    """The overall target, its allocation, the progressive rates and the score methods."""
+    if not 0.0 <= p["target"] < 1.0:
+        raise UserError(f"prune.target: must be in [0, 1) (a fraction of all prunable weights; 0: off), got {p['target']}")
+    if p["allocation"] != "uniform" and not p["target"]:
+        raise UserError(f"prune.allocation={p['allocation']} splits an overall target: set prune.target, e.g. 0.95")
+    if p["allocation"] == "from_checkpoint" and not p["rates_from"]:
+        raise UserError("prune.allocation=from_checkpoint: give the checkpoint in prune.rates_from")
+    if p["target"] and p["sparsity_type"] != "irregular":
+        raise UserError(f"prune.target: an overall target is exact for irregular pruning only; give "
+                        f"{p['sparsity_type']} pruning per-layer prune.prune_ratios instead")
+    if p["method"] in ("hydra", "harp") and p["sparsity_type"] != "irregular":
+        raise UserError(f"prune.method={p['method']}: learned masks are implemented for irregular pruning only; "
+                        f"set prune.sparsity_type=irregular")
+    rates = p["rate_rounds"]
+    if rates and p["rounds"]:
+        raise UserError("prune.rate_rounds and prune.rounds are two ways to give the rounds; set one of them")
+    if (rates or p["rounds"]) and p["method"] in ("hydra", "harp"):
+        raise UserError(f"prune.method={p['method']} runs one pruning stage; progressive rounds are for "
+                        "admm, gradual and oneshot (clear prune.rounds / prune.rate_rounds)")
+    if rates:
+        if not p["target"]:
+            raise UserError(f"prune.rate_rounds: overall compression rates need an overall target; set prune.target "
+                            f"to 1 - 1/{rates[-1]:g}")
+        if any(not a < b for a, b in zip([1.0] + rates, rates)):
+            raise UserError(f"prune.rate_rounds: {rates} must rise strictly from above 1, e.g. [10, 30, 100]")
+        final = 1 / (1 - p["target"])
+        if abs(rates[-1] / final - 1) > 1e-3:
+            raise UserError(f"prune.rate_rounds: the last rate {rates[-1]:g} must be the target's compression rate "
+                            f"1 / (1 - {p['target']}) = {final:.4g}")
 
 
 def parse_set(item):

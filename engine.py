@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import admm as admm_lib
+import allocation as allocation_lib
 import compact
 import data as data_lib
 import distributed as dist
@@ -71,7 +72,8 @@ def train_stage(name, model, run, init=None, resume=None):
     Under torchrun every rank runs this; only rank 0 logs and saves.
     """
     cfg = run.cfg
-    index, stage = make_stage(name, model, cfg)
+    source = run.folder.last(name) if resume else f"the {init.get('stage')} checkpoint" if init else None
+    index, stage = make_stage(name, model, cfg, resume or init, source, lambda path: load_checkpoint(path, run.device))
     state, scfg = TrainState(stage, model, run.method, cfg, run.device), cfg[stage.section]
     if resume:
         state.load_state_dict(resume)
@@ -84,7 +86,8 @@ def train_stage(name, model, run, init=None, resume=None):
         if dist.is_main():  # rows of an earlier attempt at this stage and the ones after it
             run.folder.drop_metrics(stage_names(cfg)[index:])
     hook = admm_lib.attach_masks(state.optimizer, stage.weights, state.masks) if state.masks else None
-    nets = wrap_for_training(model, cfg, run.device)
+    view = stage.network(model)  # what trains, is attacked and evaluated: the model, or a masked view of it
+    nets = wrap_for_training(view, cfg, run.device)
     sched = Schedule(scfg["epochs"], data_lib.num_batches(run.train, cfg["data"]["batch_size"], world=dist.world()),
                      run.method.replays)
     LOG.info(f"== {name}: {scfg['epochs']} epochs, {run.method!r}{stage!r}"
@@ -97,7 +100,7 @@ def train_stage(name, model, run, init=None, resume=None):
         train = run_epoch(state, nets, sched, run)
         test = {"natural": math.nan, "pgd": math.nan}
         if sched.loop_reaches(cfg["eval"]["every"], epoch) or epoch + 1 == sched.loops:
-            test, _ = evaluate(model, run.test, eval_attacks, cfg["data"]["test_batch_size"], run.device,
+            test, _ = evaluate(view, run.test, eval_attacks, cfg["data"]["test_batch_size"], run.device,
                                cfg["eval"]["limit"], desc="test")
         state.metrics = epoch_metrics(state, sched, epoch, train, test, time.time() - t0)
         log_epoch(state.metrics, run.folder)
@@ -108,7 +111,7 @@ def train_stage(name, model, run, init=None, resume=None):
             stop(state, run)
     if hook:
         hook.remove()
-    stage.finish()  # quantize: hard quantization, so that the final checkpoint is on the levels
+    stage.finish(state.masks)  # quantize: hard quantization; hydra, harp: the learned masks applied
     state.metrics["convergence"] = state.convergence()  # with the figures of finish
     ckpt = save(state, run.folder, run.folder.final(name))
     if dist.is_main() and os.path.exists(run.folder.last(name)):
@@ -126,7 +129,7 @@ def run_epoch(state, nets, sched, run):
     n_steps = sched.steps_in(epoch)
     channels_last = cfg["perf"]["channels_last"] and run.device.type == "cuda"
     every = cfg["checkpoint"]["every_steps"]
-    model.train()
+    attack_model.train()  # the model, or the stage's view of it (which sets the model's mode)
     batches = data_lib.batches(run.train, cfg["data"]["batch_size"], run.device, shuffle=True, augment=run.info.augment,
                                seed=cfg["seed"], epoch=epoch, rank=dist.rank(), world=dist.world())
     batches = itertools.islice(batches, n_steps)  # free's last loop may be partial
@@ -134,8 +137,9 @@ def run_epoch(state, nets, sched, run):
         if step < state.step:  # trained before the resume; replayed to keep order and augmentation
             continue
         passes = sched.passes(epoch, step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(cfg[stage.section], *stage.lr_clock(int(passes), sched.epochs))
+        lr = lr_at(cfg[stage.section], *stage.lr_clock(int(passes), sched.epochs))
+        for group in state.optimizer.param_groups:  # a stage may give a group its own peak (score stages)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         state.method.progress(stage.kind, passes)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -330,8 +334,9 @@ def _run(args, adversarial):
 
     if args.stage == "all" and dist.is_main():
         final = folder.final(names[-1])
-        rep = report(model, cfg, test, device, standard_attacks(cfg))
         ckpt = load_checkpoint(final)
+        # the ratios the run pruned to (an allocation's, or HARP's learned ones) in the report's table
+        rep = report(model, allocation_lib.resolved_config({**ckpt, "config": cfg}), test, device, standard_attacks(cfg))
         rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
         # the layers on their levels, found as eval.py finds them
         q = compact.quantization_meta(model, compact.quantized_layers(cfg, names[-1], model), compact.recorded_scales(ckpt))
@@ -351,9 +356,14 @@ def _check_pruning(cfg, model, stages):
         ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not ratios and stages != ["pretrain"]:
-        raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios, "
-                        "or run only --stage pretrain")
+    if not ratios and not cfg["prune"]["target"] and stages != ["pretrain"]:
+        raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios or an overall "
+                        "prune.target, or run only --stage pretrain")
+    if cfg["prune"]["allocation"] == "from_checkpoint" and not os.path.isfile(cfg["prune"]["rates_from"]):
+        raise UserError(f"prune.rates_from: {cfg['prune']['rates_from']} does not exist; give a checkpoint of a "
+                        "pruning stage (e.g. a HARP run's retrain.pt)")
+    if cfg["prune"]["target"] and stages != ["pretrain"]:
+        allocation_lib.budget(model, cfg["prune"])  # a target the fixed layers leave room for
     try:
         bits = quant.resolve_bits(model, cfg["quant"]["bits"])
     except ValueError as e:

@@ -321,6 +321,9 @@ def format_report(rep):
                      f"{L['nonzero']:9d} {L['element']:8.4f} {L['column']:7.4f} {L['filter']:7.4f}")
     lines.append(f"{s['type']} pruning: overall sparsity {s['overall']:.4f} of pruned layers, "
                  f"compression {s['compression_rate']:.2f}x")
+    if "prunable" in s:  # reports from before it lack the line
+        p = s["prunable"]
+        lines.append(f"all prunable layers: {p['zeros']:,d} of {p['params']:,d} weights pruned ({p['fraction']:.6f})")
     lines += format_quantization(rep.get("quantization"), rep.get("storage_bits"))
     a = rep["attack"]
     what = f"{rep['n_examples']} test examples" + (" (partial, --limit)" if rep["partial"] else "")

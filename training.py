@@ -61,6 +61,7 @@ def lr_at(scfg, passes, epochs):
 
 
 def make_optimizer(params, scfg):
+    """The section ``scfg``'s optimizer over ``params`` (parameters, or param groups)."""
     if scfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=scfg["lr"], momentum=scfg["momentum"], weight_decay=scfg["weight_decay"])
     return torch.optim.Adam(params, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
@@ -124,15 +125,17 @@ class EpochMeter:
 
 class TrainState:
     """Everything a running stage's checkpoint holds, with one save path (``state_dict``) and one
-    load path (``load_state_dict``): the model, optimizer, gradient scaler, masks, the stage's own
-    state (ADMM's Z, U, rho), the method's state (free's perturbation), the loop position
+    load path (``load_state_dict``): the model, optimizer, gradient scaler, masks, the run's
+    per-layer ratios (``allocation``, read by ``stages.make_stage`` before this object is built),
+    the stage's own state (ADMM's Z, U, rho; HYDRA's scores; HARP's scores, rates and gamma),
+    the method's state (free's perturbation), the loop position
     (``epoch``: loops done, ``step``: minibatches done in the next), the partial epoch's sums,
     the last epoch's metrics, RNG states, and how much of ``metrics.jsonl`` belongs to this state.
     """
 
     def __init__(self, stage, model, method, cfg, device):
         self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
-        self.optimizer = make_optimizer(model.parameters(), cfg[stage.section])
+        self.optimizer = make_optimizer(stage.parameters(model), cfg[stage.section])  # weights, or a stage's scores
         self.precision = Precision(cfg["perf"]["amp"], device)
         self.masks, self.metrics = {}, {}
         self.epoch = self.step = 0
@@ -162,6 +165,7 @@ class TrainState:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
                 "admm": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
+                "allocation": self.stage.allocation.state_dict() if self.stage.allocation else None,
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
                 "free_delta": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
                 "convergence": self.convergence(),
