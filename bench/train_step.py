@@ -3,7 +3,8 @@
     python bench/train_step.py [--device cpu|cuda]
 
 floor = k x (attack forward + input backward) + 1 x (clean training step), all measured here.
-Targets: adversarial step <= 1.10 x floor; ADMM-stage step <= 1.05 x adversarial step.
+Targets: adversarial step <= 1.10 x floor; ADMM-stage step <= 1.05 x adversarial step; a HYDRA or
+HARP score step <= 1.10 x adversarial step (``bench_scores``).
 Also reports what switching the parameters' requires_grad off during the attack would save, and
 the cost of the extra clean forward that measures natural training accuracy.
 """
@@ -77,12 +78,46 @@ def bench(arch, width, channels, size, batch, k, device):
     return verdict(r_admm <= 1.05, f"{arch}: ADMM step / adversarial step = {r_admm:.3f} <= 1.05") and ok
 
 
+def bench_scores(arch, width, channels, size, batch, k, device):
+    """A HYDRA and a HARP score step (weights frozen, masked forward by functional_call, top-k
+    masks cached between optimizer steps) against a plain adversarial step on the same model.
+    Target: <= 1.10 x the adversarial step."""
+    import copy
+    from config import load_config
+    from stages import make_stage
+    torch.manual_seed(0)
+    plain = build_model(arch, width, 10, channels, size).to(device)
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    attack = PGD(eps=8 / 255, step_size=2 / 255, steps=k, random_start=True)
+    scfg = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+    steps = {"adv_step": lambda m=plain, o=make_optimizer(plain.parameters(), scfg): train_step(m, m, x, y, o, attack)}
+    for kind in ("hydra", "harp"):
+        model = copy.deepcopy(plain)
+        cfg = load_config(None, [f"model.arch={arch}", f"model.width={width}", f"prune.method={kind}", "prune.target=0.99"])
+        _, stage = make_stage(kind, model, cfg)
+        opt = make_optimizer(stage.parameters(model), scfg)
+        stage.begin({})
+        net = stage.network(model)
+        steps[f"{kind}_step"] = lambda n=net, o=opt, s=stage: train_step(n, n, x, y, o, attack, s.penalty)
+    t = time_many(steps, device, warmup=2, reps=9 if arch == "lenet" else 5)
+    print(f"\n{arch} w={width} {size}x{size} batch {batch} PGD-{k} on {device}: score stages (99 % pruned)")
+    ok = True
+    for kind in ("hydra", "harp"):
+        r = t[f"{kind}_step"] / t["adv_step"]
+        print(f"  {kind} score step {t[f'{kind}_step'] * 1e3:8.2f} ms   adversarial step {t['adv_step'] * 1e3:8.2f} ms"
+              f"   ratio {r:.3f}")
+        ok = verdict(r <= 1.10, f"{arch}: {kind} score step / adversarial step = {r:.3f} <= 1.10") and ok
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     print(machine())
     results = [bench(*case, torch.device(args.device)) for case in CASES]
+    results += [bench_scores(*case, torch.device(args.device)) for case in CASES]
     print("\nall PASS" if all(results) else "\nsome FAIL")
 
 
