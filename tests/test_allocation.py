@@ -177,3 +177,22 @@ def test_rate_rounds_step_the_overall_compression_rate():
 def test_bad_allocation_settings_are_one_line_errors(sets, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         load_config("configs/demo.yaml", sets)
+
+
+def test_rate_rounds_prune_each_round_to_its_overall_rate():
+    from models import build_model
+    from stages import make_stage
+    cfg = load_config("configs/demo.yaml", ["prune.target=0.99", "prune.allocation=lamp", "prune.rate_rounds=[10, 100]",
+                                            "model.width=1"])
+    model = fill(build_model("lenet", 1))
+    _, first = make_stage("admm.r1", model, cfg)
+    _, last = make_stage("admm", model, cfg, {"allocation": first.allocation.state_dict()})
+    sizes = {n: w.numel() for n, w in admm_lib.prunable_weights(model).items()}
+    assert last.ratios == first.allocation.ratios  # the last round is the allocation, carried on
+    assert sum(last.allocation.counts(sizes).values()) == round(0.99 * sum(sizes.values()))
+    for n, r in last.ratios.items():  # round 1 keeps 10x each layer's final share (at most all of it)
+        assert first.ratios[n] == pytest.approx(1 - min(1.0, (1 - r) * 10))
+    kept = sum(sizes[n] - admm_lib.n_pruned(sizes[n], r) for n, r in first.ratios.items())
+    final = {n: sizes[n] - c for n, c in last.allocation.counts(sizes).items()}
+    assert kept == pytest.approx(sum(min(sizes[n], 10 * k) for n, k in final.items()), abs=len(sizes))
+    assert any(10 * k > sizes[n] for n, k in final.items())  # LAMP kept a layer above 10 %: dense in round 1
