@@ -34,7 +34,7 @@ import quant
 from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
 from config import TABLES, load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
-from methods import Method, make_method
+from methods import Method, make_method, training_info
 from rundir import RunFolder
 from stages import make_stage, stage_names
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
@@ -89,7 +89,8 @@ def train_stage(name, model, run, init=None, resume=None):
                      run.method.replays)
     LOG.info(f"== {name}: {scfg['epochs']} epochs, {run.method!r}{stage!r}"
              + (f", {dist.world()} processes" if dist.launched() else ""))
-    LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {'loss':>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
+    loss_label = "loss" if run.method.loss.name == "ce" else run.method.loss.name  # names a TRADES / MART loss
+    LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {loss_label:>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
              f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
     eval_attacks = {"natural": None, "pgd": standard_attacks(cfg, ["pgd"])["pgd"]}
     for epoch in range(state.epoch, sched.loops):
@@ -171,7 +172,8 @@ def epoch_metrics(state, sched, epoch, train, test, seconds):
     best = max(state.metrics.get("best_test_pgd", -math.inf), test["pgd"] if math.isfinite(test["pgd"]) else -math.inf)
     # best_test_pgd is informational only: the saved model is always the last epoch's.
     return {"stage": stage.name, "epoch": epoch + 1, "passes": float(sched.passes(epoch, sched.steps_in(epoch))),
-            "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)), **train,
+            "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)),
+            "loss_fn": state.method.loss.name, "beta": state.method.loss.beta, **train,
             "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
             "admm_residual": stage.largest_residual() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
             "time": seconds, "convergence": state.convergence()}
@@ -331,6 +333,7 @@ def _run(args, adversarial):
     if args.stage == "all" and dist.is_main():
         final = folder.final(names[-1])
         rep = report(model, cfg, test, device, standard_attacks(cfg))
+        rep["training"] = training_info(cfg, adversarial)
         ckpt = load_checkpoint(final)
         rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
         # the layers on their levels, found as eval.py finds them

@@ -20,6 +20,7 @@ import data as data_lib
 import compact
 from common import UserError, get_device, run_cli
 from config import parse_float
+from methods import training_info
 from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
 
@@ -99,6 +100,8 @@ def main(argv=None):
     if meta["quantization"]:  # quantized layers (a quantize-stage checkpoint, or its export); else nothing new
         rep["quantization"] = meta["quantization"]["layers"]
         rep["warnings"] += meta["quantization"]["warnings"]
+    if meta["adversarial"] is not None:  # unknown for files that do not record it
+        rep["training"] = training_info(cfg, meta["adversarial"])
     rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
                          "adversarial": meta["adversarial"]}
     if sweep:

@@ -322,6 +322,10 @@ def format_report(rep):
     lines.append(f"{s['type']} pruning: overall sparsity {s['overall']:.4f} of pruned layers, "
                  f"compression {s['compression_rate']:.2f}x")
     lines += format_quantization(rep.get("quantization"), rep.get("storage_bits"))
+    if "training" in rep:
+        t = rep["training"]
+        lines.append(f"trained with: {t['method']} training, {t['loss']} loss"
+                     + (f" (beta {t['beta']:g})" if t.get("beta") is not None else ""))
     a = rep["attack"]
     what = f"{rep['n_examples']} test examples" + (" (partial, --limit)" if rep["partial"] else "")
     lines.append(f"accuracy on {what}, eps={a['eps']:.4f}"
