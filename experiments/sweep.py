@@ -26,7 +26,6 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 import yaml
@@ -40,6 +39,7 @@ import data  # noqa: E402
 from models import build_model  # noqa: E402
 from rundir import RunFolder  # noqa: E402
 from stages import pipeline  # noqa: E402
+from launch import make_launcher  # noqa: E402
 
 
 # --------------------------------------------------------------------------- pruning targets
@@ -427,43 +427,50 @@ def select(cells, only):
     return [c for c in cells if c["id"] in want]
 
 
-def run_cells(sweep, cells, parallel, spec_path, out, t_start, log):
-    """Run the cells not done yet, ``parallel`` at once, each once its inputs are done; a failed
-    cell fails the cells that need it. Returns (done ids, {failed id: reason}, cells not run)."""
+def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
+    """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
+    once its inputs are done; a failed cell fails the cells that need it. Returns (done ids,
+    {failed id: reason}, cells not run)."""
     done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
     pending = [c for c in cells if c["id"] not in done]
     failed = {}
-    log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {parallel} at once -> {out}")
+    log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {launcher.parallel} at once "
+        f"({launcher.name}) -> {out}")
     running = {}
-    with ThreadPoolExecutor(parallel) as pool:
-        while pending or running:
-            for c in list(pending):  # cells whose inputs failed cannot run
-                bad = [d for d in c["deps"] if d in failed]
-                if bad:
-                    failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
-                    pending.remove(c)
-            for c in list(pending):
-                if len(running) >= parallel:
-                    break
-                if all(d in done for d in c["deps"]):
-                    pending.remove(c)
-                    log(f"start {c['id']}")
-                    running[pool.submit(sweep.run_cell, c)] = c
-            if not running:
+    for c in list(pending):  # jobs an earlier driver submitted that are still running: wait for them
+        job = launcher.attach(c)
+        if job is not None:
+            pending.remove(c)
+            log(f"wait  {c['id']} (job {job.job_id}, submitted before)")
+            running[job] = c
+    while pending or running:
+        for c in list(pending):  # cells whose inputs failed cannot run
+            bad = [d for d in c["deps"] if d in failed]
+            if bad:
+                failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
+                pending.remove(c)
+        for c in list(pending):
+            if len(running) >= launcher.parallel:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                c = running.pop(fut)
-                try:
-                    res = fut.result()
-                    done.add(c["id"])
-                    acc = res["eval"]["accuracy"]
-                    log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
-                        + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
-                except Exception as e:  # noqa: BLE001 - one failed cell must not stop the sweep
-                    failed[c["id"]] = str(e)
-                    log(f"FAIL  {c['id']}: {e}")
-            write_summary(sweep, cells, failed, t_start, False)
+            if all(d in done for d in c["deps"]):
+                pending.remove(c)
+                log(f"start {c['id']}")
+                running[launcher.submit(sweep.run_cell, c)] = c
+        if not running:
+            break
+        for fut in launcher.wait(running):
+            c = running.pop(fut)
+            try:
+                res = fut.result()
+                done.add(c["id"])
+                acc = res["eval"]["accuracy"]
+                log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
+            except Exception as e:  # noqa: BLE001 - one failed cell must not stop the sweep
+                failed[c["id"]] = str(e)
+                log(f"FAIL  {c['id']}: {e}")
+        write_summary(sweep, cells, failed, t_start, False)
+    launcher.close()
     return done, failed, pending
 
 
@@ -475,6 +482,10 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, help="cells at once (default: the spec's)")
     p.add_argument("--only", help="comma-separated id prefixes: run only these cells (and what they need)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+    p.add_argument("--launcher", default="local", choices=("local", "submitit-local", "slurm"),
+                   help="where cells run: threads here (default), or submitit jobs (launch.py)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="a submitit parameter for the jobs, e.g. slurm_partition=gpu, timeout_min=240; repeatable")
     args = p.parse_args(argv)
     spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
     with open(spec_path) as f:
@@ -505,10 +516,19 @@ def main(argv=None):
         logf.write(line + "\n")
         logf.flush()
 
-    done, failed, pending = run_cells(sweep, cells, parallel, spec_path, out, t_start, log)
+    launcher = make_launcher(args.launcher, parallel, out, dict(_param(kv) for kv in args.slurm))
+    done, failed, pending = run_cells(sweep, cells, launcher, spec_path, out, t_start, log)
     write_summary(sweep, cells, failed, t_start, not pending and not failed)
     log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
     return 1 if failed else 0
+
+
+def _param(kv):
+    """``KEY=VALUE`` -> (KEY, the value read as YAML: numbers stay numbers)."""
+    key, sep, value = kv.partition("=")
+    if not sep:
+        raise SystemExit(f"--slurm {kv!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
 
 
 if __name__ == "__main__":
