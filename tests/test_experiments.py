@@ -205,14 +205,14 @@ def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "sweep"
     args = ["experiments/sweep.py", "--quick", "--out", str(out), "--launcher", "submitit-local",
-            "--only", "oneshot-adv"]
+            "--only", "oneshot-lamp"]
     run = lambda: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
                                  timeout=600)
     proc = run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "(submitit-local)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(summary["done"]) == ["oneshot-adv-r90-e4-s0", "pre-adv-w1-s0"] and summary["finished"]
+    assert sorted(summary["done"]) == ["oneshot-lamp-t90-main-s0", "pre-adv-w1-s0"] and summary["finished"]
     jobs = {p.stem: json.loads(p.read_text()) for p in (out / "jobs").glob("*.json")}
     assert set(jobs) == set(summary["done"]) and all(j["launcher"] == "submitit-local" for j in jobs.values())
     assert len({j["job_id"] for j in jobs.values()}) == 2  # two jobs, one per cell
