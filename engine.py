@@ -27,14 +27,14 @@ import torch
 import yaml
 
 import admm as admm_lib
-import compact
 import data as data_lib
 import distributed as dist
 import quant
 from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
 from config import TABLES, load_config
-from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
+from evaluation import count_correct, evaluate, format_report, report, standard_attacks
 from methods import Method, make_method
+from models import load_weights, model_from_config
 from rundir import RunFolder
 from stages import make_stage, stage_names
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
@@ -334,7 +334,7 @@ def _run(args, adversarial):
         ckpt = load_checkpoint(final)
         rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
         # the layers on their levels, found as eval.py finds them
-        q = compact.quantization_meta(model, compact.quantized_layers(cfg, names[-1], model), compact.recorded_scales(ckpt))
+        q = quant.quantization_meta(model, quant.quantized_layers(cfg, names[-1], model), quant.recorded_scales(ckpt))
         if q:
             rep["quantization"] = q["layers"]
             rep["warnings"] += q["warnings"]

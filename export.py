@@ -4,11 +4,11 @@
                      [--json FILE] [--overwrite] [--no-latency] [--threads N]
 
 A checkpoint of the quantize stage is exported with its quantized layers as packed integer codes
-plus one float32 scale per layer (``compact.encode_quantized``); the report then also gives the
+plus one float32 scale per layer (``storage.encode_quantized``); the report then also gives the
 size against the float export of the same storage. The export loads with
-``torch.load(..., weights_only=True)`` and is rebuilt by ``compact.load_exported`` (or
-``compact.load_model``, which also reads checkpoints). The export is read back after writing and
-its outputs checked against the masked model's. See compact.py.
+``torch.load(..., weights_only=True)`` and is rebuilt by ``exportfile.load_exported`` (or
+``exportfile.load_model``, which also reads checkpoints). The export is read back after writing and
+its outputs checked against the masked model's. See exportfile.py.
 """
 import argparse
 import json
@@ -20,7 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-import compact
+import exportfile
+import measure
 from common import UserError, load_checkpoint, run_cli, save_checkpoint
 from evaluation import format_storage
 
@@ -29,7 +30,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
     p.add_argument("--out", required=True, help="export file to write")
-    p.add_argument("--format", choices=compact.STORAGES,
+    p.add_argument("--format", choices=exportfile.STORAGES,
                    help="compact: dense tensors of the smaller model; sparse: conv/linear weights as values + "
                         "bitmask or index (default: sparse for irregular pruning, compact for filter/column)")
     p.add_argument("--json", help="also write the figures as JSON to this file")
@@ -46,13 +47,13 @@ def main(argv=None):
         raise UserError("--threads must be >= 1")
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.ckpt)
-    exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
+    exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.format)
     save_checkpoint(exp, args.out)
-    model, cfg, exp = compact.load_exported(args.out)  # what a user gets back, read from disk
-    fig = compact.figures(exp, os.path.getsize(args.out))
+    model, cfg, exp = exportfile.load_exported(args.out)  # what a user gets back, read from disk
+    fig = measure.figures(exp, os.path.getsize(args.out))
 
     masked.eval()
-    x = torch.rand(64, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(0))
+    x = torch.rand(64, *exportfile.input_shape(cfg), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, out = masked(x), model(x)
     diff = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
@@ -61,7 +62,7 @@ def main(argv=None):
     s = ckpt.get("stage")
     print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
           f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
-    print(compact.format_figures(fig))
+    print(measure.format_figures(fig))
     if "quantized" in exp:  # a quantized export: its layers as packed integer codes
         print("quantized layers as packed codes: " + ", ".join(
             f"{n} {e['bits']} bits" for n, e in exp["quantized"].items()))
@@ -69,7 +70,7 @@ def main(argv=None):
     print(f"check on {len(x)} random inputs: max |compact - masked| / max |masked| = {diff:.2e}, "
           f"same predictions: {same}")
     if not args.no_latency:
-        t = compact.latency({"dense": masked, "compact": model}, x)
+        t = measure.latency({"dense": masked, "compact": model}, x)
         fig["latency"] = {"batch": len(x), "threads": torch.get_num_threads(), "dense_s": t["dense"],
                           "compact_s": t["compact"], "speedup": t["dense"] / t["compact"]}
         print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense "
