@@ -6,7 +6,13 @@ An export dict holds plain data and tensors only: ``format``, ``version``, ``sto
 ``width``, ``dataset``, ``config``, ``source``, ``shapes`` (every tensor of the compact model),
 ``state`` (dense tensors), ``sparse`` and ``quantized`` (``storage`` encodings), ``channels``,
 ``sparsity`` and ``figures``. See docs/export.md.
+
+It goes to disk in one of ``FORMATS``, side by side below, each with ``write(path, exp, model)``
+and ``read(path)``: ``torch`` (``torch.save``, the default), ``safetensors`` (raw tensors and a
+JSON header; loading runs no code by construction) and ``onnx`` (the compact model as an ONNX
+graph for onnxruntime, TensorRT and the like). The last two need optional packages.
 """
+import json
 import os
 
 import torch
@@ -17,7 +23,7 @@ import data as data_lib
 import measure
 import quant
 import storage as storage_lib
-from common import UserError, load_file
+from common import UserError, atomic_write, load_file, require, save_checkpoint
 from models import load_weights, model_from_config
 
 FORMAT = "admm-at-export"  # the "format" entry that marks an export file
@@ -108,14 +114,16 @@ def model_from_checkpoint(ckpt, path):
     return model
 
 
-def export_checkpoint(ckpt, path, storage=None, model=None):
+def export_checkpoint(ckpt, path, storage=None, quantized=True, model=None):
     """(export dict, masked model) of the checkpoint dict ``ckpt`` read from ``path``. storage
     defaults to ``sparse`` for irregular pruning (nothing to remove, much to skip) and ``compact``
-    for filter and column pruning. model: the masked model, if already built."""
+    for filter and column pruning. quantized: store a quantize-stage checkpoint's quantized layers
+    as packed codes (else as the float32 values they take). model: the masked model, if already built."""
     cfg = ckpt["config"]
     storage = storage or ("sparse" if cfg["prune"]["sparsity_type"] == "irregular" else "compact")
     model = model_from_checkpoint(ckpt, path) if model is None else model
-    bits, scales = quant.quantized_layers(cfg, ckpt.get("stage"), model), quant.recorded_scales(ckpt)
+    bits = quant.quantized_layers(cfg, ckpt.get("stage"), model) if quantized else {}
+    scales = quant.recorded_scales(ckpt)
     source = {"path": str(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
               "adversarial": ckpt.get("adversarial"), "git": ckpt.get("git"),
               "bytes": os.path.getsize(path) if os.path.isfile(path) else None}
@@ -185,8 +193,9 @@ def model_from_export(exp, path="export"):
 
 
 def load_exported(path):
-    """(compact model on the CPU in eval mode, config, export dict) of an export file."""
-    exp = load_file(path)
+    """(compact model on the CPU in eval mode, config, export dict) of an export file (torch or
+    safetensors, recognized by its content)."""
+    exp = format_of(path).read(path)
     model, cfg = model_from_export(exp, path)
     return model.eval(), cfg, exp
 
@@ -201,12 +210,14 @@ def load_model(path, device="cpu"):
     pruned energies by stage, ``TrainState.convergence``; empty for an export), and "quantization"
     (``quant.quantization_meta`` of the quantized layers; None when none is, and for a checkpoint of
     an earlier stage)."""
-    obj = load_file(path)
+    fmt = format_of(path)
+    obj = fmt.read(path)
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
         src = obj.get("source") or {}
         meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
-                "sparsity": obj["sparsity"], "compression": measure.figures(obj, os.path.getsize(path)), "convergence": {}}
+                "sparsity": obj["sparsity"], "convergence": {},
+                "compression": measure.figures(obj, os.path.getsize(path), fmt.name)}
         scales = {n: e["scale"] for n, e in (obj.get("quantized") or {}).items()}
         meta["quantization"] = quant.quantization_meta(model, quant.quantized_layers(cfg, meta["stage"], model), scales)
     else:
@@ -227,3 +238,161 @@ def load_model(path, device="cpu"):
                                                        quant.recorded_scales(obj))
     return model.to(device).eval(), cfg, meta
 
+
+
+# --------------------------------------------------------------------------- file formats
+
+class TorchFile:
+    """The export dict as written by ``torch.save``; read back with ``torch.load(weights_only=True)``,
+    whose unpickler accepts tensors and plain data only. Also reads training checkpoints."""
+    name, suffix, runtime = "torch", ".export.pt", "PyTorch"
+    storage = None  # compact or sparse, as asked (default: by the pruning scheme)
+    quantized = True  # a quantized layer is stored as its packed codes
+    runs_outside_torch = False
+
+    def write(self, path, exp, model=None):
+        save_checkpoint(exp, path)
+
+    def read(self, path):
+        return load_file(path)
+
+    def model(self, path, threads=1):
+        """The compact model rebuilt from the file, in eval mode: what a user of the file runs.
+        (Its threads are torch's, ``torch.set_num_threads``.)"""
+        return model_from_export(self.read(path), path)[0].eval()
+
+    def recognizes(self, head):
+        return False  # the fallback: anything no other format claims is tried as a torch file
+
+
+class SafetensorsFile(TorchFile):
+    """The export dict as a safetensors file: every tensor under its path in the dict
+    (``state/conv1.weight``, ``sparse/fc1.weight/values``, ``quantized/fc1.weight/codes``) and the
+    rest of the dict, plain data, as JSON in the header's string metadata (``export``). Reading
+    parses JSON and raw tensor bytes only, so no code can run; a malformed file is a one-line error."""
+    name, suffix = "safetensors", ".export.safetensors"
+
+    def write(self, path, exp, model=None):
+        st = require("safetensors.torch", "safetensors export", "safetensors")
+        plain, tensors = _split_tensors(exp)
+        blob = st.save({k: t.contiguous() for k, t in tensors.items()},
+                       metadata={"format": FORMAT, "export": json.dumps(plain)})
+        atomic_write(path, lambda f: f.write(blob))
+
+    def read(self, path):
+        st = require("safetensors.torch", f"reading {path}", "safetensors")
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {path} does not exist")
+        try:
+            with st.safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"no 'format': {FORMAT!r} in its header (write exports with export.py)")
+                exp = json.loads(meta["export"])
+                if not isinstance(exp, dict):
+                    raise ValueError("its 'export' metadata is not a JSON object")
+                for key in f.keys():
+                    _put(exp, key.split("/"), f.get_tensor(key))
+        except Exception as e:  # noqa: BLE001 - the safetensors parser, JSON and a bad layout raise many types
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot load {path}: not a valid safetensors export ({reason})") from None
+        return exp
+
+    def recognizes(self, head):
+        """A safetensors file starts with its header's length (8 bytes, little-endian) and then the JSON '{'."""
+        return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2 ** 32
+
+
+class OnnxFile:
+    """The compact model as an ONNX graph with a dynamic batch axis (input ``image`` [N, C, H, W]
+    in [0, 1], output ``logits`` [N, classes]); normalization and ``FoldedConv2d``'s constant
+    kernels are in the graph. Dense float32 weights: irregular zeros stay as zeros (the win of
+    irregular pruning is the sparse formats, not latency) and quantized layers go out dequantized
+    (codes x scale in float32, the values the quantized model computes with). The export dict,
+    without tensors, is in the graph's metadata (``admm-at-export``)."""
+    name, suffix, runtime = "onnx", ".export.onnx", "onnxruntime"
+    storage = "compact"  # the graph holds dense tensors
+    quantized = False  # dequantized
+    runs_outside_torch = True
+
+    def write(self, path, exp, model):
+        proto = onnx_graph(model, input_shape(exp["config"]))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FORMAT, json.dumps(_split_tensors(exp)[0])
+        atomic_write(path, lambda f: f.write(proto.SerializeToString()))
+
+    def read(self, path):
+        raise UserError(f"{path} is an ONNX graph: run it with onnxruntime; eval.py's attacks need the "
+                        f"PyTorch model (export it with --format torch or safetensors)")
+
+    def model(self, path, threads=1):
+        return OnnxRuntimeModel(path, threads)
+
+    def recognizes(self, head):
+        """An ONNX ModelProto starts with field 1, ir_version, a varint: tag byte 0x08 (a torch
+        file starts with "PK", a zip, or 0x80, a pickle)."""
+        return head[:1] == b"\x08"
+
+
+def onnx_graph(model, input_shape):
+    """The ONNX ModelProto of ``model`` (put in eval mode) for inputs [N, *input_shape], N dynamic,
+    by torch's exporter (``torch.export``, which needs onnxscript)."""
+    for module in ("onnx", "onnxscript"):
+        require(module, "ONNX export", "onnx onnxscript onnxruntime")
+    x = torch.zeros(2, *input_shape)
+    program = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return program.model_proto
+
+
+class OnnxRuntimeModel:
+    """An onnxruntime CPU session called like a model: float tensor [N, C, H, W] in, logits out.
+    ``path``: an ONNX file, or a serialized ModelProto (bytes)."""
+
+    def __init__(self, path, threads=1):
+        ort = require("onnxruntime", "running an ONNX export", "onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().float().numpy()})[0])
+
+    def eval(self):
+        return self
+
+
+FORMATS = {f.name: f for f in (TorchFile(), SafetensorsFile(), OnnxFile())}
+
+
+def format_of(path):
+    """The format of the file at ``path``, recognized by its first bytes (torch when none claims it)."""
+    head = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(9)
+    return next((f for f in FORMATS.values() if f.recognizes(head)), FORMATS["torch"])
+
+
+def _split_tensors(obj, prefix=()):
+    """(``obj`` without its tensors, {"a/b/c": tensor}) for a dict whose tensors sit in nested dicts."""
+    plain, tensors = {}, {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors["/".join((*prefix, k))] = v
+        elif isinstance(v, dict):
+            plain[k], inner = _split_tensors(v, (*prefix, k))
+            tensors.update(inner)
+        else:
+            plain[k] = v
+    return plain, tensors
+
+
+def _put(obj, keys, value):
+    """Set ``obj[k0][k1]...[kn] = value``; every key but the last must lead to a dict, the last must be new."""
+    for k in keys[:-1]:
+        obj = obj.get(k) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or keys[-1] in obj:
+        raise ValueError(f"tensor {'/'.join(keys)!r} has no place in the export's layout")
+    obj[keys[-1]] = value

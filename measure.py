@@ -65,16 +65,17 @@ def latency(models, x, reps=5, warmup=1):
 
 
 
-def figures(exp, export_bytes):
-    """The compression figures of an export dict whose file has ``export_bytes`` bytes:
-    {"params": {dense, nonzero, compact}, "macs": {dense, nonzero, compact} (per image),
-    "bytes": {checkpoint, dense, export}, "storage", "channels": {group: [kept, total]}}."""
+def figures(exp, export_bytes, file_format="torch"):
+    """The compression figures of an export dict whose file (in ``file_format``, a name of
+    ``exportfile.FORMATS``) has ``export_bytes`` bytes: {"params": {dense, nonzero, compact},
+    "macs": {dense, nonzero, compact} (per image), "bytes": {checkpoint, dense, export}, "storage",
+    "format", "channels": {group: [kept, total]}}."""
     f = copy.deepcopy(exp["figures"])
     f["bytes"]["export"] = export_bytes
     f["storage"] = exp["storage"]
+    f["format"] = file_format
     f["channels"] = exp["channels"]
     return f
-
 
 
 def _mb(n):
@@ -90,9 +91,9 @@ def format_figures(f):
              f"{'MACs/image':12} {m['dense']:14,d} {m['nonzero']:14,d} {m['compact']:14,d}"
              f"   ({m['dense'] / max(m['compact'], 1):.2f}x fewer)",
              f"file size: checkpoint {_mb(b['checkpoint'])}, dense weights {_mb(b['dense'])}, "
-             f"export ({f['storage']}) {_mb(b['export'])} = {b['dense'] / max(b['export'], 1):.2f}x smaller "
+             f"export ({f['storage']}, {f.get('format', 'torch')}) {_mb(b['export'])} = {b['dense'] / max(b['export'], 1):.2f}x smaller "
              f"than the dense weights"
-             + (f", {b['float_export'] / max(b['export'], 1):.2f}x smaller than the float export ({f['storage']}) "
+             + (f", {b['float_export'] / max(b['export'], 1):.2f}x smaller than the float export ({f['storage']}, torch) "
                 f"{_mb(b['float_export'])}" if b.get("float_export") else ""),
              "channels kept: " + ", ".join(f"{g} {k}/{n}" for g, (k, n) in f["channels"].items())]
     return "\n".join(lines)

@@ -135,7 +135,7 @@ def test_4_bit_pruned_lenet_export_is_smaller_than_the_sparse_float_export(tmp_p
     assert abs(fig["bytes"]["float_export"] - os.path.getsize(fpath)) < 256
     sb = fig["storage_bits"]
     assert sb["export"] < sb["float_export"] / 4 < sb["dense_float32"] / 4
-    assert "smaller than the float export (sparse)" in printed and "quantized layers as packed codes" in printed
+    assert "smaller than the float export (sparse, torch)" in printed and "quantized layers as packed codes" in printed
     # plain data, as every export: weights_only loads it
     exp = torch.load(out, weights_only=True)
 
