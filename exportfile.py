@@ -239,7 +239,6 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), cfg, meta
 
 
-
 # --------------------------------------------------------------------------- file formats
 
 class TorchFile:

@@ -216,8 +216,8 @@ def test_malformed_safetensors_export_is_refused_with_one_line(kind, message, tm
 # --------------------------------------------------------------------------- optional packages missing
 
 @pytest.mark.parametrize("missing,call,install", [
-    ("onnx", lambda p: ONNX.write(p, {"config": {}}, None), "pip install onnx onnxscript onnxruntime"),
-    ("onnxscript", lambda p: ONNX.write(p, {"config": {}}, None), "pip install onnx onnxscript onnxruntime"),
+    ("onnx", lambda p: ONNX.write(p, {"config": {"data": {"dataset": "demo"}}}, None), "pip install onnx onnxscript onnxruntime"),
+    ("onnxscript", lambda p: ONNX.write(p, {"config": {"data": {"dataset": "demo"}}}, None), "pip install onnx onnxscript onnxruntime"),
     ("onnxruntime", lambda p: ONNX.model(p), "pip install onnxruntime"),
     ("safetensors", lambda p: SAFETENSORS.write(p, {}), "pip install safetensors"),
     ("safetensors", lambda p: SAFETENSORS.read(p), "pip install safetensors"),
