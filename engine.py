@@ -27,14 +27,15 @@ import torch
 import yaml
 
 import admm as admm_lib
-import compact
 import data as data_lib
 import distributed as dist
 import quant
+import tblog
 from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
 from config import TABLES, load_config
-from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
+from evaluation import count_correct, evaluate, format_report, report, standard_attacks
 from methods import Method, make_method, training_info
+from models import load_weights, model_from_config
 from rundir import RunFolder
 from stages import make_stage, stage_names
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
@@ -259,6 +260,9 @@ def parse_args(argv, adversarial):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (finished stages are skipped)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing checkpoints already in --out")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="also write metrics.jsonl's rows as TensorBoard scalars to DIR (default: <out>/tensorboard; "
+                        "needs the tensorboard package)")
     return p.parse_args(argv)
 
 
@@ -312,6 +316,8 @@ def _run(args, adversarial):
     _check_pruning(cfg, model, stages)
     todo, init, resume = _plan(args, folder, stages, adversarial, model, cfg, device)
     changed = _prepare_folder(folder, cfg, args.resume)
+    if args.tensorboard is not None and dist.is_main():  # the folder hands it every metrics row
+        folder.mirror = tblog.TensorBoardLog(args.tensorboard or os.path.join(out, "tensorboard"))
     setup_logging(folder.file("log.txt") if dist.is_main() else None, enabled=dist.is_main())
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "
@@ -337,13 +343,15 @@ def _run(args, adversarial):
         ckpt = load_checkpoint(final)
         rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
         # the layers on their levels, found as eval.py finds them
-        q = compact.quantization_meta(model, compact.quantized_layers(cfg, names[-1], model), compact.recorded_scales(ckpt))
+        q = quant.quantization_meta(model, quant.quantized_layers(cfg, names[-1], model), quant.recorded_scales(ckpt))
         if q:
             rep["quantization"] = q["layers"]
             rep["warnings"] += q["warnings"]
         LOG.info("final model (" + final + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
+    if folder.mirror:
+        folder.mirror.close()
     # The other ranks wait for rank 0's final report: a rank that tears the process group down
     # while a peer still uses it can abort (seen with gloo).
     dist.barrier()

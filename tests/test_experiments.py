@@ -18,7 +18,7 @@ from sweep import matched_ratios, plan, weight_counts  # noqa: E402
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402
-from evaluation import load_weights, model_from_config  # noqa: E402
+from models import load_weights, model_from_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.lenet import LeNet  # noqa: E402
 
