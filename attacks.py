@@ -55,7 +55,21 @@ def cw_margin_loss(logits, y):
     return other - true
 
 
-LOSSES = {"ce": ce_loss, "cw": cw_margin_loss}
+def kl_loss(logits, p):
+    """KL(p || softmax(logits)) per example, [N], against a distribution ``p`` [N, K] (not labels):
+    TRADES' inner objective, with p the model's output on the clean input (Zhang et al., ICML
+    2019, Eq. 5)."""
+    return F.kl_div(F.log_softmax(logits, 1), p, reduction="none").sum(1)
+
+
+LOSSES = {"ce": ce_loss, "cw": cw_margin_loss, "kl": kl_loss}
+
+
+def _fooled(logits, y):
+    """[N] bool: misclassified, for labels ``y``; never, for a target distribution (KL)."""
+    if y.dim() > 1:
+        return torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    return logits.argmax(1) != y
 
 
 def _input_grad(model, x, y, loss=ce_loss):
@@ -142,28 +156,32 @@ class PGD(_Attack):
         x_{t+1} = Pi_{B(x, eps) and [0,1]}(x_t + step(grad_x loss(f(x_t), y)))
 
     ``norm``: ``linf`` (step = alpha * sign(grad)) or ``l2`` (step = alpha * grad / ||grad||_2).
-    ``loss``: ``ce`` (cross-entropy) or ``cw`` (the Carlini & Wagner 2017 margin loss).
+    ``loss``: ``ce`` (cross-entropy), ``cw`` (the Carlini & Wagner 2017 margin loss) or ``kl``
+    (TRADES' inner objective; ``y`` is then a target distribution [N, K], not labels).
     ``steps`` iterations of size ``step_size`` (alpha) from a random start in the ball
-    (``random_start``; else from x). Clipping to [0, 1] after the projection never leaves the ball,
-    since x itself is in [0, 1]. With ``restarts`` > 1 the attack is repeated and, per example, the
-    worst case is kept: an example fooled by any restart stays fooled, otherwise the restart with the
-    highest ``loss`` wins.
+    (``random_start``), else from x + ``start_noise`` * N(0, I) projected (TRADES' start, Zhang
+    et al. 2019, Alg. 1: the KL's gradient is zero at x), else from x. Clipping to [0, 1] after the
+    projection never leaves the ball, since x itself is in [0, 1]. With ``restarts`` > 1 the attack
+    is repeated and, per example, the worst case is kept: an example fooled by any restart stays
+    fooled, otherwise the restart with the highest ``loss`` wins.
     """
 
-    def __init__(self, eps, step_size, steps, restarts=1, random_start=True, loss="ce", norm="linf"):
+    def __init__(self, eps, step_size, steps, restarts=1, random_start=True, loss="ce", norm="linf", start_noise=0.0):
         if loss not in LOSSES or norm not in BALLS:
             raise ValueError(f"PGD: loss must be one of {', '.join(LOSSES)} and norm one of {', '.join(BALLS)}; "
                              f"got loss={loss!r}, norm={norm!r}")
         self.eps, self.step_size = float(eps), float(step_size)
         self.steps, self.restarts, self.random_start = int(steps), int(restarts), bool(random_start)
-        self.loss, self.norm = loss, norm
+        self.loss, self.norm, self.start_noise = loss, norm, float(start_noise)
 
     def _run(self, model, x, y):
         ball, loss = BALLS[self.norm], LOSSES[self.loss]
+        project = ball.projector(x, self.eps)
         x_adv = x
         if self.random_start:
             x_adv = ball.random_start(x, self.eps).clamp(0, 1)
-        project = ball.projector(x, self.eps)
+        elif self.start_noise:
+            x_adv = project(x + self.start_noise * torch.randn_like(x))
         for _ in range(self.steps):
             x_adv = project(x_adv + ball.step(_input_grad(model, x_adv, y, loss), self.step_size))
         return x_adv.detach()
@@ -175,12 +193,12 @@ class PGD(_Attack):
         loss_fn = LOSSES[self.loss]
         with torch.no_grad():
             logits = model(best)
-            best_loss, fooled = loss_fn(logits, y), logits.argmax(1) != y
+            best_loss, fooled = loss_fn(logits, y), _fooled(logits, y)
         for _ in range(self.restarts - 1):
             cand = self._run(model, x, y)
             with torch.no_grad():
                 logits = model(cand)
-                loss, cand_fooled = loss_fn(logits, y), logits.argmax(1) != y
+                loss, cand_fooled = loss_fn(logits, y), _fooled(logits, y)
             take = ~fooled & (cand_fooled | (loss > best_loss))
             best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, best)
             best_loss = torch.where(take, loss, best_loss)

@@ -1,5 +1,6 @@
 """Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints."""
 import functools
+import importlib
 import logging
 import os
 import random
@@ -92,7 +93,12 @@ def git_hash():
 
 
 def save_checkpoint(obj, path):
-    """Write ``obj`` atomically: a temp file in the same folder, fsync, then rename over ``path``.
+    """Write ``obj`` with ``torch.save``, atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temp file in the same folder, fsync, then rename it over ``path``.
     A crash mid-save leaves the previous file intact."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
@@ -101,7 +107,7 @@ def save_checkpoint(obj, path):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is as readable as any file the user writes
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,6 +115,15 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def require(module, purpose, install):
+    """``import module`` for an optional feature; without it, a one-line ``UserError``: ``purpose``
+    needs ``install`` (what to pip install)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs {install}: pip install {install}") from None
 
 
 def rng_state():

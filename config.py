@@ -39,6 +39,8 @@ DEFAULTS = {
     "model": {"arch": "lenet", "width": 4},
     "adv": {                       # the training adversary (L-inf); eps is also the evaluation eps
         "method": "pgd",           # pgd (Madry) | fgsm_rs (Wong et al. 2020) | free (Shafahi et al. 2019)
+        "loss": "ce",              # ce (Madry) | trades (Zhang et al. 2019) | mart (Wang et al. 2020); losses.py
+        "beta": 6.0,               # trades / mart: weight of the KL term (both papers' default 6)
         "free_replays": 4,         # free: replays m per minibatch (a stage of E epochs runs E / m loops)
         "eps": 0.3,                # pixel units in [0, 1]
         "step_size": 0.01,
@@ -114,6 +116,7 @@ CHOICES = {
     "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
     "prune.sparsity_type": ("irregular", "filter", "column"),
     "adv.method": ("pgd", "fgsm_rs", "free"),
+    "adv.loss": ("ce", "trades", "mart"),
     "adv.attack_mode": ("eval", "train"),
     "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
     "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
@@ -121,7 +124,7 @@ CHOICES = {
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
+NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
                 "prune.score_lr", "prune.rate_lr", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
@@ -225,6 +228,11 @@ def validate(cfg):
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    from losses import LOSSES_OF_METHOD
+    adv = cfg["adv"]
+    if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:
+        raise UserError(f"adv.loss={adv['loss']} does not combine with adv.method={adv['method']} (it takes "
+                        f"{' or '.join(LOSSES_OF_METHOD[adv['method']])}); use adv.method=pgd for {adv['loss']}")
     from models import available
     if cfg["model"]["arch"] not in available():
         raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")

@@ -28,14 +28,15 @@ import yaml
 
 import admm as admm_lib
 import allocation as allocation_lib
-import compact
 import data as data_lib
 import distributed as dist
 import quant
+import tblog
 from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
 from config import TABLES, load_config
-from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
-from methods import Method, make_method
+from evaluation import count_correct, evaluate, format_report, report, standard_attacks
+from methods import Method, make_method, training_info
+from models import load_weights, model_from_config
 from rundir import RunFolder
 from stages import make_stage, stage_names
 from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
@@ -92,7 +93,8 @@ def train_stage(name, model, run, init=None, resume=None):
                      run.method.replays)
     LOG.info(f"== {name}: {scfg['epochs']} epochs, {run.method!r}{stage!r}"
              + (f", {dist.world()} processes" if dist.launched() else ""))
-    LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {'loss':>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
+    loss_label = "loss" if run.method.loss.name == "ce" else run.method.loss.name  # names a TRADES / MART loss
+    LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {loss_label:>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
              f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
     eval_attacks = {"natural": None, "pgd": standard_attacks(cfg, ["pgd"])["pgd"]}
     for epoch in range(state.epoch, sched.loops):
@@ -175,7 +177,8 @@ def epoch_metrics(state, sched, epoch, train, test, seconds):
     best = max(state.metrics.get("best_test_pgd", -math.inf), test["pgd"] if math.isfinite(test["pgd"]) else -math.inf)
     # best_test_pgd is informational only: the saved model is always the last epoch's.
     return {"stage": stage.name, "epoch": epoch + 1, "passes": float(sched.passes(epoch, sched.steps_in(epoch))),
-            "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)), **train,
+            "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)),
+            "loss_fn": state.method.loss.name, "beta": state.method.loss.beta, **train,
             "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
             "admm_residual": stage.largest_residual() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
             "time": seconds, "convergence": state.convergence()}
@@ -261,6 +264,9 @@ def parse_args(argv, adversarial):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (finished stages are skipped)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing checkpoints already in --out")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="also write metrics.jsonl's rows as TensorBoard scalars to DIR (default: <out>/tensorboard; "
+                        "needs the tensorboard package)")
     return p.parse_args(argv)
 
 
@@ -314,6 +320,8 @@ def _run(args, adversarial):
     _check_pruning(cfg, model, stages)
     todo, init, resume = _plan(args, folder, stages, adversarial, model, cfg, device)
     changed = _prepare_folder(folder, cfg, args.resume)
+    if args.tensorboard is not None and dist.is_main():  # the folder hands it every metrics row
+        folder.mirror = tblog.TensorBoardLog(args.tensorboard or os.path.join(out, "tensorboard"))
     setup_logging(folder.file("log.txt") if dist.is_main() else None, enabled=dist.is_main())
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "
@@ -337,15 +345,18 @@ def _run(args, adversarial):
         ckpt = load_checkpoint(final)
         # the ratios the run pruned to (an allocation's, or HARP's learned ones) in the report's table
         rep = report(model, allocation_lib.resolved_config({**ckpt, "config": cfg}), test, device, standard_attacks(cfg))
+        rep["training"] = training_info(cfg, adversarial)
         rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
         # the layers on their levels, found as eval.py finds them
-        q = compact.quantization_meta(model, compact.quantized_layers(cfg, names[-1], model), compact.recorded_scales(ckpt))
+        q = quant.quantization_meta(model, quant.quantized_layers(cfg, names[-1], model), quant.recorded_scales(ckpt))
         if q:
             rep["quantization"] = q["layers"]
             rep["warnings"] += q["warnings"]
         LOG.info("final model (" + final + "):\n" + format_report(rep))
         with open(folder.file("eval.json"), "w") as f:
             json.dump(rep, f, indent=2)
+    if folder.mirror:
+        folder.mirror.close()
     # The other ranks wait for rank 0's final report: a rank that tears the process group down
     # while a peer still uses it can abort (seen with gloo).
     dist.barrier()

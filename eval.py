@@ -17,9 +17,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import data as data_lib
-import compact
+import exportfile
+import measure
 from common import UserError, get_device, run_cli
 from config import parse_float
+from methods import training_info
 from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
 
@@ -82,7 +84,7 @@ def main(argv=None):
     if not names:
         raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
 
-    model, cfg, meta = compact.load_model(args.ckpt)  # a training checkpoint or an export.py file
+    model, cfg, meta = exportfile.load_model(args.ckpt)  # a training checkpoint or an export.py file
     device = get_device(args.device or cfg["device"])
     attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
     checks = {} if args.no_checks else check_attacks(
@@ -99,6 +101,8 @@ def main(argv=None):
     if meta["quantization"]:  # quantized layers (a quantize-stage checkpoint, or its export); else nothing new
         rep["quantization"] = meta["quantization"]["layers"]
         rep["warnings"] += meta["quantization"]["warnings"]
+    if meta["adversarial"] is not None:  # unknown for files that do not record it
+        rep["training"] = training_info(cfg, meta["adversarial"])
     rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
                          "adversarial": meta["adversarial"]}
     if sweep:
@@ -112,7 +116,7 @@ def main(argv=None):
     if meta["compression"] is None:
         print(f"compact figures skipped: {cfg['model']['arch']} declares no channel groups (models/: channel_groups)")
     else:
-        print(compact.format_figures(meta["compression"]))
+        print(measure.format_figures(meta["compression"]))
     if sweep:
         print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
     if args.json:

@@ -1,6 +1,6 @@
 """Evaluation shared by the training scripts and ``eval.py``: per-example correctness under attacks
 on the same examples, the worst case over attacks, the gradient-masking sanity checks, the eps
-sweep, the sparsity + accuracy report, and building a model from a config or checkpoint."""
+sweep, and the sparsity + accuracy report."""
 import contextlib
 import math
 import time
@@ -14,7 +14,6 @@ import distributed as dist
 import quant
 from attacks import FGSM, PGD, AutoAttack
 from common import UserError, progress
-from models import build_model
 
 ATTACKS = ("natural", "fgsm", "pgd", "pgd_cw", "pgd_l2", "autoattack", "apgd", "autoattack_l2", "apgd_l2")
 LINF_ATTACKS = ("fgsm", "pgd", "pgd_cw", "autoattack", "apgd")  # what an eps sweep runs (its eps are L-inf radii)
@@ -23,25 +22,6 @@ APGD = ("apgd-ce", "apgd-t")  # the cheaper subset of AutoAttack, named apgd
 # and for 28x28 digits.
 EPS_L2 = {"cifar10": 0.5}
 EPS_L2_DEFAULT = 2.0
-
-
-def model_from_config(cfg, info, device):
-    m = cfg["model"]
-    return build_model(m["arch"], m["width"], info.num_classes, info.in_channels, info.image_size,
-                       info.mean, info.std).to(device)
-
-
-def load_weights(model, ckpt, path, cfg):
-    """Load ``ckpt``'s weights into ``model`` after checking it was built for the same model."""
-    for key in ("arch", "width"):
-        if ckpt.get(key) != cfg["model"][key]:
-            raise UserError(f"{path} holds model.{key}={ckpt.get(key)!r} but the config says "
-                            f"{cfg['model'][key]!r}; use a matching config or --set model.{key}={ckpt.get(key)}")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit the model ({str(e).splitlines()[0]}); "
-                        f"was it trained on another dataset?") from None
 
 
 @torch.no_grad()
@@ -325,6 +305,10 @@ def format_report(rep):
         p = s["prunable"]
         lines.append(f"all prunable layers: {p['zeros']:,d} of {p['params']:,d} weights pruned ({p['fraction']:.6f})")
     lines += format_quantization(rep.get("quantization"), rep.get("storage_bits"))
+    if "training" in rep:
+        t = rep["training"]
+        lines.append(f"trained with: {t['method']} training, {t['loss']} loss"
+                     + (f" (beta {t['beta']:g})" if t.get("beta") is not None else ""))
     a = rep["attack"]
     what = f"{rep['n_examples']} test examples" + (" (partial, --limit)" if rep["partial"] else "")
     lines.append(f"accuracy on {what}, eps={a['eps']:.4f}"
@@ -354,7 +338,7 @@ def format_report(rep):
 
 def format_quantization(layers, storage_bits=None):
     """Report lines of the quantized layers ({name: {bits, distinct_nonzero, scale}}, see
-    ``quant.quantization_report``) and of the model's storage (``compact.export_model``'s
+    ``quant.quantization_report``) and of the model's storage (``exportfile.export_model``'s
     ``storage_bits``); none for a model without quantized layers."""
     if not layers:
         return []
@@ -369,7 +353,7 @@ def format_quantization(layers, storage_bits=None):
 
 
 def format_storage(sb):
-    """One line of ``compact.export_model``'s ``storage_bits`` ({export, float_export, dense_float32})."""
+    """One line of ``exportfile.export_model``'s ``storage_bits`` ({export, float_export, dense_float32})."""
     vs_float = f"{sb['float_export'] / max(sb['export'], 1):.2f}x less than the float export, " if "float_export" in sb else ""
     return (f"storage (codes + sparse indices + float32 scales, float tensors at their size): {sb['export']:,d} bits, "
             f"{vs_float}{sb['dense_float32'] / max(sb['export'], 1):.2f}x less than dense float32")

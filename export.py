@@ -1,14 +1,16 @@
 """Export a pruned checkpoint as a deployable model: pruned channels removed, sparse weights stored sparse.
 
-    python export.py --ckpt runs/demo/retrain.pt --out runs/demo/retrain.export.pt [--format compact|sparse]
-                     [--json FILE] [--overwrite] [--no-latency] [--threads N]
+    python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|onnx]
+                     [--storage compact|sparse] [--json FILE] [--overwrite] [--no-latency] [--threads N]
 
-A checkpoint of the quantize stage is exported with its quantized layers as packed integer codes
-plus one float32 scale per layer (``compact.encode_quantized``); the report then also gives the
-size against the float export of the same storage. The export loads with
-``torch.load(..., weights_only=True)`` and is rebuilt by ``compact.load_exported`` (or
-``compact.load_model``, which also reads checkpoints). The export is read back after writing and
-its outputs checked against the masked model's. See compact.py.
+The file format (``exportfile.FORMATS``): ``torch`` (the default, or from --out's suffix
+``.safetensors`` / ``.onnx``) and ``safetensors`` hold the export dict, read back by
+``exportfile.load_exported`` and ``exportfile.load_model`` (which ``eval.py`` uses); ``onnx`` is
+the compact model as a graph for onnxruntime. A checkpoint of the quantize stage is exported with
+its quantized layers as packed integer codes plus one float32 scale per layer
+(``storage.encode_quantized``; ONNX: dequantized); the report then also gives the size against
+the float export of the same storage. The file is read back after writing and its outputs checked
+against the masked model's; an ONNX graph is also checked on the test split (natural accuracy).
 """
 import argparse
 import json
@@ -20,65 +22,115 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-import compact
-from common import UserError, load_checkpoint, run_cli, save_checkpoint
+import data as data_lib
+import exportfile
+import measure
+from common import UserError, load_checkpoint, run_cli
 from evaluation import format_storage
+
+
+def file_format(name):
+    """--format's value: a name in ``exportfile.FORMATS``."""
+    if name in exportfile.STORAGES:
+        raise argparse.ArgumentTypeError(f"{name} is a storage: use --storage {name} "
+                                         f"(--format picks the file: {', '.join(exportfile.FORMATS)})")
+    if name not in exportfile.FORMATS:
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(exportfile.FORMATS)}")
+    return exportfile.FORMATS[name]
+
+
+def format_for(path):
+    """The format whose suffix ``path`` ends with (``.safetensors``, ``.onnx``), else torch."""
+    return next((f for f in exportfile.FORMATS.values() if path.endswith(os.path.splitext(f.suffix)[1])),
+                exportfile.FORMATS["torch"])
+
+
+@torch.no_grad()
+def test_accuracy(models, cfg):
+    """({name: natural accuracy}, examples) of ``models`` ({name: callable}) on the first
+    ``eval.limit`` examples of the test split (all when 0), as the training report counts them."""
+    _, test, _ = data_lib.load_data(cfg)
+    hits, n = {k: 0 for k in models}, 0
+    for x, y in data_lib.batches(test, cfg["data"]["test_batch_size"], "cpu", limit=cfg["eval"]["limit"]):
+        for k, m in models.items():
+            hits[k] += int((m(x).argmax(1) == y).sum())
+        n += len(y)
+    return {k: h / max(n, 1) for k, h in hits.items()}, n
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
-    p.add_argument("--out", required=True, help="export file to write")
-    p.add_argument("--format", choices=compact.STORAGES,
+    p.add_argument("--out", help="file to write (default: the checkpoint's path with .export.pt, "
+                                 ".export.safetensors or .export.onnx)")
+    p.add_argument("--format", type=file_format, metavar="|".join(exportfile.FORMATS),
+                   help="torch: torch.save of the export (default); safetensors: tensors + JSON header, loads "
+                        "without running code; onnx: the compact model as an ONNX graph (default: from --out's suffix)")
+    p.add_argument("--storage", choices=exportfile.STORAGES,
                    help="compact: dense tensors of the smaller model; sparse: conv/linear weights as values + "
                         "bitmask or index (default: sparse for irregular pruning, compact for filter/column)")
     p.add_argument("--json", help="also write the figures as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency comparison")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the steadiest figure on a shared machine)")
+                   help="CPU threads of torch and onnxruntime (default 1: the steadiest figure on a shared machine)")
     args = p.parse_args(argv)
-    if os.path.abspath(args.out) == os.path.abspath(args.ckpt):
+    fmt = args.format or format_for(args.out or "")
+    out = args.out or os.path.splitext(args.ckpt)[0] + fmt.suffix
+    if os.path.abspath(out) == os.path.abspath(args.ckpt):
         raise UserError("--out must differ from --ckpt")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
     if args.threads < 1:
         raise UserError("--threads must be >= 1")
+    if fmt.storage and args.storage not in (None, fmt.storage):
+        raise UserError(f"--format {fmt.name} stores {fmt.storage} tensors only; drop --storage {args.storage}")
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.ckpt)
-    exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
-    save_checkpoint(exp, args.out)
-    model, cfg, exp = compact.load_exported(args.out)  # what a user gets back, read from disk
-    fig = compact.figures(exp, os.path.getsize(args.out))
+    exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or fmt.storage, fmt.quantized)
+    fmt.write(out, exp, exportfile.model_from_export(exp, out)[0])
+    model = fmt.model(out, args.threads)  # what a user gets back, read from disk
+    cfg = exp["config"]
+    fig = measure.figures(exp, os.path.getsize(out), fmt.name)
 
     masked.eval()
-    x = torch.rand(64, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(0))
+    x = torch.rand(64, *exportfile.input_shape(cfg), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref, out = masked(x), model(x)
-    diff = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    same = bool((out.argmax(1) == ref.argmax(1)).all())
+        ref, got = masked(x), model(x)
+    diff = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    same = bool((got.argmax(1) == ref.argmax(1)).all())
     fig["check"] = {"inputs": len(x), "max_rel_diff": diff, "same_predictions": same}
     s = ckpt.get("stage")
     print(f"{args.ckpt} ({s} stage, {cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']}, "
-          f"{cfg['prune']['sparsity_type']} pruning) -> {args.out}")
-    print(compact.format_figures(fig))
+          f"{cfg['prune']['sparsity_type']} pruning) -> {out}")
+    print(measure.format_figures(fig))
     if "quantized" in exp:  # a quantized export: its layers as packed integer codes
         print("quantized layers as packed codes: " + ", ".join(
             f"{n} {e['bits']} bits" for n, e in exp["quantized"].items()))
         print(format_storage(fig["storage_bits"]))
-    print(f"check on {len(x)} random inputs: max |compact - masked| / max |masked| = {diff:.2e}, "
+    elif s == "quantize" and not fmt.quantized:
+        print(f"quantized layers go out dequantized ({fmt.name} holds float32 weights: codes x scale)")
+    print(f"check on {len(x)} random inputs: max |export - masked| / max |masked| = {diff:.2e}, "
           f"same predictions: {same}")
+    accuracy_differs = False
+    if fmt.runs_outside_torch:  # another runtime computes it: also the accuracy the user will see
+        acc, n = test_accuracy({"masked": masked, "export": model}, cfg)
+        fig["check"]["test_natural"] = {"examples": n, **acc}
+        accuracy_differs = acc["masked"] != acc["export"]
+        print(f"natural accuracy on {n} test examples: masked model (PyTorch) {acc['masked']:.4f}, "
+              f"{fmt.name} export ({fmt.runtime}) {acc['export']:.4f}")
     if not args.no_latency:
-        t = compact.latency({"dense": masked, "compact": model}, x)
+        t = measure.latency({"dense": masked, "compact": model}, x)
         fig["latency"] = {"batch": len(x), "threads": torch.get_num_threads(), "dense_s": t["dense"],
-                          "compact_s": t["compact"], "speedup": t["dense"] / t["compact"]}
-        print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense "
-              f"{t['dense'] * 1e3:.1f} ms, compact {t['compact'] * 1e3:.1f} ms, "
+                          "compact_s": t["compact"], "speedup": t["dense"] / t["compact"], "runtime": fmt.runtime}
+        print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense (PyTorch) "
+              f"{t['dense'] * 1e3:.1f} ms, compact ({fmt.runtime}) {t['compact'] * 1e3:.1f} ms, "
               f"speed-up {t['dense'] / t['compact']:.2f}x")
-    if diff > 1e-5:
-        os.remove(args.out)
-        raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}); "
-                        f"removed {args.out}; please report this with the checkpoint")
+    if diff > 1e-5 or accuracy_differs:
+        os.remove(out)
+        raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}"
+                        + (", and its test accuracy" if accuracy_differs else "")
+                        + f"); removed {out}; please report this with the checkpoint")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(fig, f, indent=2)

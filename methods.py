@@ -9,7 +9,8 @@ runs (``engine.run_epoch`` calls ``method.step``):
     free      m replays of the batch, each step also an FGSM step on a perturbation carried
               from batch to batch (Shafahi et al. 2019); its perturbation is the method's state
 
-``Precision`` (mixed precision) and the two step functions are shared by all of them.
+The attack-based methods train on the loss ``adv.loss`` names (``losses.py``: cross-entropy,
+TRADES or MART). ``Precision`` (mixed precision) and the two step functions are shared by all.
 """
 import contextlib
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks import PGD
+from losses import LOSSES_OF_METHOD, CrossEntropy, make_loss
 
 
 class Precision:
@@ -51,25 +53,27 @@ class Precision:
 
 
 FP32 = Precision("off", torch.device("cpu"))
+CE = CrossEntropy()
 
 
-def train_step(net, model, x, y, optimizer, attack=None, penalty=None, precision=FP32):
+def train_step(net, model, x, y, optimizer, attack=None, penalty=None, precision=FP32, loss=CE):
     """One step of min-max training (Madry et al. 2018, Eq. 2.1; ICCV'19 Eq. 4 with the ADMM term):
-    x_adv = attack(model, x, y), then one optimizer step on CE(net(x_adv), y) + penalty().
+    x_adv = attack(model, x, y), then one optimizer step on loss(net, x, x_adv, y) + penalty();
+    with the default ``loss``, CE(net(x_adv), y).
 
     ``net`` is the model as trained (possibly DDP-wrapped or compiled), ``model`` the plain module
     the attack runs on. Returns (loss, penalty, logits on x_adv), detached, on the device.
     """
+    x_adv = x
     if attack is not None:
         with precision.attack():
-            x = attack(model, x, y)
+            x_adv = attack(model, x, y)
     with precision.train():
-        logits = net(x)
-        loss = F.cross_entropy(logits, y)
+        value, logits = loss(net, x, x_adv, y)
     pen = penalty() if penalty else torch.zeros((), device=x.device)
     optimizer.zero_grad(set_to_none=True)
-    precision.step(loss + pen, optimizer)
-    return loss.detach(), pen.detach(), logits.detach()
+    precision.step(value + pen, optimizer)
+    return value.detach(), pen.detach(), logits.detach()
 
 
 def free_step(net, x, y, optimizer, delta, eps, replays, penalty=None, precision=FP32):
@@ -103,6 +107,7 @@ class Method:
     replays = 1          # optimizer steps per minibatch; the schedules count passes over the data
     clean_logits = False  # the step's logits are on clean inputs: no extra forward for natural accuracy
     attack = None        # the attack that makes the training batch, if the method uses one
+    loss = CE            # the training loss (losses.py)
 
     def start(self):
         """Called when a stage starts fresh (not on resume)."""
@@ -113,7 +118,7 @@ class Method:
 
     def step(self, net, model, x, y, optimizer, penalty, precision):
         """Train on one minibatch; returns (loss, penalty, logits), detached."""
-        return train_step(net, model, x, y, optimizer, self.attack, penalty, precision)
+        return train_step(net, model, x, y, optimizer, self.attack, penalty, precision, self.loss)
 
     def state_dict(self):
         return None
@@ -122,7 +127,7 @@ class Method:
         pass
 
     def __repr__(self):
-        return f"{self.name} training"
+        return f"{self.name} training" + ("" if self.loss.name == "ce" else f", {self.loss!r}")
 
 
 class Natural(Method):
@@ -133,15 +138,18 @@ class Natural(Method):
 
 
 class AttackTraining(Method):
-    """Training on the examples a training ``attack`` makes from each batch (PGD, FGSM-RS).
+    """Training on the examples a training ``attack`` makes from each batch (PGD, FGSM-RS), with
+    ``loss`` (``losses.py``), whose ``adversary`` wraps the attack (TRADES: aimed away from f(x)).
 
     ``eps_ramp`` > 0: during pretraining the attack's eps (and step size) grow linearly over the
     first ``eps_ramp`` passes, k / eps_ramp of the target in pass k; training at full eps from
     the start can collapse a small model to chance (the demo's LeNet at MNIST's eps 0.3)."""
-    def __init__(self, name, pgd, eps_ramp=0, train_mode=False):
-        """``pgd``: the training ``PGD``; ``train_mode``: run it with the model in train mode."""
-        self.name, self.pgd, self.eps_ramp = name, pgd, eps_ramp
-        self.attack = InTrainMode(pgd) if train_mode else pgd
+    def __init__(self, name, pgd, eps_ramp=0, train_mode=False, loss=CE):
+        """``pgd``: the training ``PGD`` (with the loss's ``attack_settings``); ``train_mode``: run it
+        with the model in train mode."""
+        self.name, self.pgd, self.eps_ramp, self.loss = name, pgd, eps_ramp, loss
+        adversary = loss.adversary(pgd)
+        self.attack = InTrainMode(adversary) if train_mode else adversary
         self.target = (pgd.eps, pgd.step_size)
 
     def progress(self, stage, passes):
@@ -202,17 +210,19 @@ class Free(Method):
         return f"free training ({self.replays} replays per minibatch)"
 
 
-def _pgd(a, shape, device):
-    pgd = PGD(a["eps"], a["step_size"], a["steps"], a["restarts"], a["random_start"])
-    return AttackTraining("pgd", pgd, a["eps_ramp"], a["attack_mode"] == "train")
+def _pgd(a, loss, shape, device):
+    settings = {"eps": a["eps"], "step_size": a["step_size"], "steps": a["steps"], "restarts": a["restarts"],
+                "random_start": a["random_start"], **loss.attack_settings}
+    return AttackTraining("pgd", PGD(**settings), a["eps_ramp"], a["attack_mode"] == "train", loss)
 
 
-def _fgsm_rs(a, shape, device):
+def _fgsm_rs(a, loss, shape, device):
     # FGSM-RS (Wong et al. 2020): one step of 1.25 eps from a uniform random start = PGD with steps=1.
-    return AttackTraining("fgsm_rs", PGD(a["eps"], 1.25 * a["eps"], 1, 1, True), a["eps_ramp"], a["attack_mode"] == "train")
+    return AttackTraining("fgsm_rs", PGD(a["eps"], 1.25 * a["eps"], 1, 1, True), a["eps_ramp"],
+                          a["attack_mode"] == "train", loss)
 
 
-def _free(a, shape, device):
+def _free(a, loss, shape, device):
     # free's perturbation is made by the training step itself, in the mode the model trains in.
     return Free(a["eps"], a["free_replays"], shape, device, a["eps_ramp"])
 
@@ -220,10 +230,23 @@ def _free(a, shape, device):
 ADVERSARIAL = {"pgd": _pgd, "fgsm_rs": _fgsm_rs, "free": _free}  # adv.method -> builder
 
 
+def training_info(cfg, adversarial):
+    """What a model was trained with, for reports: {method, loss, beta} (beta None for ce);
+    checkpoints from before ``adv.loss`` trained with cross-entropy."""
+    if not adversarial:
+        return {"method": "natural", "loss": "ce", "beta": None}
+    a = cfg["adv"]
+    loss = a.get("loss", "ce")
+    return {"method": a["method"], "loss": loss, "beta": None if loss == "ce" else a.get("beta")}
+
+
 def make_method(cfg, adversarial, info, device):
     """The training method of a run: ``Natural()`` for ``main.py``, else ``cfg['adv']['method']``
-    built from ``cfg['adv']`` (``info``: the dataset's image shape, for free's perturbation)."""
+    built from ``cfg['adv']`` with its ``loss`` (``info``: the dataset's image shape, for free's
+    perturbation)."""
     if not adversarial:
         return Natural()
+    a = cfg["adv"]
+    assert a["loss"] in LOSSES_OF_METHOD[a["method"]], "config.validate refuses this combination"
     shape = (cfg["data"]["batch_size"], info.in_channels, info.image_size, info.image_size)
-    return ADVERSARIAL[cfg["adv"]["method"]](cfg["adv"], shape, device)
+    return ADVERSARIAL[a["method"]](a, make_loss(a), shape, device)

@@ -284,3 +284,31 @@ def quantization_report(weights, bits, scales=None):
         elif lv is None:
             warn.append(f"{n}: its values are not the integer multiples of one scale that {b} bits allow")
     return rows, warn
+
+
+# --------------------------------------------------------------------------- a checkpoint's quantized layers
+
+def quantized_layers(cfg, stage, model):
+    """{name: bits} of the layers a checkpoint or export of ``stage`` holds quantized: those of
+    ``cfg``'s ``quant.bits`` resolved on ``model`` when the stage is the quantize stage (whose
+    end, hard quantization, puts them on their levels); {} otherwise (a float model, or an
+    earlier stage of a quantized run)."""
+    qbits = (cfg.get("quant") or {}).get("bits") or {}
+    return resolve_bits(model, qbits) if stage == "quantize" and qbits else {}
+
+
+def recorded_scales(ckpt):
+    """{name: scale q} that the hard quantization of a quantize-stage checkpoint recorded (its
+    convergence figures), or None."""
+    return ((ckpt.get("convergence") or {}).get("quantize") or {}).get("scale")
+
+
+def quantization_meta(model, bits, scales):
+    """None without quantized layers (``bits`` empty), else {"layers": {name: {bits,
+    distinct_nonzero, scale}} (``quantization_report`` on ``model``'s weights; ``scales``
+    the recorded ones), "warnings": [lines]}."""
+    if not bits:
+        return None
+    rows, warn = quantization_report(admm_lib.prunable_weights(model), bits, scales)
+    return {"layers": rows, "warnings": warn}
+

@@ -17,8 +17,11 @@ import os
 
 
 class RunFolder:
-    def __init__(self, path):
+    def __init__(self, path, mirror=None):
+        """``mirror``: an object whose ``add(row)`` gets every row appended to metrics.jsonl too
+        (``tblog.TensorBoardLog``), so the two cannot drift apart."""
         self.path = path
+        self.mirror = mirror
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -56,8 +59,11 @@ class RunFolder:
 
     def append_metrics(self, row):
         """Append ``row`` (a dict of numbers and strings; NaN is written as null) as one line."""
+        row = _no_nan(row)
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(_no_nan(row)) + "\n")
+            f.write(json.dumps(row) + "\n")
+        if self.mirror:
+            self.mirror.add(row)
 
     def truncate_metrics(self, nbytes):
         """Drop the rows written after a checkpoint that holds ``nbytes`` (the resumed run writes

@@ -3,6 +3,10 @@ robust accuracy each reaches (random start off, so both are deterministic).
 
     python bench/attack.py [--device cpu|cuda]
 
+Needs, beyond requirements.txt: scipy and torchattacks 3.5.1, installed without its dependencies
+(its requests~=2.25.1 pin would downgrade requests; it never imports requests):
+``pip install scipy && pip install --no-deps torchattacks==3.5.1``.
+
 Target: at least 1.0x torchattacks' throughput, with equal robust accuracy.
 The model is a LeNet w=4 trained naturally for one epoch on the bundled digits, in this script.
 """
@@ -27,9 +31,11 @@ def main():
     args = p.parse_args()
     try:
         import torchattacks
-    except ImportError:
-        raise SystemExit("this benchmark needs torchattacks: pip install --no-deps torchattacks==3.5.1 "
-                         "(--no-deps: its requests~=2.25.1 pin would downgrade requests)")
+    except ImportError as e:
+        # torchattacks 3.5.1 imports torch, torchvision, numpy, tqdm (requirements.txt) and scipy; it also
+        # declares requests~=2.25.1, which it never imports and which would downgrade requests: --no-deps.
+        raise SystemExit(f"this benchmark needs torchattacks 3.5.1 and scipy ({e}): "
+                         "pip install scipy && pip install --no-deps torchattacks==3.5.1")
     print(machine(), f"torchattacks {torchattacks.__version__}")
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 VGG-16 and ResNet-18 on 32x32 inputs with random weights and random BN statistics, hard-pruned
 with ``admm.hard_prune`` at the same ratio in every conv (the output layer stays dense, as in
 the shipped configs): filter pruning at 50 % and 75 %, column pruning at 75 %. For each, the
-compact model of ``compact.compact_model`` is checked against the masked model, then both are
+compact model of ``channels.compact_model`` is checked against the masked model, then both are
 timed in turns in this one process (median of ``--reps`` after a warm-up). Printed: MAC
 reduction (dense / compact), measured speed-up, and for filter pruning PASS/FAIL of the target
 "speed-up >= half the MAC reduction".
@@ -24,10 +24,12 @@ from torch import nn
 
 from benchutil import machine, time_many, verdict  # also puts the repo root on sys.path
 import admm  # noqa: E402
-import compact  # noqa: E402
+import channels  # noqa: E402
+import exportfile  # noqa: E402
+import measure  # noqa: E402
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402
-from evaluation import model_from_config  # noqa: E402
+from models import model_from_config  # noqa: E402
 
 CASES = [("filter", 0.5), ("filter", 0.75), ("column", 0.75)]
 
@@ -44,7 +46,7 @@ class ColumnConv2d(nn.Module):
         self.keep = (w.flatten(1) != 0).any(0).nonzero().flatten()
         self.weight = nn.Parameter(w.flatten(1)[:, self.keep].contiguous())
         self.bias = conv.bias
-        self.const = conv if isinstance(conv, compact.FoldedConv2d) else None
+        self.const = conv if isinstance(conv, channels.FoldedConv2d) else None
         self.k, self.stride, self.padding, self.in_channels = conv.kernel_size, conv.stride, conv.padding, w.shape[1]
         self._index = {}
 
@@ -114,12 +116,12 @@ def main(argv=None):
     for arch in args.archs.split(","):
         for scheme, ratio in CASES:
             masked, cfg = pruned_model(arch, args.width, scheme, ratio)
-            shape = compact.input_shape(cfg)
-            models = {"dense (masked)": masked, "compact": compact.compact_model(masked, shape).eval()}
-            dense_fig = compact.count(masked, shape)
-            macs = {"dense (masked)": dense_fig["macs"], "compact": compact.count(models["compact"], shape)["macs"]}
+            shape = exportfile.input_shape(cfg)
+            models = {"dense (masked)": masked, "compact": channels.compact_model(masked, shape).eval()}
+            dense_fig = measure.count(masked, shape)
+            macs = {"dense (masked)": dense_fig["macs"], "compact": measure.count(models["compact"], shape)["macs"]}
             if scheme == "column":
-                models["column im2col"] = with_column_convs(compact.compact_model(masked, shape)).eval()
+                models["column im2col"] = with_column_convs(channels.compact_model(masked, shape)).eval()
                 macs["column im2col"] = dense_fig["nonzero_macs"]  # a column-pruned conv's nonzero work
             with torch.no_grad():
                 ref = masked(x[:8])

@@ -3,8 +3,10 @@
     python bench/train_step.py [--device cpu|cuda]
 
 floor = k x (attack forward + input backward) + 1 x (clean training step), all measured here.
-Targets: adversarial step <= 1.10 x floor; ADMM-stage step <= 1.05 x adversarial step; a HYDRA or
-HARP score step <= 1.10 x adversarial step (``bench_scores``).
+TRADES' floor: one clean forward (its target f(x)) + k KL attack iterations + one training step on
+two forwards (x and x'); MART's: k attack iterations + that two-forward step.
+Targets: adversarial, TRADES and MART steps <= 1.10 x their floors; ADMM-stage step <= 1.05 x
+adversarial step; a HYDRA or HARP score step <= 1.10 x adversarial step (``bench_scores``).
 Also reports what switching the parameters' requires_grad off during the attack would save, and
 the cost of the extra clean forward that measures natural training accuracy.
 """
@@ -17,6 +19,7 @@ from benchutil import machine, time_many, verdict
 
 import admm as admm_lib
 from attacks import PGD
+from losses import MART, TRADES
 from methods import train_step
 from training import make_optimizer
 from models import build_model
@@ -35,11 +38,28 @@ def bench(arch, width, channels, size, batch, k, device):
     ratios = {n: 0.8 for n in weights}
     state = admm_lib.ADMM(weights, admm_lib.Sparsity("irregular", ratios), 1e-3)
 
+    trades, mart = TRADES(6.0), MART(6.0)
+    trades_attack = trades.adversary(PGD(eps=8 / 255, step_size=2 / 255, steps=k, **trades.attack_settings))
+    with torch.no_grad():
+        target = model.eval()(x).softmax(1)
+    model.train()
+
     def attack_iter():  # one PGD iteration's work: forward + gradient w.r.t. the input, eval mode
         model.eval()
         xr = x.detach().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
         model.train()
+
+    def attack_iter_kl():  # the same on TRADES' objective, KL(f(x) || f(x')) against a fixed f(x)
+        model.eval()
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(F.kl_div(F.log_softmax(model(xr), 1), target, reduction="sum"), xr)
+        model.train()
+
+    def pair_step():  # a training step on two forwards (x and x'), the least TRADES and MART can do
+        opt.zero_grad(set_to_none=True)
+        (F.cross_entropy(model(x), y) + F.cross_entropy(model(x.flip(0)), y)).backward()
+        opt.step()
 
     def attack_iter_frozen():
         for p in model.parameters():
@@ -61,9 +81,16 @@ def bench(arch, width, channels, size, batch, k, device):
         "adv_step": lambda: train_step(model, model, x, y, opt, attack),
         "admm_step": lambda: train_step(model, model, x, y, opt, attack, lambda: state.penalty(weights)),
         "clean_forward": clean_forward,
+        "attack_iter_kl": attack_iter_kl,
+        "pair_step": pair_step,
+        "trades_step": lambda: train_step(model, model, x, y, opt, trades_attack, loss=trades),
+        "mart_step": lambda: train_step(model, model, x, y, opt, attack, loss=mart),
     }, device, warmup=2, reps=9 if arch == "lenet" else 5)
     floor = k * t["attack_iter"] + t["clean_step"]
+    floor_trades = t["clean_forward"] + k * t["attack_iter_kl"] + t["pair_step"]
+    floor_mart = k * t["attack_iter"] + t["pair_step"]
     r_adv, r_admm = t["adv_step"] / floor, t["admm_step"] / t["adv_step"]
+    r_trades, r_mart = t["trades_step"] / floor_trades, t["mart_step"] / floor_mart
     print(f"\n{arch} w={width} {size}x{size} batch {batch} PGD-{k} on {device}")
     print(f"  attack iteration {t['attack_iter'] * 1e3:8.2f} ms   (params requires_grad off: "
           f"{t['attack_iter_frozen'] * 1e3:.2f} ms, ratio {t['attack_iter_frozen'] / t['attack_iter']:.3f})")
@@ -74,8 +101,16 @@ def bench(arch, width, channels, size, batch, k, device):
     print(f"  clean forward (natural train accuracy) {t['clean_forward'] * 1e3:.2f} ms = "
           f"{t['clean_forward'] / t['adv_step']:.1%} of a step; sampled every 10th step: "
           f"{t['clean_forward'] / t['adv_step'] / 10:.2%}")
-    ok = verdict(r_adv <= 1.10, f"{arch}: adversarial step / floor = {r_adv:.3f} <= 1.10")
-    return verdict(r_admm <= 1.05, f"{arch}: ADMM step / adversarial step = {r_admm:.3f} <= 1.05") and ok
+    print(f"  two-forward step {t['pair_step'] * 1e3:8.2f} ms   KL attack iteration {t['attack_iter_kl'] * 1e3:.2f} ms")
+    print(f"  TRADES step      {t['trades_step'] * 1e3:8.2f} ms   floor {floor_trades * 1e3:.2f} ms "
+          f"(clean forward + {k} x KL iteration + two-forward step), ratio {r_trades:.3f}")
+    print(f"  MART step        {t['mart_step'] * 1e3:8.2f} ms   floor {floor_mart * 1e3:.2f} ms "
+          f"({k} x attack iteration + two-forward step), ratio {r_mart:.3f}")
+    ok = [verdict(r_adv <= 1.10, f"{arch}: adversarial step / floor = {r_adv:.3f} <= 1.10"),
+          verdict(r_admm <= 1.05, f"{arch}: ADMM step / adversarial step = {r_admm:.3f} <= 1.05"),
+          verdict(r_trades <= 1.10, f"{arch}: TRADES step / its floor = {r_trades:.3f} <= 1.10"),
+          verdict(r_mart <= 1.10, f"{arch}: MART step / its floor = {r_mart:.3f} <= 1.10")]
+    return all(ok)
 
 
 def bench_scores(arch, width, channels, size, batch, k, device):

@@ -2,7 +2,7 @@
 
 For any architecture that declares its channel groups (``models.Group``), each group keeps its
 channels of largest L2 norm, as many as the narrow model has, and every layer is cut down to the
-channels that survive (``compact.keep_channels``), so the narrow network computes what the wide
+channels that survive (``channels.keep_channels``), so the narrow network computes what the wide
 one computes when its other channels are zeroed (filters, biases, BN scale and shift).
 
 The groups are scored in the order the model declares them, each on its producers' filters
@@ -31,10 +31,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import compact  # noqa: E402
+import channels  # noqa: E402
 import data as data_lib  # noqa: E402
 from common import load_checkpoint, save_checkpoint  # noqa: E402
-from evaluation import model_from_config  # noqa: E402
+from models import model_from_config  # noqa: E402
 
 
 def inherit(state, small):
@@ -44,13 +44,13 @@ def inherit(state, small):
     so a tensor that no group cut to the narrow shape is an error)."""
     out = {k: v.clone() for k, v in state.items()}
     mods, kept = dict(small.named_modules()), {}
-    for g in compact.channel_groups(small):
+    for g in channels.channel_groups(small):
         n, k = out[f"{g.producers[0][0]}.weight"].shape[0], mods[g.producers[0][0]].weight.shape[0]
         if k > n:
             raise ValueError(f"group {g.name}: the narrow model has {k} channels, the source only {n}")
         filters = torch.cat([out[f"{layer}.weight"].flatten(1) for layer, _ in g.producers], 1)  # [n, fan-in]
         keep = torch.topk(filters.norm(dim=1), k).indices.sort().values
-        compact.keep_channels(out, g, keep)
+        channels.keep_channels(out, g, keep)
         kept[g.name] = keep.tolist()
     small.load_state_dict(out)
     return out, kept

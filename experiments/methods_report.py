@@ -1,19 +1,19 @@
-"""Finding 5 from the pruning-methods sweep (``pruning_methods.yaml``): tables, verdict and plot.
+"""Finding 5, the robust-pruning arena (``arena.yaml``, issue 20): tables, answers and plot.
 
-    python experiments/methods_report.py --summary runs/experiments/pruning_methods/summary.json --out docs
+    python experiments/methods_report.py --summary runs/experiments/arena/summary.json --out docs
 
 Writes ``<out>/results/pruning_methods.md`` (the Finding 5 section that ``report.py`` puts into
 RESULTS.md), ``<out>/results/pruning_methods.json`` (one row per cell) and
-``<out>/pruning_methods.png``; ``report.py`` calls ``write`` when it makes RESULTS.md. Every number comes from the cells' ``eval.py`` reports: accuracy on
-the evaluation subset and the convergence figures the checkpoint carries (ADMM's residuals, the
-pruned energy at each hard prune). A cell is ``mean ± half-range`` over its seeds.
+``<out>/pruning_methods.png``; ``report.py`` calls ``write`` when it makes RESULTS.md. Every number
+comes from the cells' ``eval.py`` reports and their runs' ``metrics.jsonl``. A cell is
+``mean ± half-range`` over its seeds.
 
-Rules, fixed before the numbers were seen (issue 10):
-- An ADMM or progressive-ADMM cell whose largest per-layer pruned energy, at any of its hard prunes
-  and for any seed, is above 5 % is **not converged**: shown, and left out of the verdict.
-- A comparison where every method is near chance (natural accuracy below 15 %) is left out too.
-- ADMM wins a comparison when its mean accuracy (PGD for adversarial training, natural for
-  natural training) is at least the better of one-shot's and gradual's.
+Rules, fixed in ``arena.yaml`` before the numbers were seen:
+- Per seed, an ADMM-family cell whose largest per-layer pruned energy at a hard prune is above 5 %
+  is dropped (not converged); the count is shown.
+- The evaluation of record is PGD-20 on 1,000 test images (every seed) and the reference
+  AutoAttack on 500 (seed 0); where the two order two methods differently, AutoAttack decides.
+- Paired differences against one-shot at the fixed allocation, per seed: mean and sign count.
 """
 import argparse
 import json
@@ -25,10 +25,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = {"admm": "ADMM", "progressive": "progressive ADMM", "oneshot": "one-shot", "gradual": "gradual"}
-COLORS = {"admm": "C0", "progressive": "C1", "oneshot": "C2", "gradual": "C3"}  # the same in every panel
-NOT_CONVERGED = 0.05  # largest per-layer pruned energy above which an ADMM cell has not converged
-CHANCE = 0.15         # natural accuracy below which a model is at chance (10 classes)
+METHODS = {"oneshot": "one-shot", "gradual": "gradual", "admm": "ADMM", "progressive": "progressive ADMM",
+           "hydra": "HYDRA", "harp": "HARP", "admm_harp": "ADMM at HARP's rates"}
+ADMM_FAMILY = ("admm", "progressive", "admm_harp")
+NOT_CONVERGED = 0.05  # largest per-layer pruned energy above which an ADMM-family seed is dropped
 
 
 def largest_energy(ev):
@@ -37,33 +37,48 @@ def largest_energy(ev):
                 for e in fig.get("pruned_energy", {}).values()), default=float("nan"))
 
 
-def method_cells(summary):
-    """The finished cells of the methods comparison (Finding 5) in ``summary``."""
-    return [c for c in summary["cells"] if c["kind"] in METHODS and 5 in c["finding"]]
+def label(row):
+    """A row's name in the tables: the method, and its allocation where it is not the method's own."""
+    own = {"harp": "learned", "admm_harp": "harp"}.get(row["method"])
+    return METHODS[row["method"]] + ("" if row["allocation"] == own else f" ({row['allocation']})")
 
 
 def rows(summary):
-    """One row per finished cell: its setting, accuracies and largest pruned energy."""
+    """One row per finished arena cell, with its AutoAttack accuracy where its ``-aa`` cell ran."""
+    cells = {c["id"]: c for c in summary["cells"]}
     out = []
-    for c in method_cells(summary):
+    for c in summary["cells"]:
+        if c["kind"] not in METHODS or 5 not in c["finding"]:
+            continue
         m, ev = c["meta"], c["eval"]
-        out.append({"id": c["id"], "method": m["method"], "training": m["training"], "ratio": m["ratio"],
-                    "budget": m["budget"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
-                    "pgd": ev["accuracy"].get("pgd"), "energy": largest_energy(ev), "wall_s": c["wall_s"]})
+        aa = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
+        energy = largest_energy(ev)
+        out.append({"id": c["id"], "method": m["method"], "allocation": m["allocation"], "variant": m["variant"],
+                    "target": m["target"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
+                    "pgd": ev["accuracy"].get("pgd"), "autoattack": aa, "energy": energy, "wall_s": c["wall_s"],
+                    "excluded": m["method"] in ADMM_FAMILY and not energy <= NOT_CONVERGED,
+                    "sparsity": ev["sparsity"]["overall"]})
     return out
 
 
 class Table:
-    """Rows grouped over seeds by the values of ``fields`` (a key is the tuple of them)."""
+    """Rows grouped over seeds by the values of ``fields`` (a key is the tuple of them); excluded
+    seeds are left out of every figure but ``excluded``."""
 
-    def __init__(self, rows, fields=("training", "budget", "ratio", "method")):
+    def __init__(self, rows, fields=("variant", "target", "method", "allocation")):
         self.groups = {}
         for r in rows:
             self.groups.setdefault(tuple(r[f] for f in fields), []).append(r)
 
+    def kept(self, key):
+        return [r for r in self.groups.get(key, []) if not r.get("excluded")]
+
+    def excluded(self, key):
+        return sum(bool(r.get("excluded")) for r in self.groups.get(key, []))
+
     def values(self, key, metric):
-        """The seeds' values of ``metric`` (None, a figure a cell lacks, left out)."""
-        return [r[metric] for r in self.groups.get(key, []) if r[metric] is not None]
+        """The kept seeds' values of ``metric`` (None, a figure a cell lacks, left out)."""
+        return [r[metric] for r in self.kept(key) if r[metric] is not None]
 
     def mean(self, key, metric):
         v = self.values(key, metric)
@@ -80,193 +95,191 @@ class Table:
         m = 100 * statistics.fmean(v)
         return f"{m:.1f}" if len(v) == 1 else f"{m:.1f} ± {100 * self.spread(key, metric):.1f}"
 
-    def converged(self, key):
-        """Whether every seed's largest pruned energy is at most 5 % (always for the baselines)."""
-        return key[3] not in ("admm", "progressive") or all(e <= NOT_CONVERGED for e in self.values(key, "energy"))
+
+def row_keys(T, variant, target):
+    """The (variant, target, method, allocation) keys of one table, in the spec's method order."""
+    keys = [k for k in T.groups if k[0] == variant and k[1] == target]
+    return sorted(keys, key=lambda k: (list(METHODS).index(k[2]), k[3]))
 
 
-def metric_of(training):
-    return "pgd" if training == "adversarial" else "natural"
+def seed_of(T, key, seed, metric):
+    return next((r[metric] for r in T.kept(key) if r["seed"] == seed), None)
 
 
-def table_lines(T, training, budget, ratios, methods, limit):
-    """The table of one training mode and budget, and the comparisons it decides:
-    [(ratio, ADMM mean, best baseline mean, within noise)]."""
-    metric = metric_of(training)
-    lines = [f"**{training.capitalize()} training, {budget} epochs after pretraining** "
-             f"({'PGD' if metric == 'pgd' else 'natural'} accuracy decides; natural / PGD in %, "
-             "largest per-layer pruned energy at the hard prune(s) in %)", "",
-             "| ratio | " + " | ".join(METHODS[m] for m in methods) + " | seeds |",
-             "|---" * (len(methods) + 2) + "|"]
-    decided = []
-    for r in ratios:
-        keys = {m: (training, budget, r, m) for m in methods}
-        cells = []
-        for m, k in keys.items():
-            e = max(T.values(k, "energy"), default=float("nan"))
-            flag = "" if T.converged(k) else " **not converged**"
-            energy = "-" if e != e else f"{100 * e:.2f}"  # nan: no figure recorded
-            cells.append(f"{T.cell(k, 'natural')} / {T.cell(k, 'pgd')} (energy {energy}){flag}")
-        seeds = min(len(T.values(k, "natural")) for k in keys.values())
-        lines.append(f"| {100 * r:g}% | " + " | ".join(cells) + f" | {seeds} |")
-        at_chance = all((T.mean(k, "natural") or 0) < CHANCE for k in keys.values())
-        base = [T.mean(keys[m], metric) for m in ("oneshot", "gradual") if T.mean(keys[m], metric) is not None]
-        a = T.mean(keys["admm"], metric)
-        if a is None or not base or at_chance or not T.converged(keys["admm"]):
+def better(T, a, b):
+    """Whether key ``a`` beats key ``b``: by AutoAttack (seed 0) where both have it and it orders
+    them differently from the PGD means, else by the PGD means."""
+    pa, pb = T.mean(a, "pgd"), T.mean(b, "pgd")
+    aa, ab = T.mean(a, "autoattack"), T.mean(b, "autoattack")
+    if pa is None or pb is None:
+        return False
+    if aa is not None and ab is not None and (aa > ab) != (pa > pb):
+        return aa > ab
+    return pa > pb
+
+
+def winner(T, keys):
+    """The key that no other beats under ``better`` (the best PGD mean on a cycle)."""
+    keys = [k for k in keys if T.mean(k, "pgd") is not None]
+    if not keys:
+        return None
+    unbeaten = [k for k in keys if not any(better(T, o, k) for o in keys if o != k)]
+    return max(unbeaten or keys, key=lambda k: T.mean(k, "pgd"))
+
+
+def paired(T, key, base):
+    """(mean PGD difference key - base over the seeds both kept, wins, seeds)."""
+    diffs = [r["pgd"] - b for r in T.kept(key) if (b := seed_of(T, base, r["seed"], "pgd")) is not None]
+    if not diffs:
+        return None
+    return statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs)
+
+
+def lr_lines(summary, rs, A):
+    """The lr of each epoch after pretraining, per method, read from seed 0's main cells' runs at
+    the first target (their ``metrics.jsonl``): the proof that the schedules are equal."""
+    table, width = {}, 0
+    for r in rs:
+        if r["variant"] != "main" or r["seed"] != min(x["seed"] for x in rs) or r["target"] != A["targets"][0]:
             continue
-        best = max(("oneshot", "gradual"), key=lambda m: T.mean(keys[m], metric) or -1)
-        noise = max(T.spread(keys["admm"], metric), T.spread(keys[best], metric), (0.25 / limit) ** 0.5)
-        decided.append((r, a, max(base), abs(a - max(base)) < noise))
-    return lines + [""], decided
+        path = os.path.join(summary["out"], "runs", r["id"], "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lrs = [row["lr"] for row in map(json.loads, f)
+                   if row["kind"] == "epoch" and not row["stage"].startswith("pretrain")]
+        table[label(r)] = lrs
+        width = max(width, len(lrs))
+    if not table:
+        return []
+    lines = ["The lr of each epoch after pretraining (read from each method's run at "
+             f"{100 * A['targets'][0]:g} %, seed 0; a stage boundary does not restart it):", "",
+             "| method | " + " | ".join(str(e + 1) for e in range(width)) + " |", "|---|" + "---|" * width]
+    lines += [f"| {name} | " + " | ".join(f"{v:.2e}" for v in lrs) + " |" for name, lrs in table.items()]
+    return lines + [""]
+
+
+def table_lines(T, variant, target, base):
+    lines = [f"**{100 * target:g} % of the prunable weights pruned** (natural / PGD-20 in %, mean ± half-range "
+             "over the kept seeds; AutoAttack on 500 images, seed 0; PGD difference to one-shot paired by seed)", "",
+             "| method | natural | PGD-20 | AutoAttack | PGD vs one-shot | largest pruned energy % | seeds (dropped) |",
+             "|---|---|---|---|---|---|---|"]
+    for k in row_keys(T, variant, target):
+        p = paired(T, k, base) if k != base else None
+        diff = "-" if not p else f"{100 * p[0]:+.1f} ({p[1]}/{p[2]})"
+        e = T.values(k, "energy")
+        energy = "-" if not e or any(x != x for x in e) else f"{100 * max(e):.2f}"
+        lines.append(f"| {label(T.kept(k)[0] if T.kept(k) else T.groups[k][0])} | {T.cell(k, 'natural')} | "
+                     f"{T.cell(k, 'pgd')} | {T.cell(k, 'autoattack')} | {diff} | {energy} | "
+                     f"{len(T.kept(k))} ({T.excluded(k)}) |")
+    return lines + [""]
+
+
+def answers(T, A):
+    """The four pre-registered questions, answered by the main table under ``better``."""
+    alloc, out = A["allocation"], []
+    key = lambda t, m, a=None: ("main", t, m, a or alloc)  # noqa: E731
+    harp = lambda t: ("main", t, "harp", "learned")  # noqa: E731
+    q1 = []
+    for t in A["targets"]:
+        base = [key(t, m) for m in ("oneshot", "gradual") if key(t, m) in T.groups]
+        if key(t, "admm") in T.groups and base and T.kept(key(t, "admm")):
+            best = winner(T, base)
+            q1.append(f"{100 * t:g} %: {'yes' if better(T, key(t, 'admm'), best) else 'no'} (ADMM "
+                      f"{100 * T.mean(key(t, 'admm'), 'pgd'):.1f} vs {METHODS[best[2]]} {100 * T.mean(best, 'pgd'):.1f} PGD)")
+    out.append("1. Does converged ADMM beat magnitude pruning on equal schedules? " + ("; ".join(q1) or "not run") + ".")
+    wins = sum(a.split(": ")[1].startswith("yes") for a in q1)
+    q2 = []
+    for t in [t for t in A["targets"] if t >= 0.98]:
+        keys = row_keys(T, "main", t)
+        w = winner(T, keys)
+        if w:
+            q2.append(f"{100 * t:g} %: {'yes' if w == harp(t) else 'no, ' + label(T.kept(w)[0]) + ' leads'}")
+    out.append("2. Does HARP lead at 98-99 %, as in the benchmark? " + ("; ".join(q2) or "not run") + ".")
+    q3 = []
+    for t in A["targets"]:
+        a, h = ("main", t, "admm_harp", "harp"), harp(t)
+        if a in T.groups and h in T.groups and T.kept(a) and T.kept(h):
+            p = paired(T, a, h)
+            q3.append(f"{100 * t:g} %: {'yes' if better(T, a, h) else 'no'}"
+                      + (f" (PGD {100 * p[0]:+.1f}, {p[1]}/{p[2]} seeds)" if p else ""))
+    out.append("3. Does ADMM at HARP's rates beat HARP? " + ("; ".join(q3) or "not run") + ".")
+    q4 = [f"{100 * t:g} %: {label(T.kept(w)[0])}" for t in A["targets"] if (w := winner(T, row_keys(T, "main", t)))]
+    out.append("4. Which method should a user pick? " + ("; ".join(q4) or "not run") + ".")
+    verdict = ("not decided" if not q1 else "**held**" if wins == len(q1) else "**partly held**" if wins
+               else "**did not hold**")
+    return out + ["", f"The paper's claim (ADMM beats magnitude pruning at high ratios), on equal terms. Verdict: {verdict}.", ""]
+
+
+def variant_lines(T, A):
+    """The ranking of the main rows, by PGD mean, under each variant at its targets and seeds."""
+    lines = []
+    for name, v in (A.get("variants") or {}).items():
+        for t in v["targets"]:
+            for variant in ("main", name):
+                keys = [k for k in row_keys(T, variant, t) if T.mean(k, "pgd") is not None]
+                seeds = set(v["seeds"])
+                mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
+                order = sorted(keys, key=mean, reverse=True)
+                if order:
+                    lines.append(f"- {100 * t:g} %, {variant} (seeds {sorted(seeds)}): " + " > ".join(
+                        f"{label(T.kept(k)[0])} {100 * mean(k):.1f}" for k in order if T.kept(k)))
+    return (["Ranking checks (PGD-20 mean over the variant's seeds; the main rows on the same seeds first):", ""]
+            + lines + [""]) if lines else []
 
 
 def section(summary, plot_name="pruning_methods.png"):
     spec, rs = summary["spec"], rows(summary)
+    A, T = spec["arena"], Table(rs)
     cfg = lambda key: spec["set"].get(key, "the config's")  # noqa: E731
-    m, T = spec["methods"], Table(rs)
-    limit = spec["eval"]["limit"]
-    lines = ["## Finding 5: ADMM vs magnitude pruning at high ratios", "",
-             f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images and "
-             f"{limit:,} test images), LeNet w={m['width']}, every layer pruned (irregular) at the ratio. Each "
-             f"cell starts from its seed's pretrained model ({cfg('pretrain.epochs')} epochs) and gets "
-             "the same number of epochs after it:",
-             "- **ADMM**: 80 % ADMM (Z/U update every epoch, rho "
-             f"{cfg('prune.rho')} x{cfg('prune.rho_growth')} per update), 20 % masked "
-             "retraining (at least one epoch).",
-             f"- **progressive ADMM** (Ye, Feng et al.): {len(m['rounds'])} rounds, to "
-             + " then ".join(f"{100 * f:g} %" for f in m["rounds"])
-             + " of each layer's target, each with half the budget, split as ADMM's.",
-             "- **one-shot**: magnitude pruning, then masked retraining for the whole budget.",
-             "- **gradual** (Zhu & Gupta 2017): the cubic schedule over the pruning stage, then masked retraining.",
-             f"- Every stage after pretraining trains with the same optimizer and lr (Adam, {cfg('admm.lr')}).",
-             "", f"Adversarial training: PGD-{cfg('adv.steps')}; evaluation: PGD-"
-             f"{spec['eval']['steps']} at the config's eps. *Energy* is the largest per-layer share of the "
-             "squared weight norm removed by a hard prune (one-shot: the magnitude prune itself; gradual: its "
-             "last pruning step; progressive: the larger of its two rounds'). "
-             f"An ADMM cell above {100 * NOT_CONVERGED:g} % is **not converged** and kept out of the verdict.", ""]
-    decided = {}
-    for training in ("adversarial", "natural"):
-        for budget in m["budgets"]:
-            t, d = table_lines(T, training, budget, m["ratios"], m["methods"], limit)
-            lines += t
-            decided[(training, budget)] = d
-    lines += verdict_lines(T, decided, m) + [f"![accuracy vs pruning rate]({plot_name})", ""]
-    lines += trajectory_lines(summary, max(m["budgets"]))
-    lines += cost_lines(rs)
+    lines = ["## Finding 5: the robust-pruning arena", "",
+             f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images), LeNet "
+             f"w={A['width']}, adversarial training (PGD-{cfg('adv.steps')}, cross-entropy) at the config's eps, "
+             f"an overall target of {', '.join(f'{100 * t:g}' for t in A['targets'])} % of the prunable weights. "
+             f"Every cell starts from its seed's pretrained model ({cfg('pretrain.epochs')} epochs) and gets "
+             f"{A['budget']} epochs after it with one lr schedule ({cfg('retrain.schedule')} from {cfg('retrain.lr')}, "
+             f"Adam) across its stages; a pruning phase takes {A['split'][0]} of the {A['budget']}. Allocation: "
+             f"{A['allocation']} unless the row says otherwise; HARP learns its own. The rules (exclusion, "
+             "evaluation of record, pairing) were fixed in `experiments/arena.yaml` before the runs.", ""]
+    lines += lr_lines(summary, rs, A)
+    base = ("main", None, "oneshot", A["allocation"])
+    for t in A["targets"]:
+        lines += table_lines(T, "main", t, base[:1] + (t,) + base[2:])
+    lines += ["Answers to the pre-registered questions (AutoAttack decides where it orders two methods "
+              "differently from PGD):", ""] + answers(T, A)
+    lines += variant_lines(T, A) + [f"![robust accuracy vs sparsity]({plot_name})", ""]
+    excluded = [r["id"] for r in rs if r["excluded"]]
+    lines += [f"Seeds dropped as not converged (pruned energy above {100 * NOT_CONVERGED:g} %): "
+              + (", ".join(excluded) if excluded else "none") + ".", ""]
+    wall = sum(r["wall_s"] for r in rs)
+    lines += [f"Cost: {len(rs)} cells, {wall / 60:.0f} min of cell wall time (two cells at once).", ""]
     return "\n".join(lines), rs
 
 
-def verdict_lines(T, decided, m):
-    n = sum(len(d) for d in decided.values())
-    wins = sum(a >= b for d in decided.values() for _, a, b, _ in d)
-    noisy = [f"{t} {b} epochs {100 * r:g}%" for (t, b), d in decided.items() for r, _, _, w in d if w]
-    unconv = [f"{t} {b} epochs {100 * r:g}%" for t in ("adversarial", "natural") for b in m["budgets"]
-              for r in m["ratios"] if T.values((t, b, r, "admm"), "energy") and not T.converged((t, b, r, "admm"))]
-    verdict = ("not decided (no comparison where ADMM converged)" if not n else
-               "**held**" if wins == n else "**partly held**" if wins else "**did not hold**")
-    if noisy and n:
-        verdict += " by the means, but some margins are within noise"
-    lines = [f"Rule: ADMM wins a comparison when its mean accuracy (PGD for adversarial, natural for natural "
-             f"training) is at least the better baseline's (one-shot or gradual). ADMM won {wins} of the {n} "
-             "comparisons where it converged and the models were above chance"
-             + (f"; not converged: {', '.join(unconv)}" if unconv else "") + f". Verdict: {verdict}."]
-    if noisy:
-        lines.append(f"Within noise (difference below the seed spread or the binomial standard error): {', '.join(noisy)}.")
-    for (t, b), d in decided.items():
-        if d:
-            lines.append(f"- {t}, {b} epochs: " + ", ".join(
-                f"{100 * r:g}%: ADMM {100 * a:.1f} vs best baseline {100 * base:.1f}" for r, a, base, _ in d))
-    return lines + [""]
-
-
-def stage_ends(run_dir, key):
-    """{stage kind: ``key`` (e.g. train_adv) at the stage's last epoch} from a run's metrics.jsonl."""
-    path, out = os.path.join(run_dir, "metrics.jsonl"), {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for row in map(json.loads, f):
-                if row["kind"] == "epoch" and row.get(key) is not None:
-                    out[row["stage"].split(".")[0]] = row[key]  # progressive: the last round's
-    return out
-
-
-def trajectory_lines(summary, budget):
-    """Where the training accuracy goes, at the longest budget: the training-set accuracy (under
-    the training attack for adversarial training) at the end of the pruning stage and at the end
-    of masked retraining, mean over seeds and ratios, per method. Read from each run's
-    metrics.jsonl (the sweep's run folders); nothing when they are not there."""
-    acc = {}
-    for c in method_cells(summary):
-        m = c["meta"]
-        if m["budget"] != budget:
-            continue
-        key = "train_adv" if m["training"] == "adversarial" else "train_natural"
-        ends = stage_ends(os.path.join(summary["out"], "runs", c["id"]), key)
-        for stage in ("admm", "gradual", "retrain"):
-            if stage in ends:
-                acc.setdefault((m["training"], m["method"], "retrain" if stage == "retrain" else "prune"),
-                               {}).setdefault(m["ratio"], []).append(ends[stage])
-    if not acc:
-        return []
-    ratios = sorted({r for v in acc.values() for r in v})
-    lines = [f"Where the accuracy goes at {budget} epochs: training-set accuracy (adversarial training: under "
-             "the training attack) at the end of the pruning stage -> at the end of masked retraining, mean "
-             "over seeds, in % (from each run's `metrics.jsonl`):", "",
-             "| training | method | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " |",
-             "|---|---|" + "---|" * len(ratios)]
-    for training in ("adversarial", "natural"):
-        for method in METHODS:
-            if (training, method, "retrain") not in acc:
-                continue
-            cells = []
-            for r in ratios:
-                pr, rt = (acc.get((training, method, k), {}).get(r) for k in ("prune", "retrain"))
-                cells.append(("" if not pr else f"{100 * statistics.fmean(pr):.1f} -> ")
-                             + ("-" if not rt else f"{100 * statistics.fmean(rt):.1f}"))
-            lines.append(f"| {training} | {METHODS[method]} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def cost_lines(rs):
-    by = {}
-    for r in rs:
-        by.setdefault((r["method"], r["training"], r["budget"]), []).append(r["wall_s"])
-    lines = ["Wall seconds per cell (training and evaluation; two cells at once on the 2 cores):", "",
-             "| method | training | budget | cells | mean wall s |", "|---|---|---|---|---|"]
-    lines += [f"| {METHODS[k[0]]} | {k[1]} | {k[2]} | {len(v)} | {statistics.fmean(v):.0f} |"
-              for k, v in sorted(by.items())]
-    return lines + ["", f"Sum of cell wall times: {sum(r['wall_s'] for r in rs) / 60:.1f} min.", ""]
-
-
 def plot(summary, path):
-    """Accuracy vs pruning rate, one line per method; one panel per training mode and budget.
-    Hollow markers: ADMM cells that did not converge."""
-    spec, T = summary["spec"], Table(rows(summary))
-    m = spec["methods"]
-    panels = [(t, b) for t in ("adversarial", "natural") for b in m["budgets"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    xs = list(range(len(m["ratios"])))
-    for ax, (training, budget) in zip(axes[0], panels):
-        metric = metric_of(training)
-        for method, mk in zip(m["methods"], "osD^v"):
-            keys = [(training, budget, r, method) for r in m["ratios"]]
-            pts = [(x, T.mean(k, metric), T.spread(k, metric), T.converged(k)) for x, k in zip(xs, keys)
-                   if T.mean(k, metric) is not None]
-            if not pts:
-                continue
-            color = COLORS.get(method)
-            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                        fmt=mk + "-", capsize=3, label=METHODS[method], markersize=5, color=color)
-            for x, y, _, ok in pts:
-                if not ok:
-                    ax.plot(x, 100 * y, mk, markersize=9, mfc="white", mec=color)
-        ax.set_xticks(xs, [f"{100 * r:g}%" for r in m["ratios"]])
-        ax.set_title(f"{training}, {budget} epochs", fontsize=9)
-        ax.set_xlabel("pruned, every layer")
-        ax.set_ylabel(f"{'PGD' if metric == 'pgd' else 'natural'} accuracy (%)")
+    """Robust accuracy against sparsity, one line per row of the main table: AutoAttack (seed 0)
+    on the left, PGD-20 (mean over the kept seeds, half-range bars) on the right."""
+    A, T = summary["spec"]["arena"], Table(rows(summary))
+    names = sorted({k[2:] for k in T.groups if k[0] == "main"}, key=lambda k: (list(METHODS).index(k[0]), k[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = list(range(len(A["targets"])))
+    for i, (method, alloc) in enumerate(names):
+        keys = [("main", t, method, alloc) for t in A["targets"]]
+        name = label({"method": method, "allocation": alloc})
+        for ax, metric in zip(axes, ("autoattack", "pgd")):
+            pts = [(x, T.mean(k, metric), T.spread(k, metric)) for x, k in zip(xs, keys) if T.mean(k, metric) is not None]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                            fmt="osD^v<>p*h"[i % 10] + ("-" if alloc != "uniform" else ":"), capsize=3,
+                            label=name, color=f"C{i}", markersize=5)
+    for ax, title in zip(axes, ("AutoAttack, seed 0 (500 images)", "PGD-20, mean over seeds (1,000 images)")):
+        ax.set_xticks(xs, [f"{100 * t:g}%" for t in A["targets"]])
+        ax.set_xlabel("prunable weights pruned")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Finding 5: accuracy vs pruning rate (hollow: ADMM not converged)", fontsize=10)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Finding 5: robust accuracy vs sparsity (dotted: uniform allocation)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -303,4 +316,4 @@ def cli(write_fn, stem, description, argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli(write, "pruning_methods", __doc__.splitlines()[0]))
+    raise SystemExit(cli(write, "arena", __doc__.splitlines()[0]))

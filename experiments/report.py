@@ -4,7 +4,7 @@
     python experiments/report.py --summary S --out D [--methods M] [--quantization Q]
 
 Findings 1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared) and 6
-(ADMM quantization vs round-to-nearest) have their own sweeps (``pruning_methods.yaml``,
+(ADMM quantization vs round-to-nearest) have their own sweeps (``arena.yaml``,
 ``quantization.yaml``): each comes from its sweep's summary (``--methods``, ``--quantization``, or
 the same summary when its spec has the section) through ``methods_report.py`` /
 ``quant_report.py``, or else from the section that last wrote (``results/<sweep name>.md``).
@@ -513,8 +513,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder for RESULTS.md and the PNGs")
     p.add_argument("--spec-path", default="experiments/paper_findings.yaml",
                    help="the spec path to print in the regeneration commands")
-    p.add_argument("--methods", default=os.path.join(ROOT, "runs", "experiments", "pruning_methods", "summary.json"),
-                   help="summary.json of the pruning_methods sweep (Finding 5), if it exists")
+    p.add_argument("--methods", default=os.path.join(ROOT, "runs", "experiments", "arena", "summary.json"),
+                   help="summary.json of the arena sweep (Finding 5), if it exists")
     p.add_argument("--quantization", default=os.path.join(ROOT, "runs", "experiments", "quantization", "summary.json"),
                    help="summary.json of the quantization sweep (Finding 6), if it exists")
     a = p.parse_args(argv)
@@ -531,7 +531,7 @@ def main(argv=None):
     body, verdicts = [], {}
     for n, fn in enumerate((finding1, finding2, finding3, finding4), 1):
         verdicts[n] = fn(R, body)
-    for n, key, writer, stem, path in ((5, "methods", methods_report, "pruning_methods", a.methods),
+    for n, key, writer, stem, path in ((5, "arena", methods_report, "pruning_methods", a.methods),
                                        (6, "quantization", quant_report, "quantization", a.quantization)):
         verdicts[n], text = own_sweep_finding(n, NAMES[n], key, writer, stem, summary, path, a.out)
         body += text.splitlines()

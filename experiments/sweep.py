@@ -26,7 +26,6 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 import yaml
@@ -39,7 +38,9 @@ import admm  # noqa: E402
 import data  # noqa: E402
 from models import build_model  # noqa: E402
 from rundir import RunFolder  # noqa: E402
-from stages import pipeline  # noqa: E402
+from config import load_config  # noqa: E402
+from stages import stage_names  # noqa: E402
+from launch import make_launcher  # noqa: E402
 
 
 # --------------------------------------------------------------------------- pruning targets
@@ -93,8 +94,8 @@ def plan(spec):
 
     if "widths" in spec:
         paper_cells(spec, add)
-    if "methods" in spec:
-        method_cells(spec, add)
+    if "arena" in spec:
+        arena_cells(spec, add)
     if "quantization" in spec:
         quant_cells(spec, add)
     return _finish_plan(spec, cells)
@@ -169,35 +170,74 @@ def method_sets(method, budget, rounds):
     return sets + ([f"prune.rounds={list(rounds)}"] if method == "progressive" else [])
 
 
-def method_stages(method, rounds):
-    """The stage names a ``method`` cell runs after pretraining, in order."""
-    kind = {"progressive": "admm"}.get(method, method)
-    return [name for name, _, _ in pipeline(rounds if method == "progressive" else (), kind)][1:]
+# The arena's methods (issue 20): what each spends the epochs after pretraining on. A method with a
+# pruning phase splits them (pruning stage, masked fine-tuning) by the spec's split; progressive
+# ADMM splits them evenly over its rounds, each split the same way.
+ARENA = {
+    "oneshot": {"prune.method": "oneshot"},      # magnitude prune, then fine-tuning for the whole budget
+    "gradual": {"prune.method": "gradual"},      # Zhu & Gupta's cubic schedule, then fine-tuning
+    "admm": {"prune.method": "admm"},
+    "progressive": {"prune.method": "admm"},     # with the target's prune.rate_rounds
+    "hydra": {"prune.method": "hydra"},          # scores under the adversarial loss, then fine-tuning
+    "harp": {"prune.method": "harp"},            # scores and per-layer rates, then fine-tuning
+    "admm_harp": {"prune.method": "admm", "prune.allocation": "from_checkpoint"},  # ADMM at HARP's rates
+}
 
 
-def method_cells(spec, add):
-    """Finding 5: every layer pruned (irregular) at each of ``ratios``, by each pruning method, at
-    each budget of epochs after the same pretrained model, natural and adversarial training."""
-    m = spec["methods"]
-    w, dataset = m["width"], spec.get("dataset", "fashion_mnist")
+def arena_sets(method, budget, split, rates=()):
+    """--set overrides that give arena ``method`` ``budget`` epochs after pretraining, split
+    (pruning phase, fine-tuning) in the ratio ``split``; ``rates``: progressive ADMM's rounds."""
+    sets = [f"{k}={v}" for k, v in ARENA[method].items()]
+    if method == "oneshot":
+        return sets + [f"retrain.epochs={budget}"]
+    n = len(rates) if method == "progressive" else 1
+    prune, tune = (budget * s // sum(split) // n for s in split)
+    if n * (prune + tune) != budget or not prune or not tune:
+        raise ValueError(f"arena: {budget} epochs do not split {split[0]}:{split[1]} into {n} round(s) of whole epochs")
+    sets += [f"admm.epochs={prune}", f"retrain.epochs={tune}"]
+    return sets + ([f"prune.rate_rounds={list(rates)}"] if method == "progressive" else [])
+
+
+def arena_cells(spec, add):
+    """Finding 5, the robust-pruning arena (issue 20): every method of ``arena.methods`` at each
+    overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
+    after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
+    learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
+    repeat the main rows at some targets and seeds with another schedule or split."""
+    A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
+    w, budget = A["width"], A["budget"]
+    runs = [("main", spec["seeds"], A["targets"], A["split"], [])]
+    runs += [(name, v["seeds"], v["targets"], v.get("split", A["split"]), v.get("sets", []))
+             for name, v in (A.get("variants") or {}).items()]
     for seed in spec["seeds"]:
-        for mode in m["trainings"]:
-            script = "adv_main.py" if mode == "adv" else "main.py"
-            training = "adversarial" if mode == "adv" else "natural"
-            add(pre(mode, w, seed), [5], "pretrain", seed, {"width": w, "training": training},
-                [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
-            for budget in m["budgets"]:
-                for r in m["ratios"]:
-                    ratios = {n: r for n in weight_counts("lenet", w, dataset)}
-                    base = [f"model.width={w}", "prune.sparsity_type=irregular", *ratio_sets(ratios)]
-                    for method in m["methods"]:
-                        sets = base + method_sets(method, budget, m["rounds"])
-                        steps = [{"script": script, "stage": name, "sets": sets,
-                                  "init": ("cell", pre(mode, w, seed), "pretrain.pt") if i == 0 else None}
-                                 for i, name in enumerate(method_stages(method, m["rounds"]))]
-                        add(f"{method}-{mode}-r{round(r * 100, 2):g}-e{budget}-s{seed}", [5], method, seed,
-                            {"width": w, "training": training, "ratio": r, "budget": budget, "method": method,
-                             "ratios": ratios}, steps, "retrain.pt", [pre(mode, w, seed)])
+        add(pre("adv", w, seed), [5], "pretrain", seed, {"width": w, "training": "adversarial"},
+            [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+    for variant, seeds, targets, split, extra in runs:
+        for seed in seeds:
+            for t in targets:
+                rows = [(m, "learned" if m == "harp" else "harp" if m == "admm_harp" else A["allocation"])
+                        for m in A["methods"]]
+                rows += [(m, "uniform") for m in A.get("uniform", [])]
+                for method, alloc in rows:
+                    tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
+                    sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",
+                            *A.get("sets", []), *extra,
+                            *arena_sets(method, budget, split, A["rate_rounds"].get(t, ()))]
+                    sets += [] if alloc in ("learned", "harp") else [f"prune.allocation={alloc}"]
+                    if method == "harp":
+                        sets.append(f"prune.allocation={A['allocation']}")  # where its rates start
+                    deps = [pre("adv", w, seed)]
+                    if method == "admm_harp":
+                        harp = f"harp-learned-{tag}"
+                        sets.append(f"prune.rates_from={os.path.join('{out}', 'runs', harp, 'retrain.pt')}")
+                        deps.append(harp)
+                    names = stage_names(load_config(cfg, [*(f"{k}={v}" for k, v in spec["set"].items()), *sets]))
+                    steps = [{"script": "adv_main.py", "stage": name, "sets": sets,
+                              "init": ("cell", pre("adv", w, seed), "pretrain.pt") if i == 0 else None}
+                             for i, name in enumerate(names[1:])]
+                    add(f"{method}-{alloc}-{tag}", [5], method, seed,
+                        {"width": w, "training": "adversarial", "target": t, "budget": budget, "method": method,
+                         "allocation": alloc, "variant": variant, "split": list(split)}, steps, "retrain.pt", deps)
 
 
 QUANT_METHODS = ("admm", "rtn")  # ADMM quantization; round-to-nearest (the quantize stage with 0 epochs)
@@ -244,7 +284,8 @@ def _finish_plan(spec, cells):
     # AutoAttack on a smaller subset, for the cells the spec names, after everything else.
     aa = spec.get("autoattack") or {}
     for c in list(cells):
-        if c["seed"] in aa.get("seeds", []) and any(c["id"].startswith(p) for p in aa.get("cells", [])):
+        if c["seed"] in aa.get("seeds", []) and any(c["id"].startswith(p) or fnmatch.fnmatchcase(c["id"], p)
+                                                   for p in aa.get("cells", [])):
             cells.append({"id": f"{c['id']}-aa", "finding": c["finding"], "kind": "autoattack", "seed": c["seed"],
                           "meta": {**c["meta"], "of": c["id"]}, "steps": [], "ckpt": ("cell", c["id"], c["ckpt"]),
                           "deps": [c["id"]], "eval": "autoattack"})
@@ -285,7 +326,8 @@ class Sweep:
             cmd = [PYTHON, st["script"], "--config", self.config, "--stage", st["stage"], "--out", rd]
             if st["init"]:
                 cmd += ["--init", self.resolve(cell, st["init"])]
-            cmds.append(cmd + [a for s in st["sets"] for a in ("--set", s)])
+            # "{out}" in a value: the sweep's folder (ADMM at HARP's rates reads a HARP cell's checkpoint)
+            cmds.append(cmd + [a for s in st["sets"] for a in ("--set", s.replace("{out}", self.out))])
         cmds.append(self.eval_command(cell))
         return cmds
 
@@ -427,43 +469,50 @@ def select(cells, only):
     return [c for c in cells if c["id"] in want]
 
 
-def run_cells(sweep, cells, parallel, spec_path, out, t_start, log):
-    """Run the cells not done yet, ``parallel`` at once, each once its inputs are done; a failed
-    cell fails the cells that need it. Returns (done ids, {failed id: reason}, cells not run)."""
+def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
+    """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
+    once its inputs are done; a failed cell fails the cells that need it. Returns (done ids,
+    {failed id: reason}, cells not run)."""
     done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
     pending = [c for c in cells if c["id"] not in done]
     failed = {}
-    log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {parallel} at once -> {out}")
+    log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {launcher.parallel} at once "
+        f"({launcher.name}) -> {out}")
     running = {}
-    with ThreadPoolExecutor(parallel) as pool:
-        while pending or running:
-            for c in list(pending):  # cells whose inputs failed cannot run
-                bad = [d for d in c["deps"] if d in failed]
-                if bad:
-                    failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
-                    pending.remove(c)
-            for c in list(pending):
-                if len(running) >= parallel:
-                    break
-                if all(d in done for d in c["deps"]):
-                    pending.remove(c)
-                    log(f"start {c['id']}")
-                    running[pool.submit(sweep.run_cell, c)] = c
-            if not running:
+    for c in list(pending):  # jobs an earlier driver submitted that are still running: wait for them
+        job = launcher.attach(c)
+        if job is not None:
+            pending.remove(c)
+            log(f"wait  {c['id']} (job {job.job_id}, submitted before)")
+            running[job] = c
+    while pending or running:
+        for c in list(pending):  # cells whose inputs failed cannot run
+            bad = [d for d in c["deps"] if d in failed]
+            if bad:
+                failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
+                pending.remove(c)
+        for c in list(pending):
+            if len(running) >= launcher.parallel:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                c = running.pop(fut)
-                try:
-                    res = fut.result()
-                    done.add(c["id"])
-                    acc = res["eval"]["accuracy"]
-                    log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
-                        + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
-                except Exception as e:  # noqa: BLE001 - one failed cell must not stop the sweep
-                    failed[c["id"]] = str(e)
-                    log(f"FAIL  {c['id']}: {e}")
-            write_summary(sweep, cells, failed, t_start, False)
+            if all(d in done for d in c["deps"]):
+                pending.remove(c)
+                log(f"start {c['id']}")
+                running[launcher.submit(sweep.run_cell, c)] = c
+        if not running:
+            break
+        for fut in launcher.wait(running):
+            c = running.pop(fut)
+            try:
+                res = fut.result()
+                done.add(c["id"])
+                acc = res["eval"]["accuracy"]
+                log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in acc.items()))
+            except Exception as e:  # noqa: BLE001 - one failed cell must not stop the sweep
+                failed[c["id"]] = str(e)
+                log(f"FAIL  {c['id']}: {e}")
+        write_summary(sweep, cells, failed, t_start, False)
+    launcher.close()
     return done, failed, pending
 
 
@@ -475,6 +524,10 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, help="cells at once (default: the spec's)")
     p.add_argument("--only", help="comma-separated id prefixes: run only these cells (and what they need)")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+    p.add_argument("--launcher", default="local", choices=("local", "submitit-local", "slurm"),
+                   help="where cells run: threads here (default), or submitit jobs (launch.py)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="a submitit parameter for the jobs, e.g. slurm_partition=gpu, timeout_min=240; repeatable")
     args = p.parse_args(argv)
     spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
     with open(spec_path) as f:
@@ -505,10 +558,19 @@ def main(argv=None):
         logf.write(line + "\n")
         logf.flush()
 
-    done, failed, pending = run_cells(sweep, cells, parallel, spec_path, out, t_start, log)
+    launcher = make_launcher(args.launcher, parallel, out, dict(_param(kv) for kv in args.slurm))
+    done, failed, pending = run_cells(sweep, cells, launcher, spec_path, out, t_start, log)
     write_summary(sweep, cells, failed, t_start, not pending and not failed)
     log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
     return 1 if failed else 0
+
+
+def _param(kv):
+    """``KEY=VALUE`` -> (KEY, the value read as YAML: numbers stay numbers)."""
+    key, sep, value = kv.partition("=")
+    if not sep:
+        raise SystemExit(f"--slurm {kv!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ net (32, 64, 1024). For VGG-16 and ResNet-18, w=16 is the standard width (first 
 Inputs are images in [0, 1]; each model normalizes internally (``Normalize``), so attack
 epsilons stay in pixel units.
 
-A model that can be exported compactly (channels removed, ``compact.py``) and narrowed by
+A model that can be exported compactly (channels removed, ``channels.py``) and narrowed by
 inherited initialization (``experiments/inherit.py``) declares its ``channel_groups()``: a list
 of ``Group``s, written next to its layers because only the model knows which layers share a map.
 """
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from common import UserError
 
 _REGISTRY = {}
 
@@ -63,6 +65,26 @@ def build_model(arch, width, num_classes=10, in_channels=1, image_size=28, mean=
         raise ValueError(f"model.width must be a positive integer, got {width!r}")
     return _REGISTRY[arch](width=width, num_classes=num_classes, in_channels=in_channels,
                            image_size=image_size, normalize=Normalize(mean, std))
+
+
+def model_from_config(cfg, info, device):
+    """The model ``cfg["model"]`` names, for the dataset ``info`` (``data.DatasetInfo``), on ``device``."""
+    m = cfg["model"]
+    return build_model(m["arch"], m["width"], info.num_classes, info.in_channels, info.image_size,
+                       info.mean, info.std).to(device)
+
+
+def load_weights(model, ckpt, path, cfg):
+    """Load ``ckpt``'s weights into ``model`` after checking it was built for the same model."""
+    for key in ("arch", "width"):
+        if ckpt.get(key) != cfg["model"][key]:
+            raise UserError(f"{path} holds model.{key}={ckpt.get(key)!r} but the config says "
+                            f"{cfg['model'][key]!r}; use a matching config or --set model.{key}={ckpt.get(key)}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the model ({str(e).splitlines()[0]}); "
+                        f"was it trained on another dataset?") from None
 
 
 # Importing the modules registers the architectures.

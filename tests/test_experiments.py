@@ -18,7 +18,7 @@ from sweep import matched_ratios, plan, weight_counts  # noqa: E402
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402
-from evaluation import load_weights, model_from_config  # noqa: E402
+from models import load_weights, model_from_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.lenet import LeNet  # noqa: E402
 
@@ -196,3 +196,26 @@ def test_quick_sweep_end_to_end(tmp_path):
     assert "Verdict: " in section6 and "| dense float32 |" in section6 and "| 2 |" in section6
     for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "pruning_methods.png", "quantization.png"):
         assert (docs / png).stat().st_size > 1000
+
+
+def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
+    """The cluster path, on submitit's local executor: a dense cell and the pruning cell that needs
+    it run as two jobs, one after the other; each job's id is recorded; a second driver finds them
+    done and submits nothing."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "sweep"
+    args = ["experiments/sweep.py", "--quick", "--out", str(out), "--launcher", "submitit-local",
+            "--only", "oneshot-lamp"]
+    run = lambda: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                 timeout=600)
+    proc = run()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(submitit-local)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["done"]) == ["oneshot-lamp-t90-main-s0", "pre-adv-w1-s0"] and summary["finished"]
+    jobs = {p.stem: json.loads(p.read_text()) for p in (out / "jobs").glob("*.json")}
+    assert set(jobs) == set(summary["done"]) and all(j["launcher"] == "submitit-local" for j in jobs.values())
+    assert len({j["job_id"] for j in jobs.values()}) == 2  # two jobs, one per cell
+    again = run()
+    assert again.returncode == 0 and "2 already done" in again.stdout and "start" not in again.stdout
+    assert {p.stem for p in (out / "jobs").glob("*.json")} == set(jobs)  # nothing submitted again

@@ -1,4 +1,4 @@
-"""Compact export (compact.py, export.py): the compact model computes what the masked model
+"""Compact export (channels.py, storage.py, exportfile.py, measure.py, export.py): the compact model computes what the masked model
 computes, sparse storage round-trips bit for bit, unpruned exports are identities, malformed
 files are refused, and the export is plain data."""
 import importlib
@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 import admm
-import compact
+import channels
+import exportfile
+import measure
 import models
+import storage
 from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO
-from evaluation import model_from_config
+from models import model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUPS = {"lenet": (2, "demo"), "vgg16": (1, "cifar10"), "resnet18": (1, "cifar10")}  # width, dataset
@@ -42,7 +45,7 @@ def make(arch, scheme="irregular", ratio=0.5, seed=0):
     with torch.no_grad():
         for m in bns:
             m.momentum = None  # cumulative average over the calibration batch
-        model.train()(torch.rand(32, *compact.input_shape(cfg)))
+        model.train()(torch.rand(32, *exportfile.input_shape(cfg)))
         for m in bns:
             m.momentum = 0.1
             m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
@@ -50,13 +53,13 @@ def make(arch, scheme="irregular", ratio=0.5, seed=0):
 
 
 def inputs(cfg, n=16):
-    return torch.rand(n, *compact.input_shape(cfg), generator=torch.Generator().manual_seed(1))
+    return torch.rand(n, *exportfile.input_shape(cfg), generator=torch.Generator().manual_seed(1))
 
 
 def roundtrip(model, cfg, tmp_path, storage="compact"):
     path = str(tmp_path / f"export-{storage}.pt")
-    save_checkpoint(compact.export_model(model, cfg, storage), path)
-    small, cfg2, exp = compact.load_exported(path)
+    save_checkpoint(exportfile.export_model(model, cfg, storage), path)
+    small, cfg2, exp = exportfile.load_exported(path)
     return small, exp, path
 
 
@@ -86,10 +89,10 @@ def test_compact_model_matches_masked_model(arch, scheme, tmp_path):
 @pytest.mark.parametrize("arch", list(SETUPS))
 def test_filter_pruned_channels_are_removed_with_their_bn_and_inputs(arch):
     masked, cfg = make(arch, "filter")
-    small = compact.compact_model(masked, compact.input_shape(cfg))
+    small = channels.compact_model(masked, exportfile.input_shape(cfg))
     assert not any(m.training for m in small.modules())  # new BN layers in train mode would use batch statistics
     big, mods = dict(masked.named_modules()), dict(small.named_modules())
-    for g in compact.channel_groups(masked):
+    for g in channels.channel_groups(masked):
         if len(g.producers) > 1:
             continue  # a ResNet stream loses a channel only where all its writers pruned it (next test)
         layer, bn = g.producers[0]
@@ -110,7 +113,7 @@ def test_resnet_stream_channel_removed_only_where_every_writer_pruned_it():
             w[n][0] = 0    # channel 0 zero in all three writers: removable
         for n in ("layer2.0.conv2.weight", "layer2.1.conv2.weight"):
             w[n][1] = 0    # channel 1 still written by the shortcut: must stay
-    small = compact.compact_model(masked, compact.input_shape(cfg))
+    small = channels.compact_model(masked, exportfile.input_shape(cfg))
     assert small.layer2[0].conv2.out_channels == w["layer2.0.conv2.weight"].shape[0] - 1
     width = small.layer2[0].conv2.out_channels
     assert small.layer2[0].shortcut[1].num_features == small.layer2[1].bn2.num_features == width
@@ -126,7 +129,7 @@ def test_column_pruned_input_channel_leaves_with_its_producer_filter():
     n = masked.features[0].out_channels
     with torch.no_grad():
         masked.features[3].weight[:, 0] = 0  # every column of input channel 0 of its only reader
-    small = compact.compact_model(masked, compact.input_shape(cfg))
+    small = channels.compact_model(masked, exportfile.input_shape(cfg))
     assert small.features[0].out_channels == small.features[1].num_features == small.features[3].in_channels == n - 1
     with torch.no_grad():
         x = inputs(cfg)
@@ -142,7 +145,7 @@ def test_resnet_stream_channel_unread_by_one_reader_is_kept():
         for c in readers:
             mods[c].weight[:, 0] = 0  # channel 0 unread by every reader: removed
         mods[readers[0]].weight[:, 1] = 0  # channel 1 unread by one reader only: kept, a map has one width
-    small = compact.compact_model(masked, compact.input_shape(cfg))
+    small = channels.compact_model(masked, exportfile.input_shape(cfg))
     smods = dict(small.named_modules())
     assert small.conv1.out_channels == small.layer1[1].bn2.num_features == n - 1
     assert all(smods[c].in_channels == n - 1 for c in readers)
@@ -154,8 +157,8 @@ def test_resnet_stream_channel_unread_by_one_reader_is_kept():
 def test_constant_of_a_pruned_filter_is_folded_not_dropped():
     """A zero filter followed by BN outputs the BN shift, not zero: without the fold the outputs change."""
     masked, cfg = make("vgg16", "filter")
-    small = compact.compact_model(masked, compact.input_shape(cfg))
-    folded = [m for m in small.modules() if isinstance(m, compact.FoldedConv2d)]
+    small = channels.compact_model(masked, exportfile.input_shape(cfg))
+    folded = [m for m in small.modules() if isinstance(m, channels.FoldedConv2d)]
     assert folded
     x = inputs(cfg)
     with torch.no_grad():
@@ -171,7 +174,7 @@ def test_export_of_unpruned_model_is_identity(arch, tmp_path):
     masked, cfg = make(arch, ratio=0)
     small, exp, _ = roundtrip(masked, cfg, tmp_path)
     assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in masked.state_dict().items()}
-    assert not any(isinstance(m, compact.FoldedConv2d) for m in small.modules())
+    assert not any(isinstance(m, channels.FoldedConv2d) for m in small.modules())
     x = inputs(cfg)
     with torch.no_grad():
         assert torch.equal(small(x), masked(x))
@@ -189,7 +192,7 @@ def test_sparse_storage_round_trips_bit_exactly(arch, tmp_path):
     assert exp["sparse"], "no tensor was stored sparse"
     # The compact model's weights: irregular pruning at 80 % leaves some output-layer columns all
     # zero, so a few unread channels are gone; every other weight is the masked model's.
-    ref, _ = compact.compact_state(masked, compact.input_shape(cfg))
+    ref, _ = channels.compact_state(masked, exportfile.input_shape(cfg))
     assert small.state_dict().keys() == ref.keys()
     for name, t in small.state_dict().items():
         assert torch.equal(bits(t), bits(ref[name])), name
@@ -201,9 +204,9 @@ def test_sparse_storage_round_trips_bit_exactly(arch, tmp_path):
 def test_sparse_encoding_round_trip(density, encoding):
     t = torch.randn(7, 5, 3, 3)
     t[torch.rand(t.shape) >= density] = 0
-    entry = compact.encode_sparse(t)
+    entry = storage.encode_sparse(t)
     assert encoding in entry and len(entry["values"]) == int((t != 0).sum())
-    assert torch.equal(bits(compact.decode_sparse(entry)), bits(t))
+    assert torch.equal(bits(storage.decode_sparse(entry)), bits(t))
 
 
 # --------------------------------------------------------------------------- file format
@@ -212,7 +215,7 @@ def test_export_is_plain_data_loadable_weights_only(tmp_path):
     masked, cfg = make("resnet18", "filter")
     _, _, path = roundtrip(masked, cfg, tmp_path)
     exp = torch.load(path, weights_only=True)
-    assert exp["format"] == compact.FORMAT and exp["config"] == cfg and exp["arch"] == "resnet18"
+    assert exp["format"] == exportfile.FORMAT and exp["config"] == cfg and exp["arch"] == "resnet18"
 
     def leaves(o):
         if isinstance(o, dict):
@@ -258,9 +261,9 @@ def _corrupt(kind, exp, path):
 def test_malformed_export_is_refused_with_one_line(kind, message, tmp_path):
     masked, cfg = make("lenet", "irregular", ratio=0.9)
     path = str(tmp_path / "bad.pt")
-    _corrupt(kind, compact.export_model(masked, cfg, "sparse" if kind == "bad sparse entry" else "compact"), path)
+    _corrupt(kind, exportfile.export_model(masked, cfg, "sparse" if kind == "bad sparse entry" else "compact"), path)
     with pytest.raises(UserError) as e:
-        compact.load_model(path)
+        exportfile.load_model(path)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -268,7 +271,7 @@ def test_malformed_export_is_refused_with_one_line(kind, message, tmp_path):
 
 def test_macs_of_lenet_by_hand():
     masked, cfg = make("lenet", ratio=0)  # w=2: conv 4 -> conv 8 -> fc 128 -> 10 on 28x28
-    f = compact.count(masked, compact.input_shape(cfg))
+    f = measure.count(masked, exportfile.input_shape(cfg))
     assert f["macs"] == 4 * 25 * 28 * 28 + 8 * 4 * 25 * 14 * 14 + 8 * 49 * 128 + 128 * 10
     assert f["params"] == sum(p.numel() for p in masked.parameters())
 
@@ -284,7 +287,7 @@ def test_export_script_on_a_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "channels kept: conv1 1/4, conv2 2/8, fc1 32/128" in proc.stdout
     assert os.path.getsize(out) < os.path.getsize(ckpt) / 3
-    model, cfg2, meta = compact.load_model(str(out))
+    model, cfg2, meta = exportfile.load_model(str(out))
     assert meta["format"] == "export" and meta["compression"]["bytes"]["export"] == os.path.getsize(out)
     assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no silent overwrite
@@ -320,7 +323,7 @@ def test_eval_runs_any_architecture_and_adds_compact_figures_where_declared(arch
     assert rep["sparsity"]["overall"] == 0.5  # the pruned layer's report does not need channel groups
     if arch == "no_groups":
         with pytest.raises(ValueError, match="no channel groups known for _NoGroups"):
-            compact.export_model(model, cfg)
+            exportfile.export_model(model, cfg)
         assert rep["compression"] is None and "parameters" not in out
         assert "compact figures skipped: no_groups declares no channel groups" in out
     else:

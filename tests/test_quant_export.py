@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import admm
-import compact
+import channels
+import exportfile
 import quant
+import storage
 from common import save_checkpoint
 from config import load_config
 from data import INFO
-from evaluation import model_from_config
+from models import model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,13 +92,13 @@ def test_quantized_export_gives_the_checkpoints_outputs_exactly(bits, ratio, tmp
     """Bit for bit the float export's compact model; and the checkpoint's outputs exactly when no
     channel is removed (a removed channel changes the order of the sums, as in any export)."""
     model, cfg, masks, _, ckpt = quantized_lenet(ratio, bits)
-    exp, _ = compact.export_checkpoint(ckpt, "quantize.pt")
+    exp, _ = exportfile.export_checkpoint(ckpt, "quantize.pt")
     assert exp["version"] == 2 and set(exp["quantized"]) == set(admm.prunable_weights(model))
     assert all(e["codes"].dtype == torch.uint8 for e in exp["quantized"].values())
     path = str(tmp_path / "q.export.pt")
     save_checkpoint(exp, path)
-    small, _, _ = compact.load_exported(path)
-    floats, _ = compact.model_from_export(compact.export_checkpoint(ckpt | {"stage": "retrain"}, "retrain.pt")[0])
+    small, _, _ = exportfile.load_exported(path)
+    floats, _ = exportfile.model_from_export(exportfile.export_checkpoint(ckpt | {"stage": "retrain"}, "retrain.pt")[0])
     assert small.state_dict().keys() == floats.state_dict().keys()
     for k, v in floats.state_dict().items():
         assert torch.equal(small.state_dict()[k], v), k
@@ -113,7 +115,7 @@ def test_export_without_the_recorded_scales_finds_them(tmp_path):
     model, cfg, masks, _, ckpt = quantized_lenet()
     recorded = ckpt["convergence"]["quantize"]["scale"]
     ckpt["convergence"] = {}
-    exp, _ = compact.export_checkpoint(ckpt, "quantize.pt")
+    exp, _ = exportfile.export_checkpoint(ckpt, "quantize.pt")
     assert {n: e["scale"] for n, e in exp["quantized"].items()} == recorded
 
 
@@ -121,7 +123,7 @@ def test_4_bit_pruned_lenet_export_is_smaller_than_the_sparse_float_export(tmp_p
     model, cfg, masks, before, ckpt = quantized_lenet(0.75, "4")
     qpath, fpath = str(tmp_path / "quantize.pt"), str(tmp_path / "retrain.pt")
     save_checkpoint(ckpt, qpath)
-    float_exp, _ = compact.export_checkpoint(ckpt | {"stage": "retrain"}, fpath)  # same weights, stored as floats
+    float_exp, _ = exportfile.export_checkpoint(ckpt | {"stage": "retrain"}, fpath)  # same weights, stored as floats
     save_checkpoint(float_exp, fpath)
     assert float_exp["version"] == 1 and "quantized" not in float_exp and float_exp["storage"] == "sparse"
     out, js = tmp_path / "q.export.pt", tmp_path / "fig.json"
@@ -133,7 +135,7 @@ def test_4_bit_pruned_lenet_export_is_smaller_than_the_sparse_float_export(tmp_p
     assert abs(fig["bytes"]["float_export"] - os.path.getsize(fpath)) < 256
     sb = fig["storage_bits"]
     assert sb["export"] < sb["float_export"] / 4 < sb["dense_float32"] / 4
-    assert "smaller than the float export (sparse)" in printed and "quantized layers as packed codes" in printed
+    assert "smaller than the float export (sparse, torch)" in printed and "quantized layers as packed codes" in printed
     # plain data, as every export: weights_only loads it
     exp = torch.load(out, weights_only=True)
 
@@ -148,18 +150,18 @@ def test_storage_bits_by_hand():
     # indices (12 bytes); 2 + 2 = 4 bytes sparse against 8 bytes of dense codes; + 4 bytes of scale.
     w = torch.zeros(4, 4)
     w[0, 1], w[2, 3], w[3, 0] = 0.5, -1.5, 3.5
-    entry = compact.encode_quantized(w, 4)
+    entry = storage.encode_quantized(w, 4)
     assert entry["scale"] == 0.5 and "bitmask" in entry and entry["codes"].numel() == 2
-    assert compact.quantized_nbytes(entry) == 8
-    assert torch.equal(compact.decode_quantized(entry), w)
+    assert storage.quantized_nbytes(entry) == 8
+    assert torch.equal(storage.decode_quantized(entry), w)
     exp = {"state": {"fc.bias": torch.zeros(3)}, "sparse": {}, "quantized": {"fc.weight": entry}}
-    assert compact.payload_bits(exp) == 8 * (3 * 4 + 8)
+    assert exportfile.payload_bits(exp) == 8 * (3 * 4 + 8)
     # the LeNet export (of its compact model: 7 fc1 units unread, removed): float tensors at 32 bits,
     # each quantized layer a float32 scale and the smaller of 4 bits per code (whole bytes) and 4 bits
     # per nonzero code + a bitmask or int32 indices, whichever is smaller
     model, cfg, masks, _, ckpt = quantized_lenet(0.75, "4")
-    exp, _ = compact.export_checkpoint(ckpt, "quantize.pt")
-    state, _ = compact.compact_state(model, compact.input_shape(cfg))
+    exp, _ = exportfile.export_checkpoint(ckpt, "quantize.pt")
+    state, _ = channels.compact_state(model, exportfile.input_shape(cfg))
     by_hand = 0
     for k, t in state.items():
         if k in exp["quantized"]:
@@ -172,15 +174,15 @@ def test_storage_bits_by_hand():
 
 def test_old_exports_still_load_and_a_bad_quantized_entry_is_refused(tmp_path):
     model, cfg, masks, before, ckpt = quantized_lenet()
-    old, _ = compact.export_checkpoint(before, "retrain.pt")  # a float export is written as version 1
+    old, _ = exportfile.export_checkpoint(before, "retrain.pt")  # a float export is written as version 1
     assert old["version"] == 1
     save_checkpoint(old, str(tmp_path / "old.pt"))
-    compact.load_exported(str(tmp_path / "old.pt"))
-    exp, _ = compact.export_checkpoint(ckpt, "quantize.pt")
+    exportfile.load_exported(str(tmp_path / "old.pt"))
+    exp, _ = exportfile.export_checkpoint(ckpt, "quantize.pt")
     entry = next(iter(exp["quantized"].values()))
     entry["codes"] = entry["codes"][:-1]
     with pytest.raises(Exception, match="quantized entry .*uint8 bytes"):
-        compact.model_from_export(exp)
+        exportfile.model_from_export(exp)
 
 
 # --------------------------------------------------------------------------- eval.py's report
@@ -203,7 +205,7 @@ def test_eval_reports_bits_values_scales_and_storage_of_the_quantized_layers(tmp
     assert rep["storage_bits"]["export"] < rep["storage_bits"]["float_export"]
     assert "quantized layer" in out and "storage (codes" in out and not rep["warnings"]
     # the export reports the same layers, bits, values and scales, and the same accuracy
-    exp, _ = compact.export_checkpoint(ckpt, str(tmp_path / "quantize.pt"))
+    exp, _ = exportfile.export_checkpoint(ckpt, str(tmp_path / "quantize.pt"))
     save_checkpoint(exp, str(tmp_path / "q.export.pt"))
     rep2, _ = run_eval(tmp_path / "q.export.pt", tmp_path, capsys)
     assert rep2["quantization"] == rep["quantization"] and rep2["accuracy"] == rep["accuracy"]

@@ -1,6 +1,7 @@
 """Runs that survive: kill and resume, atomic saves, safe loading, NaN stops, config validation.
 Every case runs the real scripts as a user would and checks the exit code and the message."""
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+import exportfile
 from common import UserError, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +121,26 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
     proc = run(cmd("adv_main.py", tmp_path / "r", extra=["--stage", "admm", "--init", str(bad)]))
     assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
+    assert not target.exists()
+
+
+def test_malicious_safetensors_header_is_refused_without_running_code(tmp_path):
+    """A safetensors export whose header carries a pickle (that would create ``target`` if
+    unpickled), or claims tensor bytes the file does not have: JSON and raw bytes are all that is
+    read, so the file is refused in one line and nothing runs."""
+    st = pytest.importorskip("safetensors.torch")
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    st.save_file({"state/w": torch.zeros(2)}, str(evil), metadata={
+        "format": "admm-at-export", "export": pickle.dumps(_Evil(str(target)), protocol=0).decode("latin-1")})
+    lying = tmp_path / "lying.safetensors"
+    header = json.dumps({"state/w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4 << 40]}}).encode()
+    lying.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    for bad in (evil, lying):
+        with pytest.raises(UserError, match="not a valid safetensors export"):
+            exportfile.load_model(str(bad))
+        proc = run([sys.executable, "eval.py", "--ckpt", str(bad)])
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a valid safetensors export" in proc.stderr
     assert not target.exists()
 
 

@@ -18,7 +18,7 @@ from common import load_checkpoint
 from config import load_config
 from data import INFO
 from engine import RunContext, train_stage
-from evaluation import model_from_config
+from models import model_from_config
 from methods import make_method
 from models import build_model
 from rundir import RunFolder
