@@ -21,6 +21,7 @@ learned (``stages.HARP.finish``).
 Counts are integers; a layer's ratio is ``pruned / n``, for which ``admm.n_pruned(n, ratio)``
 gives back exactly ``pruned``.
 """
+import itertools
 import math
 
 import torch
@@ -87,32 +88,40 @@ def prune_lowest(scores, n_prune):
 
 
 def apportion(quota, sizes, total):
-    """Integer kept counts ({name: int}), each in [1, sizes[name]], summing to exactly ``total``,
-    proportional to ``quota`` ({name: float >= 0}) where the bounds allow (a layer the share would
-    take past a bound is held at it, and the rest are shared again); the remainders go to the
-    largest fractional parts (ties: the earlier layer), the largest-remainder (Hamilton) method."""
+    """Integer kept counts ({name: int}), each in [1, sizes[name]], summing to exactly ``total``.
+
+    The shares are proportional to ``quota`` ({name: float >= 0}) where the bounds allow:
+    s_l = clamp(lam q_l, 1, n_l), with lam solved (by bisection) so that sum_l s_l = total; a quota
+    of 0 counts as a tiny positive one, so such a layer gets weights only once the others are full.
+    The shares are then rounded by the largest-remainder (Hamilton) method: floors, and one more
+    for the largest fractional parts (ties: the earlier layer) until the total is met."""
     names = list(sizes)
     if not len(names) <= total <= sum(sizes.values()):
         raise ValueError(f"cannot keep {total} weights in {len(names)} layers of {sum(sizes.values())}")
-    held = {}
-    while True:
-        free = [n for n in names if n not in held]
-        left, mass = total - sum(held.values()), sum(quota[n] for n in free)
-        share = {n: left * quota[n] / mass if mass > 0 else left / len(free) for n in free}
-        over = [n for n in free if share[n] > sizes[n]]
-        under = [n for n in free if share[n] < 1]
-        if not (over or under):
+    tiny = 1e-12 * max(max(quota.values()), 1e-300)
+    q = {n: max(float(quota[n]), tiny) for n in names}
+
+    def shares(lam):
+        return {n: min(float(sizes[n]), max(1.0, lam * q[n])) for n in names}
+
+    lo, hi = 0.0, 1.0
+    while sum(shares(hi).values()) < total:
+        hi *= 2
+    for _ in range(200):  # sum of shares is non-decreasing in lam
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(shares(mid).values()) < total else (lo, mid)
+    share = shares(hi)
+    counts = {n: min(sizes[n], max(1, math.floor(share[n]))) for n in names}
+    order = sorted(names, key=lambda n: -(share[n] - counts[n]))  # largest remainder first, stable
+    for n in itertools.cycle(order):
+        if sum(counts.values()) >= total:
             break
-        held.update({n: sizes[n] for n in over} if over else {n: 1 for n in under})
-    counts = {**held, **{n: min(sizes[n], max(1, math.floor(share[n]))) for n in free}}
-    short = total - sum(counts.values())  # > 0 nearly always; < 0 only if float error rounded a share up
-    order = sorted(free, key=lambda n: -(share[n] - counts[n]))
-    for n in [n for n in order if counts[n] < sizes[n]][:max(short, 0)]:
-        counts[n] += 1
-    for n in [n for n in reversed(order) if counts[n] > 1][:max(-short, 0)]:
-        counts[n] -= 1
-    assert sum(counts.values()) == total, (counts, total)
-    return {n: counts[n] for n in names}
+        counts[n] += counts[n] < sizes[n]
+    for n in itertools.cycle(reversed(order)):  # only if float error put a share just above an integer
+        if sum(counts.values()) <= total:
+            break
+        counts[n] -= counts[n] > 1
+    return counts
 
 
 # --------------------------------------------------------------------------- the rules as objects

@@ -57,7 +57,14 @@ def test_apportion_largest_remainder_by_hand():
     assert al.apportion({"a": 18, "b": 72, "c": 8}, {"a": 18, "b": 72, "c": 8}, 20) == {"a": 4, "b": 15, "c": 1}
 
 
-@settings(max_examples=200, deadline=None)
+def test_apportion_holds_the_bounds_when_a_capped_layer_leaves_too_little():
+    # the share of c (3 > its 2 weights) is capped; a and b (quota 0) still keep one each
+    assert al.apportion({"a": 0.0, "b": 0.0, "c": 1.0}, {"a": 1, "b": 1, "c": 2}, 3) == {"a": 1, "b": 1, "c": 1}
+    # 10 of (8, 4, 4) by (6, 1, 1): lam = 1.25, shares 7.5, 1.25, 1.25, floors 7, 1, 1, the .5 remainder -> 8, 1, 1
+    assert al.apportion({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 8, "b": 4, "c": 4}, 10) == {"a": 8, "b": 1, "c": 1}
+
+
+@settings(max_examples=500, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 50), st.floats(0, 10)), min_size=1, max_size=6), st.data())
 def test_apportion_is_exact_and_within_bounds(layers, data):
     sizes = {f"l{i}": n for i, (n, _) in enumerate(layers)}
