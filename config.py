@@ -7,6 +7,7 @@ checkpoint and as ``config.yaml`` in the run folder.
 """
 import copy
 import difflib
+import math
 from fractions import Fraction
 
 import yaml
@@ -123,17 +124,28 @@ def parse_bits(value, key):
 
 
 def parse_float(value, key):
-    """A float from a number or a fraction string such as ``8/255``."""
+    """A finite float from a number or a fraction string such as ``8/255``. NaN and infinity
+    (YAML's ``.nan``, ``.inf``) are refused here, once for every key: ``NaN < 0`` is false, so
+    no range check after this could catch them."""
     if isinstance(value, bool):
         raise UserError(f"{key}: expected a number, got {value!r}")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, str):
         try:
-            return float(Fraction(value.replace(" ", "")))
+            number = Fraction(value.replace(" ", ""))
         except (ValueError, ZeroDivisionError):
             pass
-    raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    if number is None:
+        raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    try:
+        number = float(number)
+    except OverflowError:  # an int or a fraction beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise UserError(f"{key}: expected a finite number, got {value!r}")
+    return number
 
 
 # Tables keyed by parameter name or pattern (names hold dots, so they are no config sections;

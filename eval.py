@@ -8,8 +8,6 @@ Arch, width, dataset, prune settings and attack defaults come from the config st
 ``autoattack`` is the AutoAttack authors' standard version (package pyautoattack); ``apgd`` its
 cheaper APGD-CE + APGD-T part; ``*_l2`` are the L2 versions at the --eps-l2 radius.
 """
-import argparse
-import json
 import os
 
 # Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
@@ -18,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import data as data_lib
 import compact
-from common import UserError, get_device, run_cli
+from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import parse_float
 from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
@@ -37,12 +35,12 @@ def plot_sweep(rep, path, title, num_classes):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # whole or not at all, like every file written
     plt.close(fig)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
     p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
     p.add_argument("--eps", help="L-inf radius in [0,1] pixel units, e.g. 0.3 or 8/255 (default: config adv.eps)")
@@ -116,8 +114,7 @@ def main(argv=None):
     if sweep:
         print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=2)
+        write_json(args.json, rep)
 
 
 if __name__ == "__main__":

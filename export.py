@@ -11,7 +11,6 @@ size against the float export of the same storage. The export loads with
 its outputs checked against the masked model's. See compact.py.
 """
 import argparse
-import json
 import os
 
 # Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
@@ -21,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import compact
-from common import UserError, load_checkpoint, run_cli, save_checkpoint
+from common import UserError, load_checkpoint, run_cli, save_checkpoint, write_json
 from evaluation import format_storage
 
 
@@ -80,8 +79,7 @@ def main(argv=None):
         raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}); "
                         f"removed {args.out}; please report this with the checkpoint")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+        write_json(args.json, fig)
 
 
 if __name__ == "__main__":
