@@ -264,6 +264,7 @@ def parse_args(argv, adversarial):
 def run(argv=None, adversarial=True):
     """Entry point of main.py / adv_main.py. User errors exit with one line and status 2;
     SIGINT/SIGTERM save the state and exit with 128 + signal number."""
+    setup_logging()  # the console, until the run folder's log.txt is added
     try:
         _run(parse_args(argv, adversarial), adversarial)
     except UserError as e:
