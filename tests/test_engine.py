@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -56,12 +55,13 @@ def test_step_milestones_are_reached_in_passes_under_free():
     assert s.passes(0, first_drop) >= 50 > s.passes(0, first_drop - 1)
 
 
-def run_script(out, *sets, extra=(), script="adv_main.py", wait=True):
+def run_script(out, *sets, extra=(), script="adv_main.py", signal_at=None):
+    """The script; ``signal_at`` ("<stage>:<step>:<SIGNAME>"): the run sends itself that signal
+    after that step (``training.SelfSignal``), a stop at a known point instead of a race."""
     args = [sys.executable, script, "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
-    if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def rows(out):
@@ -98,13 +98,10 @@ def test_free_with_8_replays_reaches_milestones_and_updates(tmp_path):
 def test_metrics_jsonl_has_each_epoch_and_update_once_across_a_resume(tmp_path):
     sets = ["data.train_limit=640", "pretrain.epochs=3", "admm.epochs=2", "retrain.epochs=1", "adv.steps=1",
             "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=2"]
-    proc = run_script(tmp_path, *sets, wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "admm.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    proc = run_script(tmp_path, *sets, signal_at="admm:3:SIGTERM")  # stops in admm's first epoch, after step 3
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped by SIGTERM in admm epoch 1 after step 3" in proc.stderr
+    assert torch.load(tmp_path / "admm.last.pt", weights_only=True)["step"] == 3
     resumed = run_script(tmp_path, *sets, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = rows(tmp_path)
@@ -232,13 +229,10 @@ def test_progressive_rounds_reach_the_target_and_keep_earlier_zeros(progressive)
 
 
 def test_progressive_rounds_resume_after_a_kill(tmp_path, progressive):
-    proc = run_script(tmp_path, *ROUNDS, wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "retrain.r1.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.communicate()
-    assert not (tmp_path / "retrain.pt").exists(), "the run finished before it could be killed"
+    proc = run_script(tmp_path, *ROUNDS, signal_at="retrain.r1:3:SIGKILL")  # round 1's retraining, step 3
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "retrain.r1.pt").exists() and (tmp_path / "admm.r1.pt").exists()
+    assert torch.load(tmp_path / "retrain.r1.last.pt", weights_only=True)["step"] == 2
     resumed = run_script(tmp_path, *ROUNDS, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (torch.load(p / "retrain.pt", weights_only=True)["model"] for p in (progressive, tmp_path))

@@ -5,7 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+import signal
 
 import pytest
 import torch
@@ -246,12 +246,13 @@ TINY = ["data.train_limit=192", "pretrain.epochs=1", "admm.epochs=1", "retrain.e
         "quantize.lr=0.01"]
 
 
-def run_script(out, *sets, extra=(), wait=True):
+def run_script(out, *sets, extra=(), signal_at=None):
+    """adv_main.py; ``signal_at`` ("<stage>:<step>:<SIGNAME>"): the run sends itself that signal
+    after that step (``training.SelfSignal``), a stop at a known point instead of a race."""
     args = [sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
-    if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -296,13 +297,11 @@ def test_unknown_layer_in_bits_stops_before_training(tmp_path):
 def test_quantize_resumes_mid_stage_bit_identically(tmp_path, quantized_run):
     out, _ = quantized_run
     shutil.copy(out / "retrain.pt", tmp_path / "retrain.pt")
-    proc = run_script(tmp_path, *TINY, extra=["--stage", "quantize"], wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "quantize.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.communicate()
-    assert not (tmp_path / "quantize.pt").exists(), "the stage finished before it could be killed"
+    # killed in its second epoch (3 steps each), after the Z/U update of the first and 3 saves
+    proc = run_script(tmp_path, *TINY, extra=["--stage", "quantize"], signal_at="quantize:5:SIGKILL")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "quantize.pt").exists()
+    assert torch.load(tmp_path / "quantize.last.pt", weights_only=True)["step"] == 1  # epoch 2, step 1
     resumed = run_script(tmp_path, *TINY, extra=["--stage", "quantize", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming quantize" in resumed.stdout

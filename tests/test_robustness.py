@@ -6,7 +6,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,8 +22,11 @@ def cmd(script, out, *overrides, extra=()):
             *[a for o in (*SMALL, *overrides) for a in ("--set", o)], *extra]
 
 
-def run(args):
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(args, signal_at=None):
+    """``signal_at`` ("<stage>:<step>:<SIGNAME>"): the run sends itself that signal after that
+    step (``training.SelfSignal``), a stop at a known point instead of a race with a timer."""
+    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def weights(path):
@@ -46,16 +48,14 @@ def reference(tmp_path_factory):
 
 def test_sigkill_mid_admm_then_resume_gives_identical_weights(tmp_path, reference):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd("adv_main.py", out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "admm.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up, possibly in the middle of a save
-    proc.wait()
-    assert not (out / "retrain.pt").exists(), "the run finished before it could be killed"
+    # no chance to clean up: killed in ADMM's second epoch (10 steps each), 3 steps after its last save
+    proc = run(cmd("adv_main.py", out), signal_at="admm:15:SIGKILL")
+    assert proc.returncode == -signal.SIGKILL
     assert (out / "pretrain.pt").exists() and not (out / "admm.pt").exists()
+    last = load_checkpoint(str(out / "admm.last.pt"))
+    assert (last["epoch"], last["step"]) == (1, 4)
 
-    resumed = run(cmd("adv_main.py", out, extra=["--resume"]))
+    resumed = run(cmd("adv_main.py", out, extra=["--resume"]))  # takes the dead run's lock as usual
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming admm" in resumed.stdout
     a, b = weights(reference / "retrain.pt"), weights(out / "retrain.pt")
@@ -67,17 +67,12 @@ def test_sigkill_mid_admm_then_resume_gives_identical_weights(tmp_path, referenc
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference):
     out = tmp_path / "term"
-    proc = subprocess.Popen(cmd("adv_main.py", out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 120
-    while not (out / "pretrain.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc = run(cmd("adv_main.py", out), signal_at="pretrain:3:SIGTERM")
+    err = proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
     ckpt = load_checkpoint(str(out / "pretrain.last.pt"))
-    assert ckpt["stage"] == "pretrain" and ckpt["step"] > 0
+    assert ckpt["stage"] == "pretrain" and (ckpt["epoch"], ckpt["step"]) == (0, 3)  # saved at the step it stopped
     resumed = run(cmd("adv_main.py", out, extra=["--resume"]))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(reference / "retrain.pt"), weights(out / "retrain.pt")
@@ -217,20 +212,9 @@ def test_free_training_resumes_exactly(tmp_path):
     ref = run(cmd("adv_main.py", tmp_path / "ref", *free, extra=["--stage", "pretrain"]))
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain"]), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if (out / "pretrain.last.pt").exists():
-            try:
-                if load_checkpoint(str(out / "pretrain.last.pt"))["step"] >= 3:
-                    break
-            except UserError:  # caught mid-rename; try again
-                pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "pretrain.pt").exists(), "the run finished before it could be killed"
+    proc = run(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain"]), signal_at="pretrain:5:SIGKILL")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "pretrain.pt").exists() and load_checkpoint(str(out / "pretrain.last.pt"))["step"] == 4
     assert load_checkpoint(str(out / "pretrain.last.pt"))["free_delta"].abs().sum() > 0
     resumed = run(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain", "--resume"]))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
