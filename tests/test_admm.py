@@ -124,6 +124,23 @@ def test_all_equal_keeps_leading_indices():
     assert torch.equal(mask, torch.arange(143) < k)
 
 
+@pytest.mark.parametrize("scheme", admm.SCHEMES)
+def test_degenerate_layers_project_exactly(scheme):
+    """All weights equal, all zero, a single weight: the count is exact, the lowest-index groups
+    are kept (every score ties), and the projection is finite and keeps the values it keeps."""
+    # 6 x 4 of 0.5: 24 elements, 6 filters, 4 columns; ratio 0.5 prunes 12, 3, 2 of them.
+    for value in (0.5, 0.0):
+        w = torch.full((6, 4), value)
+        p = admm.project(w, 0.5, scheme)
+        kept = {"irregular": torch.arange(24).view(6, 4) < 12, "filter": (torch.arange(6) < 3)[:, None].expand(6, 4),
+                "column": (torch.arange(4) < 2)[None, :].expand(6, 4)}[scheme]
+        assert torch.equal(admm.prune_mask(w, 0.5, scheme), kept)
+        assert torch.isfinite(p).all() and torch.equal(p, w * kept)
+    one = torch.tensor([[-2.0]])  # round(0.3 * 1) = 0 pruned, round(0.6 * 1) = 1
+    assert torch.equal(admm.project(one, 0.3, scheme), one)
+    assert torch.equal(admm.project(one, 0.6, scheme), torch.zeros(1, 1))
+
+
 def test_percentile_threshold_misses_count_with_ties_ours_does_not():
     w = torch.tensor([1.0, -1.0, 1.0, 1.0, 2.0, -2.0, 2.0, 2.0, 3.0, 3.0])
     ratio = 0.5  # target: exactly 5 of 10 pruned

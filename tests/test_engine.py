@@ -198,6 +198,35 @@ def test_retrain_begin_hard_prunes_and_keeps_earlier_masks():
     assert int((w != 0).sum()) == w.numel() - round(ratio * w.numel())
 
 
+def test_masked_progressive_with_an_unpruned_layer():
+    """prune.masked_progressive holds the already-zero weights of the pruned layers during ADMM;
+    a layer left unpruned (ratio 0) gets no mask, and retraining's hard prune keeps both."""
+    cfg = load_config("configs/demo.yaml", ["prune.masked_progressive=true", "prune.prune_ratios.fc2.weight=0"])
+    model = build_model("lenet", 1)
+    with torch.no_grad():
+        model.conv1.weight.view(-1)[:3] = 0   # zeros from an earlier round
+        model.fc2.weight.view(-1)[:3] = 0     # zeros of a layer this run does not prune
+    _, admm_stage = make_stage("admm", model, cfg)
+    masks = admm_stage.begin({})
+    assert set(masks) == {"conv1.weight", "conv2.weight", "fc1.weight"}
+    assert not masks["conv1.weight"].view(-1)[:3].any() and masks["conv1.weight"].view(-1)[3:].all()
+    _, retrain = make_stage("retrain", model, cfg)
+    held = retrain.begin(masks)  # once a KeyError on fc2.weight
+    assert set(held) == {"conv1.weight", "conv2.weight", "fc1.weight"}
+    assert not held["conv1.weight"].view(-1)[:3].any()
+    assert int((~held["conv1.weight"]).sum()) == 25  # round(0.5 * 50), the zeros among them
+    assert int((model.fc2.weight == 0).sum()) == 3   # untouched
+
+
+def test_masked_progressive_with_an_unpruned_layer_runs_to_the_end(tmp_path):
+    proc = run_script(tmp_path, "prune.masked_progressive=true", "prune.prune_ratios.fc2.weight=0",
+                      *ROUNDS[:7], "prune.rounds=[0.5, 1.0]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = torch.load(tmp_path / "retrain.pt", weights_only=True)
+    assert int((final["model"]["fc2.weight"] == 0).sum()) == 0 and "fc2.weight" not in final["masks"]
+    assert int((final["model"]["fc1.weight"] == 0).sum()) == round(0.9 * final["model"]["fc1.weight"].numel())
+
+
 # --------------------------------------------------------------------------- progressive ADMM
 
 ROUNDS = ["data.train_limit=320", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "adv.steps=1",

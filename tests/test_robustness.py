@@ -173,19 +173,36 @@ BAD_INPUTS = {
     "missing dataset": (["data.dataset=mnist", "data.root=/nonexistent/data", "data.download=false"], [],
                         ["MNIST", "/nonexistent/data"]),
     "missing config": ([], ["--config", "configs/nope.yaml"], ["configs/nope.yaml"]),
+    "nan eps": (["adv.eps=.nan"], [], ["adv.eps", "finite"]),
+    "inf lr": (["pretrain.lr=.inf"], [], ["pretrain.lr", "finite"]),
+    "nan rho": (["prune.rho=.nan"], [], ["prune.rho", "finite"]),
+    "nan rho growth": (["quant.rho_growth=.nan"], [], ["quant.rho_growth", "finite"]),
+    "inf step size": (["adv.step_size=.inf"], [], ["adv.step_size", "finite"]),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_a_one_line_error(tmp_path, name):
+    """In-process, as adv_main.py runs it up to the first work: one line naming the key."""
+    import engine
     overrides, extra, words = BAD_INPUTS[name]
-    proc = run(cmd("adv_main.py", tmp_path / "r", *overrides, extra=extra))
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    args = cmd("adv_main.py", tmp_path / "r", *overrides, extra=extra)[2:]
+    with pytest.raises(UserError) as e:
+        engine._run(engine.parse_args(args, True), True)
+    line = str(e.value)
+    assert "\n" not in line
     for w in words:
-        assert w in lines[0], (w, lines[0])
+        assert w in line, (w, line)
     assert not (tmp_path / "r" / "pretrain.pt").exists()
+
+
+@pytest.mark.parametrize("overrides", [["adv.epss=0.1"], ["adv.eps=.nan"]], ids=["unknown key", "nan"])
+def test_bad_input_ends_the_script_with_one_line_and_status_2(tmp_path, overrides):
+    """The two subprocess smoke tests of the above: what the user sees."""
+    proc = run(cmd("adv_main.py", tmp_path / "r", *overrides))
+    assert proc.returncode == 2, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and overrides[0].split("=")[0] in line
 
 
 def test_checkpoint_of_another_width_is_refused(tmp_path, pretrained):
@@ -230,3 +247,16 @@ def test_admm_without_pruned_layers_is_refused(tmp_path):
 def test_resume_with_the_other_script_is_refused(tmp_path, reference):
     proc = run(cmd("main.py", reference, extra=["--resume", "--stage", "retrain"]))
     assert proc.returncode == 2 and "adv_main.py" in proc.stderr
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_checkpoints_in_it(tmp_path, capsys):
+    import importlib
+    from common import run_cli
+    for name in ("retrain.pt", "pretrain.pt", ".tmp-admm.pt-x1", "log.txt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        run_cli(importlib.import_module("eval").main, ["--ckpt", str(tmp_path)])
+    assert e.value.code == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {tmp_path} is a folder, not a checkpoint; give one of its files: "
+                    f"{tmp_path / 'pretrain.pt'}, {tmp_path / 'retrain.pt'}")
