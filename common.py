@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints,
 and files written whole or not at all."""
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -243,6 +244,35 @@ def load_file(path, map_location="cpu"):
         if "Weights only load failed" in reason:  # torch's text goes on to suggest weights_only=False: don't
             reason = "it holds objects other than tensors and plain data, and loading it could run code"
         raise refuse(reason) from None
+
+
+@contextlib.contextmanager
+def reading(path, what="checkpoint"):
+    """While the contents of a loaded file are interpreted: any exception but a ``UserError``
+    means a good archive holding the wrong contents (an entry of another type or shape, a
+    missing key), and becomes one line naming the file and what was wrong; warnings that such
+    contents set off are not printed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed contents fail in every way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a {what} written by this project: its contents do not fit "
+                        f"({type(e).__name__}: {reason})") from None
+
+
+def reads(what):
+    """Decorator: run a function whose first argument is a file's path under ``reading``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(path, *args, **kwargs):
+            with reading(path, what):
+                return fn(path, *args, **kwargs)
+        return run
+    return wrap
 
 
 def load_checkpoint(path, map_location="cpu"):

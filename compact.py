@@ -36,7 +36,7 @@ from torch import nn
 import admm as admm_lib
 import data as data_lib
 import quant
-from common import UserError, load_file
+from common import UserError, load_file, reads
 from evaluation import load_weights, model_from_config
 
 FORMAT = "admm-at-export"  # the "format" entry that marks an export file
@@ -577,6 +577,7 @@ def model_from_export(exp, path="export"):
     return model, cfg
 
 
+@reads("export")
 def load_exported(path):
     """(compact model on the CPU in eval mode, config, export dict) of an export file."""
     exp = load_file(path)
@@ -595,6 +596,7 @@ def figures(exp, export_bytes):
     return f
 
 
+@reads("checkpoint or export")
 def load_model(path, device="cpu"):
     """What ``eval.py --ckpt PATH`` needs from a training checkpoint or an export file:
     (model on ``device`` in eval mode, config, meta). meta: "format" ("checkpoint" or "export"),

@@ -39,7 +39,11 @@ def plot_sweep(rep, path, title, num_classes):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse(argv=None):
+    """The command line, checked before any work: the argparse namespace, with ``eps``,
+    ``step_size`` and ``eps_l2`` as floats (None: the checkpoint's config), ``sweep_eps`` the
+    sorted radii of ``--eps-sweep`` and ``names`` the attacks. A bad flag is a one-line
+    ``UserError`` naming it."""
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
     p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
@@ -63,11 +67,12 @@ def main(argv=None):
         raise UserError("--steps must be >= 0 and --restarts >= 1")
     if args.limit < 0:
         raise UserError("--limit must be >= 0")
-    eps, step_size, eps_l2 = (None if v is None else parse_float(v, flag) for v, flag in
-                              ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
-    sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",") if v.strip()}) \
-        if args.eps_sweep else []
-    if any(v is not None and v < 0 for v in (eps, step_size, eps_l2, *sweep_eps)):
+    args.eps, args.step_size, args.eps_l2 = (
+        None if v is None else parse_float(v, flag)
+        for v, flag in ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
+    args.sweep_eps = sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",")
+                                         if v.strip()}) if args.eps_sweep else []
+    if any(v is not None and v < 0 for v in (args.eps, args.step_size, args.eps_l2, *sweep_eps)):
         raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
     if args.eps_sweep is not None and not sweep_eps:
         raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
@@ -76,16 +81,27 @@ def main(argv=None):
             import matplotlib  # noqa: F401 - checked before any work, not after the sweep
         except ImportError:
             raise UserError("--eps-sweep plots with matplotlib: pip install matplotlib") from None
-    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    if not names:
+    args.names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not args.names:
         raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
+    return args
 
+
+def attacks_of(args, cfg):
+    """(attacks, checks, sweep) that ``parse``'s ``args`` ask for, with ``cfg``'s defaults (see
+    ``evaluation.report``)."""
+    eps, steps, step_size, restarts = args.eps, args.steps, args.step_size, args.restarts
+    attacks = standard_attacks(cfg, args.names, eps, steps, step_size, restarts, args.eps_l2)
+    checks = {} if args.no_checks else check_attacks(standard_attacks(cfg, ["pgd"], eps, steps, step_size, restarts)["pgd"])
+    sweep = sweep_attacks(cfg, args.names, args.sweep_eps, eps, steps, step_size, restarts) if args.sweep_eps else {}
+    return attacks, checks, sweep
+
+
+def main(argv=None):
+    args = parse(argv)
     model, cfg, meta = compact.load_model(args.ckpt)  # a training checkpoint or an export.py file
     device = get_device(args.device or cfg["device"])
-    attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
-    checks = {} if args.no_checks else check_attacks(
-        standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
-    sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
+    attacks, checks, sweep = attacks_of(args, cfg)
     _, test, info = data_lib.load_data(cfg)
     model.to(device)
     rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)

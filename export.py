@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import compact
-from common import UserError, load_checkpoint, run_cli, save_checkpoint, write_json
+from common import UserError, load_checkpoint, reading, run_cli, save_checkpoint, write_json
 from evaluation import format_storage
 
 
@@ -45,7 +45,8 @@ def main(argv=None):
         raise UserError("--threads must be >= 1")
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.ckpt)
-    exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
+    with reading(args.ckpt):
+        exp, masked = compact.export_checkpoint(ckpt, args.ckpt, args.format)
     save_checkpoint(exp, args.out)
     model, cfg, exp = compact.load_exported(args.out)  # what a user gets back, read from disk
     fig = compact.figures(exp, os.path.getsize(args.out))
