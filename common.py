@@ -30,7 +30,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``UserError`` naming the flag, like every other bad input, instead of usage text and exit 2."""
 
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        one_line = message.replace("\n", "\\n").replace("\r", "\\r")  # argparse quotes the user's words raw
+        raise UserError(f"{one_line} (see {self.prog} --help)")
 
 
 def run_cli(main, *args):

@@ -544,6 +544,8 @@ def model_from_export(exp, path="export"):
         raise bad("config lacks model.arch or data.dataset") from None
     state = {}
     for name, shape in exp["shapes"].items():
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise bad(f"'shapes' entry {name!r} is not a list of sizes")
         if name in exp["state"]:
             t = exp["state"][name]
             if not isinstance(t, torch.Tensor):

@@ -61,8 +61,8 @@ def quantize(w, bits, mask=None, iters=100):
     until the codes no longer change (at most ``iters`` rounds), from two starts, keeping the
     better result (the first on a tie): q = max|w| / L (round-to-nearest over the full range: the
     result is never worse than it) and q = 2 mean|w| / L (the bulk of the weights, which an
-    outlier would otherwise leave on the 0 level). It is a local optimum: on 9 random weights at
-    4 bits it was up to 155 % above the exact one.
+    outlier would otherwise leave on the 0 level). It is a local optimum: on 9 normal weights at 4
+    bits it ended above the exact one in 19 of 60 vectors, by up to 175 % (bench/quant_exact.py).
 
     At b = 1 the codes are sign(w) whatever q is, and q = mean |w| (the closed form of Leng et al.
     and XNOR-Net). The least squares run in float64, and the final scale is the float32 one

@@ -132,8 +132,8 @@ def test_eval_flags_give_attacks_or_one_line_naming_the_flag(args):
     try:
         attacks, checks, sweep = eval_py.attacks_of(eval_py.parse(argv), cfg)
         assert attacks
-    except UserError as e:
-        one_line_naming(e, "--", "attack")
+    except UserError as e:  # names the flag, or the words argparse did not take
+        one_line_naming(e, "--", *[v for _, v in args if v])
 
 
 # --------------------------------------------------------------------------- damaged files
