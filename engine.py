@@ -35,7 +35,7 @@ from common import LOG, UserError, get_device, load_checkpoint, progress, seed_e
 from config import TABLES, load_config
 from evaluation import count_correct, evaluate, format_report, load_weights, model_from_config, report, standard_attacks
 from methods import Method, make_method
-from rundir import RunFolder
+from rundir import RunFolder, default_out
 from stages import make_stage, stage_names
 from training import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
@@ -311,7 +311,7 @@ def _run(args, adversarial):
     """Check the command, take the run folder (rank 0) and run its stages. A failed write (a full
     disk) ends the run with one line: the file, why, the intact checkpoint, the command to go on."""
     cfg = load_config(args.config, args.overrides)
-    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    out = args.out or default_out(args.config)
     names = stage_names(cfg)
     if args.stage not in ("all", *names):
         raise UserError(f"--stage {args.stage}: choose all or one of {', '.join(names)}")
