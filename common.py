@@ -1,6 +1,11 @@
-"""Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints."""
+"""Small shared helpers: the user-facing error type, device and seeding, logging, checkpoints,
+and files written whole or not at all."""
+import argparse
+import contextlib
+import errno
 import functools
 import importlib
+import json
 import logging
 import os
 import random
@@ -8,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -20,16 +26,43 @@ class UserError(Exception):
     line, ``error: <message>``, and exit with status 2, without a traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse``'s parser whose errors (an unknown flag, ``--steps abc``) are a one-line
+    ``UserError`` naming the flag, like every other bad input, instead of usage text and exit 2."""
+
+    def error(self, message):
+        one_line = message.replace("\n", "\\n").replace("\r", "\\r")  # argparse quotes the user's words raw
+        raise UserError(f"{one_line} (see {self.prog} --help)")
+
+
 def run_cli(main, *args):
     """Run a command-line entry point: a ``UserError``, or an ``OSError`` on a file, ends it with
-    one line on stderr (``error: ...``) and exit status 2 instead of a traceback."""
+    one line on stderr (``error: ...``) and exit status 2 instead of a traceback. The files the
+    scripts write are written whole or not at all (``atomic_write``), so after a failed write
+    there is nothing half-written to clean up: the command can simply be run again."""
     try:
         return main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        again = "; nothing was left half-written: " + WRITE_ERRORS[e.errno] + " and run the command again" \
+            if e.errno in WRITE_ERRORS else ""
+        print(f"error: {describe_os_error(e)}{again}", file=sys.stderr)
     sys.exit(2)
+
+
+# What to do about each error a write can end with (ENOSPC, EDQUOT, EROFS, EACCES, EPERM).
+WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space under your quota",
+                errno.EROFS: "use a writable file system", errno.EACCES: "make the folder writable",
+                errno.EPERM: "make the folder writable"}
+
+
+def describe_os_error(e):
+    """One line for an ``OSError`` on a file: ``cannot write F: No space left on device (ENOSPC)``
+    for the write errors of ``WRITE_ERRORS``, ``F: reason`` for any other."""
+    code = errno.errorcode.get(e.errno, "")
+    reason = f"{e.strerror or e}" + (f" ({code})" if code else "")
+    return f"cannot write {e.filename}: {reason}" if e.errno in WRITE_ERRORS else f"{e.filename}: {reason}"
 
 
 def progress(iterable, total, desc):
@@ -77,10 +110,34 @@ def setup_logging(log_file=None, enabled=True):
         h.setFormatter(logging.Formatter("%(message)s"))
         LOG.addHandler(h)
     if log_file:
-        fh = logging.FileHandler(log_file)
+        fh = _LogFile(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         LOG.addHandler(fh)
     return LOG
+
+
+class _LogFile(logging.FileHandler):
+    """The run's ``log.txt``. A failed write (a full disk) is not swallowed as ``logging`` does: it
+    stops the run with an ``OSError`` naming the file, once; after that the handler stays quiet,
+    so the run's closing error line still reaches the console."""
+
+    def __init__(self, path):
+        self.failed = False
+        super().__init__(path)
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            return super().handleError(record)
+        self.failed = True
+        raise OSError(e.errno, e.strerror, self.baseFilename) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,28 +149,32 @@ def git_hash():
         return "unknown"
 
 
-def save_checkpoint(obj, path):
-    """Write ``obj`` with ``torch.save``, atomically (``atomic_write``)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path, write):
-    """Call ``write(f)`` on a temp file in the same folder, fsync, then rename it over ``path``.
-    A crash mid-save leaves the previous file intact."""
+def atomic_write(path, write, binary=True):
+    """Write the file ``path`` whole or not at all: ``write(f)`` fills a temp file
+    ``.tmp-<name>-XXXXXXXX`` in the same folder, which is fsynced and renamed over ``path``. A
+    crash, a kill or a failed write (a full disk, a quota, a read-only or unwritable folder)
+    leaves ``path`` as it was and, except after a kill, no temp file. An ``OSError`` of the write,
+    however deep it was raised (``torch.save`` wraps it in a ``RuntimeError``), comes out as an
+    ``OSError`` naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is as readable as any file the user writes
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the file is as readable as any the user writes
+        with open(tmp, "wb" if binary else "w") as f:  # by name, like every write: see tests/faults.py
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        cause = _os_error(e)
+        if cause is not None:
+            raise OSError(cause.errno, cause.strerror, path) from None
         raise
 
 
@@ -124,6 +185,24 @@ def require(module, purpose, install):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{purpose} needs {install}: pip install {install}") from None
+
+
+def _os_error(e):
+    """The ``OSError`` that ``e`` is or was raised while handling (None if none)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
+
+
+def save_checkpoint(obj, path):
+    """``torch.save(obj)`` to ``path`` with ``atomic_write``: a crash mid-save leaves the previous
+    file intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written with ``atomic_write``."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False)
 
 
 def rng_state():
@@ -146,9 +225,27 @@ def set_rng_state(state):
 
 def load_file(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)``: tensors and plain data only, so a file that would
-    run code is refused. Any failure is a one-line ``UserError``."""
+    run code is refused. The archive's CRC-32 checksums are checked first (``torch.load`` does not
+    check them, and a flipped bit in a tensor would load as a silently different weight). Any
+    failure is a one-line ``UserError``; a folder is answered with the checkpoints in it."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".pt") and not f.startswith("."))
+        raise UserError(f"{path} is a folder, not a checkpoint; give one of its files: "
+                        + (", ".join(os.path.join(path, f) for f in found) if found else "it holds no .pt file"))
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+
+    def refuse(reason):
+        return UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
+                         f"(truncated, corrupt, or containing code) - {reason[:200]}")
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # noqa: BLE001 - zipfile raises many types for damaged archives
+        raise refuse(f"not a readable zip archive ({type(e).__name__}: {str(e)[:100]})") from None
+    if bad is not None:
+        raise refuse(f"its entry {bad} fails its CRC-32 check (the file is damaged)")
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol warning would add lines to the one-line error
             warnings.simplefilter("ignore")
@@ -157,8 +254,36 @@ def load_file(path, map_location="cpu"):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in reason:  # torch's text goes on to suggest weights_only=False: don't
             reason = "it holds objects other than tensors and plain data, and loading it could run code"
-        raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
-                        f"(truncated, corrupt, or containing code) - {reason[:200]}") from None
+        raise refuse(reason) from None
+
+
+@contextlib.contextmanager
+def reading(path, what="checkpoint"):
+    """While the contents of a loaded file are interpreted: any exception but a ``UserError``
+    means a good archive holding the wrong contents (an entry of another type or shape, a
+    missing key), and becomes one line naming the file and what was wrong; warnings that such
+    contents set off are not printed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed contents fail in every way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a {what} written by this project: its contents do not fit "
+                        f"({type(e).__name__}: {reason})") from None
+
+
+def reads(what):
+    """Decorator: run a function whose first argument is a file's path under ``reading``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(path, *args, **kwargs):
+            with reading(path, what):
+                return fn(path, *args, **kwargs)
+        return run
+    return wrap
 
 
 def load_checkpoint(path, map_location="cpu"):

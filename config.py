@@ -7,6 +7,7 @@ checkpoint and as ``config.yaml`` in the run folder.
 """
 import copy
 import difflib
+import math
 from fractions import Fraction
 
 import yaml
@@ -131,6 +132,9 @@ POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.resta
             *(f"{s}.lr" for s in STAGE_SECTIONS))
 
 
+MAX_WIDTH = 1024
+
+
 def parse_bits(value, key):
     """Bits of one layer: an integer in 0..16 (0: left in float)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
@@ -139,17 +143,28 @@ def parse_bits(value, key):
 
 
 def parse_float(value, key):
-    """A float from a number or a fraction string such as ``8/255``."""
+    """A finite float from a number or a fraction string such as ``8/255``. NaN and infinity
+    (YAML's ``.nan``, ``.inf``) are refused here, once for every key: ``NaN < 0`` is false, so
+    no range check after this could catch them."""
     if isinstance(value, bool):
         raise UserError(f"{key}: expected a number, got {value!r}")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, str):
         try:
-            return float(Fraction(value.replace(" ", "")))
+            number = Fraction(value.replace(" ", ""))
         except (ValueError, ZeroDivisionError):
             pass
-    raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    if number is None:
+        raise UserError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    try:
+        number = float(number)
+    except OverflowError:  # an int or a fraction beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise UserError(f"{key}: expected a finite number, got {value!r}")
+    return number
 
 
 # Tables keyed by parameter name or pattern (names hold dots, so they are no config sections;
@@ -183,7 +198,7 @@ def _coerce(key, value, default):
         return value
     if key in TABLES:
         if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):  # one table per arch
-            return {str(arch): _name_table(f"{key}.{arch}", v, TABLES[key]) for arch, v in value.items()}
+            return {str(arch): _name_table(_entry(key, arch), v, TABLES[key]) for arch, v in value.items()}
         return _name_table(key, value, TABLES[key])
     raise AssertionError(key)
 
@@ -192,7 +207,13 @@ def _name_table(key, value, parse):
     """{parameter name or pattern: value}, each value read by ``parse``."""
     if not isinstance(value, dict):
         raise UserError(f"{key}: expected a mapping of parameter name -> value, got {value!r}")
-    return {str(k): parse(v, f"{key}.{k}") for k, v in value.items()}
+    return {str(k): parse(v, _entry(key, k)) for k, v in value.items()}
+
+
+def _entry(key, name):
+    """How a message names entry ``name`` of table ``key``: ``key.name``, with ``name`` quoted
+    when it holds characters that would break the message's one line."""
+    return f"{key}.{name}" if str(name).isprintable() else f"{key}.{str(name)!r}"
 
 
 def _merge(base, new, prefix=""):
@@ -228,6 +249,9 @@ def validate(cfg):
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if cfg["model"]["width"] > MAX_WIDTH:  # larger ones overflow a tensor's shape (or any memory)
+        raise UserError(f"model.width: must be at most {MAX_WIDTH} (w=16 is the standard width), "
+                        f"got {cfg['model']['width']}")
     from losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:
@@ -241,12 +265,12 @@ def validate(cfg):
         table = cfg[section][name]
         if any(isinstance(v, dict) for v in table.values()):  # {arch: {name: value}}: pick this arch's table
             if cfg["model"]["arch"] not in table:
-                raise UserError(f"{key} has tables for {', '.join(table)} but none for "
+                raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
                                 f"model.arch={cfg['model']['arch']}; add one")
             cfg[section][name] = table[cfg["model"]["arch"]]
     for name, r in cfg["prune"]["prune_ratios"].items():
         if not 0.0 <= r < 1.0:
-            raise UserError(f"prune.prune_ratios.{name}: ratio must be in [0, 1), got {r}")
+            raise UserError(f"{_entry('prune.prune_ratios', name)}: ratio must be in [0, 1), got {r}")
     rounds = cfg["prune"]["rounds"]
     if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
         raise UserError(f"prune.rounds: {rounds} must rise strictly from above 0 and end at 1.0 (the target), "
@@ -292,6 +316,8 @@ def parse_set(item):
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
+    if not key.strip().isprintable():
+        raise UserError(f"--set {item!r}: the key holds characters no config key has")
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -13,8 +13,8 @@ writes ``<out>/<stage>.pt`` (see ``rundir.py`` for the folder's files). The two 
 differ only in the training method.
 """
 import argparse
+import contextlib
 import itertools
-import json
 import math
 import os
 import shlex
@@ -32,14 +32,14 @@ import data as data_lib
 import distributed as dist
 import quant
 import tblog
-from common import LOG, UserError, get_device, load_checkpoint, progress, save_checkpoint, seed_everything, setup_logging
+from common import LOG, UserError, get_device, load_checkpoint, progress, seed_everything, setup_logging, write_json
 from config import TABLES, load_config
 from evaluation import count_correct, evaluate, format_report, report, standard_attacks
 from methods import Method, make_method, training_info
 from models import load_weights, model_from_config
-from rundir import RunFolder
+from rundir import RunFolder, default_out
 from stages import make_stage, stage_names
-from training import GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
+from training import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
 # Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
 # LeNet step, 12% of a PGD-3 VGG step (bench/train_step.py); measured on every 10th step only.
@@ -157,6 +157,7 @@ def run_epoch(state, nets, sched, run):
             LOG.info(f"   {stage.name} update after epoch {_fmt_passes(done)}: {stage.describe_update(update)}")
             log_update(run.folder, {"stage": stage.name, "passes": float(done),
                                     "lr": state.optimizer.param_groups[0]["lr"], **update})
+        SELF_SIGNAL.after(stage.name, epoch * sched.batches + step + 1)  # tests only: stop at a known step
         stopping = run.stop.requested(step)
         if stopping or (every and (step + 1) % every == 0):
             check_finite(state, run)
@@ -203,7 +204,7 @@ def save(state, folder, path):
     state.log_bytes = folder.metrics_bytes() if dist.is_main() else None
     ckpt = state.state_dict()
     if dist.is_main():
-        save_checkpoint(ckpt, path)
+        folder.save(ckpt, path)
     return ckpt
 
 
@@ -273,14 +274,15 @@ def parse_args(argv, adversarial):
 def run(argv=None, adversarial=True):
     """Entry point of main.py / adv_main.py. User errors exit with one line and status 2;
     SIGINT/SIGTERM save the state and exit with 128 + signal number."""
+    setup_logging()  # the console, until the run folder's log.txt is added
     try:
         _run(parse_args(argv, adversarial), adversarial)
     except UserError as e:
         if dist.is_main():  # under torchrun every rank hits the same error; say it once
-            LOG.error(f"error: {e}") if LOG.handlers else print(f"error: {e}", file=sys.stderr)
+            _say(LOG.error, f"error: {e}")
         sys.exit(2)
     except Interrupted as e:
-        LOG.warning(str(e))
+        _say(LOG.warning, str(e))
         sys.exit(128 + e.signum)
     except OSError as e:  # e.g. a full disk during a save: the previous checkpoint is intact
         if dist.is_main():
@@ -295,16 +297,31 @@ def run(argv=None, adversarial=True):
         dist.close()
 
 
-def _resume_command(args, out, adversarial):
+def _say(log, line):
+    """``line`` through ``log`` (to the console and log.txt); a log.txt that cannot take it (a
+    full disk) has already stopped logging, and the console has the line."""
+    if not LOG.handlers:
+        print(line, file=sys.stderr)
+        return
+    with contextlib.suppress(OSError):
+        log(line)
+
+
+def _resume_command(args, out, adversarial, resume=True):
+    """The command that continues this run (``--resume``); with ``resume=False``, the command as
+    it was given (with its ``--init`` and ``--overwrite``), to start it again."""
     cmd = ["python", "adv_main.py" if adversarial else "main.py", "--config", args.config, "--out", out]
     cmd += (["--stage", args.stage] if args.stage != "all" else [])
-    cmd += [a for o in args.overrides for a in ("--set", o)] + ["--resume"]
+    cmd += [a for o in args.overrides for a in ("--set", o)]
+    cmd += ["--resume"] if resume else (["--init", args.init] if args.init else []) + (["--overwrite"] if args.overwrite else [])
     return " ".join(shlex.quote(c) for c in cmd)
 
 
 def _run(args, adversarial):
+    """Check the command, take the run folder (rank 0) and run its stages. A failed write (a full
+    disk) ends the run with one line: the file, why, the intact checkpoint, the command to go on."""
     cfg = load_config(args.config, args.overrides)
-    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    out = args.out or default_out(args.config)
     names = stage_names(cfg)
     if args.stage not in ("all", *names):
         raise UserError(f"--stage {args.stage}: choose all or one of {', '.join(names)}")
@@ -312,7 +329,18 @@ def _run(args, adversarial):
     device = dist.init(get_device(cfg["device"]))
     if args.resume and args.init:
         raise UserError("--resume continues from the run folder's own checkpoints; drop --init")
+    with folder.locked() if dist.is_main() else contextlib.nullcontext():
+        try:
+            _run_stages(args, adversarial, cfg, folder, stages, device)
+        except OSError as e:
+            if e.filename is None:
+                raise
+            raise UserError(folder.write_failed(e, stages, _resume_command(args, out, adversarial),
+                                                _resume_command(args, out, adversarial, resume=False))) from None
 
+
+def _run_stages(args, adversarial, cfg, folder, stages, device):
+    out, names = folder.path, stage_names(cfg)
     # Everything that can be checked is checked before any work: names, files, folder.
     train, test, info = data_lib.load_data(cfg)
     seed_everything(cfg["seed"])  # the initial weights depend on the seed only
@@ -353,8 +381,7 @@ def _run(args, adversarial):
             rep["quantization"] = q["layers"]
             rep["warnings"] += q["warnings"]
         LOG.info("final model (" + final + "):\n" + format_report(rep))
-        with open(folder.file("eval.json"), "w") as f:
-            json.dump(rep, f, indent=2)
+        write_json(folder.file("eval.json"), rep)
     if folder.mirror:
         folder.mirror.close()
     # The other ranks wait for rank 0's final report: a rank that tears the process group down
@@ -405,11 +432,13 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
             resume = load_checkpoint(folder.last(todo[0]), device)
             _check_script(resume, folder.last(todo[0]), adversarial)
             load_weights(model, resume, folder.last(todo[0]), cfg)  # checks arch and width
+            folder.complete = folder.last(todo[0])
             return todo, None, resume
     if not todo:
         if args.stage == "all":  # everything done already: report on the final model
             final = folder.final(stage_names(cfg)[-1])
             load_weights(model, load_checkpoint(final, device), final, cfg)
+            folder.complete = final
         return todo, None, None
     names = stage_names(cfg)
     prev = names[names.index(todo[0]) - 1] if todo[0] != "pretrain" else None
@@ -422,6 +451,7 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
     init = load_checkpoint(start, map_location=device) if start else None
     if init:
         load_weights(model, init, start, cfg)
+        folder.complete = start
     return todo, init, None
 
 
@@ -433,22 +463,21 @@ def _check_script(ckpt, path, adversarial):
 
 def _prepare_folder(folder, cfg, resume):
     """Create the folder, clear killed saves' temp files and write the resolved config; return the
-    config keys that differ from the run's when resuming. Only rank 0 writes."""
+    config keys that differ from the run's when resuming. Only rank 0 writes (it owns the folder)."""
     try:
         os.makedirs(folder.path, exist_ok=True)
-        if not dist.is_main():
-            return []
-        folder.remove_temp()
-        changed = []
-        if resume and os.path.isfile(folder.file("config.yaml")):
-            with open(folder.file("config.yaml")) as f:
-                old, new = _flat(yaml.safe_load(f)), _flat(cfg)
-            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        with open(folder.file("config.yaml"), "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
-        return changed
     except OSError as e:
         raise UserError(f"cannot write to run folder {folder.path}: {e.strerror}; choose another --out") from None
+    if not dist.is_main():
+        return []
+    folder.remove_temp()
+    changed = []
+    if resume and os.path.isfile(folder.file("config.yaml")):
+        with open(folder.file("config.yaml")) as f:
+            old, new = _flat(yaml.safe_load(f)), _flat(cfg)
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    folder.write_text("config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    return changed
 
 
 def _flat(d, prefix=""):

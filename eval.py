@@ -8,8 +8,6 @@ Arch, width, dataset, prune settings and attack defaults come from the config st
 ``autoattack`` is the AutoAttack authors' standard version (package pyautoattack); ``apgd`` its
 cheaper APGD-CE + APGD-T part; ``*_l2`` are the L2 versions at the --eps-l2 radius.
 """
-import argparse
-import json
 import os
 
 # Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
@@ -19,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import data as data_lib
 import exportfile
 import measure
-from common import UserError, get_device, run_cli
+from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import parse_float
 from methods import training_info
 from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
@@ -39,12 +37,16 @@ def plot_sweep(rep, path, title, num_classes):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # whole or not at all, like every file written
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv=None):
+    """The command line, checked before any work: the argparse namespace, with ``eps``,
+    ``step_size`` and ``eps_l2`` as floats (None: the checkpoint's config), ``sweep_eps`` the
+    sorted radii of ``--eps-sweep`` and ``names`` the attacks. A bad flag is a one-line
+    ``UserError`` naming it."""
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
     p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
     p.add_argument("--eps", help="L-inf radius in [0,1] pixel units, e.g. 0.3 or 8/255 (default: config adv.eps)")
@@ -67,11 +69,12 @@ def main(argv=None):
         raise UserError("--steps must be >= 0 and --restarts >= 1")
     if args.limit < 0:
         raise UserError("--limit must be >= 0")
-    eps, step_size, eps_l2 = (None if v is None else parse_float(v, flag) for v, flag in
-                              ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
-    sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",") if v.strip()}) \
-        if args.eps_sweep else []
-    if any(v is not None and v < 0 for v in (eps, step_size, eps_l2, *sweep_eps)):
+    args.eps, args.step_size, args.eps_l2 = (
+        None if v is None else parse_float(v, flag)
+        for v, flag in ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
+    args.sweep_eps = sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",")
+                                         if v.strip()}) if args.eps_sweep else []
+    if any(v is not None and v < 0 for v in (args.eps, args.step_size, args.eps_l2, *sweep_eps)):
         raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
     if args.eps_sweep is not None and not sweep_eps:
         raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
@@ -80,16 +83,27 @@ def main(argv=None):
             import matplotlib  # noqa: F401 - checked before any work, not after the sweep
         except ImportError:
             raise UserError("--eps-sweep plots with matplotlib: pip install matplotlib") from None
-    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    if not names:
+    args.names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not args.names:
         raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
+    return args
 
+
+def attacks_of(args, cfg):
+    """(attacks, checks, sweep) that ``parse``'s ``args`` ask for, with ``cfg``'s defaults (see
+    ``evaluation.report``)."""
+    eps, steps, step_size, restarts = args.eps, args.steps, args.step_size, args.restarts
+    attacks = standard_attacks(cfg, args.names, eps, steps, step_size, restarts, args.eps_l2)
+    checks = {} if args.no_checks else check_attacks(standard_attacks(cfg, ["pgd"], eps, steps, step_size, restarts)["pgd"])
+    sweep = sweep_attacks(cfg, args.names, args.sweep_eps, eps, steps, step_size, restarts) if args.sweep_eps else {}
+    return attacks, checks, sweep
+
+
+def main(argv=None):
+    args = parse(argv)
     model, cfg, meta = exportfile.load_model(args.ckpt)  # a training checkpoint or an export.py file
     device = get_device(args.device or cfg["device"])
-    attacks = standard_attacks(cfg, names, eps, args.steps, step_size, args.restarts, eps_l2)
-    checks = {} if args.no_checks else check_attacks(
-        standard_attacks(cfg, ["pgd"], eps, args.steps, step_size, args.restarts)["pgd"])
-    sweep = sweep_attacks(cfg, names, sweep_eps, eps, args.steps, step_size, args.restarts) if sweep_eps else {}
+    attacks, checks, sweep = attacks_of(args, cfg)
     _, test, info = data_lib.load_data(cfg)
     model.to(device)
     rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
@@ -120,8 +134,7 @@ def main(argv=None):
     if sweep:
         print(f"eps sweep plot: {rep['eps_sweep']['plot']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=2)
+        write_json(args.json, rep)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def standard_attacks(cfg, names=("natural", "fgsm", "pgd"), eps=None, steps=None
              "apgd_l2": lambda: AutoAttack(eps_l2, "l2", APGD, batch_size=bs)}
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise UserError(f"--attacks: unknown attack(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+        raise UserError(f"--attacks: unknown attack(s) {', '.join(map(repr, unknown))}; choose from {', '.join(table)}")
     try:
         return {n: table[n]() for n in names}
     except ImportError as err:  # an optional dependency (pyautoattack) is missing

@@ -13,7 +13,6 @@ the float export of the same storage. The file is read back after writing and it
 against the masked model's; an ONNX graph is also checked on the test split (natural accuracy).
 """
 import argparse
-import json
 import os
 
 # Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
@@ -25,7 +24,7 @@ import torch
 import data as data_lib
 import exportfile
 import measure
-from common import UserError, load_checkpoint, run_cli
+from common import UserError, load_checkpoint, reading, run_cli, write_json
 from evaluation import format_storage
 
 
@@ -87,7 +86,8 @@ def main(argv=None):
         raise UserError(f"--format {fmt.name} stores {fmt.storage} tensors only; drop --storage {args.storage}")
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.ckpt)
-    exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or fmt.storage, fmt.quantized)
+    with reading(args.ckpt):
+        exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or fmt.storage, fmt.quantized)
     fmt.write(out, exp, exportfile.model_from_export(exp, out)[0])
     model = fmt.model(out, args.threads)  # what a user gets back, read from disk
     cfg = exp["config"]
@@ -132,8 +132,7 @@ def main(argv=None):
                         + (", and its test accuracy" if accuracy_differs else "")
                         + f"); removed {out}; please report this with the checkpoint")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+        write_json(args.json, fig)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import data as data_lib
 import measure
 import quant
 import storage as storage_lib
-from common import UserError, atomic_write, load_file, require, save_checkpoint
+from common import UserError, atomic_write, load_file, reads, require, save_checkpoint
 from models import load_weights, model_from_config
 
 FORMAT = "admm-at-export"  # the "format" entry that marks an export file
@@ -160,6 +160,8 @@ def model_from_export(exp, path="export"):
         raise bad("config lacks model.arch or data.dataset") from None
     state = {}
     for name, shape in exp["shapes"].items():
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise bad(f"'shapes' entry {name!r} is not a list of sizes")
         if name in exp["state"]:
             t = exp["state"][name]
             if not isinstance(t, torch.Tensor):
@@ -193,6 +195,7 @@ def model_from_export(exp, path="export"):
     return model, cfg
 
 
+@reads("export")
 def load_exported(path):
     """(compact model on the CPU in eval mode, config, export dict) of an export file (torch or
     safetensors, recognized by its content)."""
@@ -201,6 +204,7 @@ def load_exported(path):
     return model.eval(), cfg, exp
 
 
+@reads("checkpoint or export")
 def load_model(path, device="cpu"):
     """What ``eval.py --ckpt PATH`` needs from a training checkpoint or an export file:
     (model on ``device`` in eval mode, config, meta). meta: "format" ("checkpoint" or "export"),

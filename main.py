@@ -5,6 +5,11 @@ import os
 # busy CPU, spinning threads slowed a demo epoch 20x (119 s vs 6.6 s); set OMP_WAIT_POLICY to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
+import rundir  # noqa: E402
+
+rundir.exit_if_busy(sys.argv[1:])  # before torch loads (seconds): a second run on a folder stops at once
 from engine import run  # noqa: E402
 
 if __name__ == "__main__":

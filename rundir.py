@@ -4,16 +4,61 @@ driver (``experiments/sweep.py``):
     <stage>.pt          a finished stage's checkpoint; the next stage starts from it
     <stage>.last.pt     the running stage's latest state (``--resume`` continues from it);
                         removed when ``<stage>.pt`` is written
-    .tmp-*              a save in progress (atomic saves); left only by a killed save, removed at start
+    .tmp-<name>-*       a save of <name> in progress (atomic saves); left only by a killed save,
+                        removed at start
+    .lock               held (``fcntl.flock``) by the run that owns the folder; names its PID and host
     config.yaml         the resolved config
     log.txt             the appended human-readable log
     metrics.jsonl       one JSON object per epoch ("kind": "epoch") and per stage update ("kind":
                         "update", e.g. ADMM's Z/U), for plotting without parsing log.txt
     eval.json           the final model's report after a full run
+
+A folder has one owner at a time (``locked``), and every file in it is written whole or not at
+all: checkpoints, config.yaml and eval.json through ``common.atomic_write``, a metrics.jsonl row
+by an append that is undone if it fails, so the file always parses line by line. A write that
+fails (a full disk) ends the run with ``write_failed``'s one line.
 """
+import argparse
+import contextlib
+import datetime
+import fcntl
 import json
 import math
 import os
+import socket
+import sys
+import time
+
+# This module imports ``common`` (and with it torch) only inside the methods that write: the entry
+# scripts call ``exit_if_busy`` before torch is imported, which takes seconds on a busy machine,
+# so that a second run on a folder stops at once.
+
+
+def default_out(config):
+    """The run folder of a config when ``--out`` is not given: ``runs/<config file stem>``."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(config))[0])
+
+
+def exit_if_busy(argv):
+    """Before anything heavy is imported: if the run folder of ``argv`` (``--out``, else the
+    config's) is owned by another run, print the one-line error and exit with status 2. Ranks
+    other than 0 of a torchrun launch skip it (rank 0 owns the folder). ``RunFolder.locked``
+    makes the real claim later; this only answers early."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    p.add_argument("--out")
+    args, _ = p.parse_known_args(argv)
+    out = args.out or (default_out(args.config) if args.config else None)
+    owner = RunFolder(out).owner() if out else None
+    if owner:
+        print(f"error: {busy(out, owner)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def busy(path, owner):
+    return f"{path} is in use by another run ({owner}); wait for it to end, or choose another --out"
 
 
 class RunFolder:
@@ -22,6 +67,49 @@ class RunFolder:
         (``tblog.TensorBoardLog``), so the two cannot drift apart."""
         self.path = path
         self.mirror = mirror
+        self.complete = None  # the newest complete checkpoint of this run (path), for write_failed
+
+    # ----------------------------------------------------------------------- one owner at a time
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Own the folder while the block runs: an exclusive ``fcntl.flock`` on ``.lock``, which
+        the OS drops when the process ends however it ends (``kill -9`` included), so a lock is
+        never stale and ``--resume`` after a crash takes it as usual. Another run holding it is a
+        ``UserError`` naming its PID and host, raised before anything in the folder is touched.
+        Creates the folder."""
+        from common import UserError
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write to run folder {self.path}: {e.strerror}; choose another --out") from None
+        try:
+            if not _flock(fd, tries=20):  # a moment's grace: ``owner`` probes hold it for microseconds
+                raise UserError(busy(self.path, _owner_line(fd)))
+            try:  # who owns it, for the message above; best effort (a full disk must not stop the run here)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}, since "
+                              f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+            except OSError:
+                pass
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    def owner(self):
+        """Who owns the folder now ("PID 123 on host, since ..."), or None when no run does.
+        Reads only; never creates the folder or its lock file."""
+        try:
+            fd = os.open(self.file(".lock"), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return None if _flock(fd) else _owner_line(fd)
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------------- checkpoints
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -42,6 +130,30 @@ class RunFolder:
         """The checkpoint files of ``stages`` present in the folder (names, not paths)."""
         return [f for s in stages for f in (f"{s}.pt", f"{s}.last.pt") if os.path.isfile(self.file(f))]
 
+    def save(self, obj, path):
+        """Write checkpoint ``obj`` to ``path`` (atomically) and remember it as the run's newest
+        complete checkpoint."""
+        from common import save_checkpoint
+        save_checkpoint(obj, path)
+        self.complete = path
+
+    def write_text(self, name, text):
+        """The file ``name`` of the folder with ``text``, written whole or not at all."""
+        from common import atomic_write
+        atomic_write(self.file(name), lambda f: f.write(text), binary=False)
+
+    def write_failed(self, error, stages, resume, rerun):
+        """The one line that ends a run of ``stages`` whose write failed with ``error`` (an
+        ``OSError`` naming the file): which file and why, the newest complete checkpoint, which is
+        intact, and the command that continues the run: ``resume`` when the folder holds a
+        checkpoint of ``stages`` to resume, else ``rerun``."""
+        from common import WRITE_ERRORS, describe_os_error
+        what, fix = describe_os_error(error), WRITE_ERRORS.get(error.errno, "fix the cause")
+        again = resume if self.existing(stages) else rerun
+        if self.complete:
+            return f"{what}; the last complete checkpoint, {self.complete}, is intact; {fix} and continue with: {again}"
+        return f"{what}; no checkpoint of this run was written yet; {fix} and start it again with: {again}"
+
     def remove_temp(self):
         """Remove the temp files of saves that were killed (the checkpoint they replaced is intact)."""
         for f in os.listdir(self.path):
@@ -58,10 +170,16 @@ class RunFolder:
         return os.path.getsize(self.metrics) if os.path.isfile(self.metrics) else 0
 
     def append_metrics(self, row):
-        """Append ``row`` (a dict of numbers and strings; NaN is written as null) as one line."""
-        row = _no_nan(row)
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        """Append ``row`` (a dict of numbers and strings; NaN is written as null) as one line. A
+        failed write (a full disk) is undone, so no half row is left: the file stays parseable."""
+        row, size = _no_nan(row), self.metrics_bytes()
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.metrics, size)  # frees space, never needs it
+            raise OSError(e.errno, e.strerror, self.metrics) from None
         if self.mirror:
             self.mirror.add(row)
 
@@ -72,14 +190,30 @@ class RunFolder:
             with open(self.metrics, "r+") as f:
                 f.truncate(nbytes)
 
-
     def drop_metrics(self, stages):
-        """Drop the rows of ``stages`` (names): a stage that starts afresh writes its own rows."""
+        """Drop the rows of ``stages`` (names): a stage that starts afresh writes its own rows.
+        The file is rewritten whole or not at all."""
+        from common import atomic_write
         if os.path.isfile(self.metrics):
             with open(self.metrics) as f:
                 keep = [line for line in f if json.loads(line).get("stage") not in stages]
-            with open(self.metrics, "w") as f:
-                f.writelines(keep)
+            atomic_write(self.metrics, lambda f: f.writelines(keep), binary=False)
+
+
+def _flock(fd, tries=1):
+    """Take the exclusive lock on ``fd`` (True), or find it held after ``tries`` tries 10 ms apart."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.01)
+    return False
+
+
+def _owner_line(fd):
+    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "owner unknown"
 
 
 def _no_nan(v):

@@ -121,8 +121,8 @@ class ADMMStage(Stage):
         self.update_every, self.admm = pcfg["update_every"], None
 
     def begin(self, masks):
-        if self.pcfg["masked_progressive"]:  # already-zero weights stay zero (progressive pruning)
-            masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.weights)}
+        if self.pcfg["masked_progressive"]:  # already-zero weights of the pruned layers stay zero
+            masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.ratios)}
         sparsity = admm_lib.Sparsity(self.pcfg["sparsity_type"], self.ratios)
         self.admm = admm_lib.ADMM(self.weights, sparsity, self.pcfg["rho"])
         return masks
@@ -203,7 +203,10 @@ class Retrain(Stage):
         self.figures = {"pruned_energy": energy}
         LOG.info("   hard prune: pruned energy 1 - ||Pi_S(W)||^2/||W||^2: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.figures["pruned_energy"].items()))
-        return {n: pruned[n] & masks[n] if n in masks else pruned[n] for n in {*masks, *pruned}}
+        held = dict(masks)  # a layer this stage does not prune keeps the mask it came with
+        for n, m in pruned.items():
+            held[n] = m & held[n] if n in held else m
+        return held
 
 
 class Quantize(ADMMStage):

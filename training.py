@@ -3,6 +3,7 @@
 the data (``Schedule``, ``lr_at``), the optimizer, the DDP / compile wrapping, and the stop on
 SIGINT / SIGTERM."""
 import math
+import os
 import signal
 from fractions import Fraction
 
@@ -252,3 +253,24 @@ class GracefulStop:
         if step is not None and (step + 1) % STOP_CHECK_EVERY:
             return False
         return dist.all_sum(torch.tensor([float(self.signum or 0)], device=self.device)).item() > 0
+
+
+class SelfSignal:
+    """Test-only, and read in this one place: with ``ADMM_AT_TEST_SIGNAL=<stage>:<n>:<SIGNAME>``
+    in the environment (e.g. ``admm:3:SIGKILL``) the run sends itself SIGNAME after the n-th
+    minibatch of stage ``<stage>``, counted from the stage's start (1-based), before that step's
+    stop check and save. Tests stop (SIGTERM), kill (SIGKILL) or pause (SIGSTOP) a run at a known
+    step this way instead of racing a timer. Unset, as in every real run, it does nothing."""
+
+    def __init__(self, spec):
+        self.at = None
+        if spec:
+            stage, n, name = spec.rsplit(":", 2)
+            self.at = (stage, int(n), signal.Signals[name])
+
+    def after(self, stage, n):
+        if self.at is not None and self.at[:2] == (stage, n):
+            os.kill(os.getpid(), self.at[2])
+
+
+SELF_SIGNAL = SelfSignal(os.environ.get("ADMM_AT_TEST_SIGNAL"))

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import admm  # noqa: E402
 import data  # noqa: E402
 from models import build_model  # noqa: E402
+from common import run_cli  # noqa: E402
 from rundir import RunFolder  # noqa: E402
 from config import load_config  # noqa: E402
 from stages import stage_names  # noqa: E402
@@ -550,18 +551,19 @@ def main(argv=None):
         cells = [c for c in cells if c["kind"] != "autoattack"]
     parallel = args.parallel or spec.get("parallel", 1)
     t_start = time.time()
-    logf = open(os.path.join(out, "sweep.log"), "a")
+    with RunFolder(out).locked(), open(os.path.join(out, "sweep.log"), "a") as logf:  # one sweep per folder;
+        # each cell's run folder is owned in turn by the script running in it
 
-    def log(msg):
-        line = f"{time.strftime('%H:%M:%S')} [{time.time() - t_start:7.1f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+        def log(msg):
+            line = f"{time.strftime('%H:%M:%S')} [{time.time() - t_start:7.1f}s] {msg}"
+            print(line, flush=True)
+            logf.write(line + "\n")
+            logf.flush()
 
-    launcher = make_launcher(args.launcher, parallel, out, dict(_param(kv) for kv in args.slurm))
-    done, failed, pending = run_cells(sweep, cells, launcher, spec_path, out, t_start, log)
-    write_summary(sweep, cells, failed, t_start, not pending and not failed)
-    log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
+        launcher = make_launcher(args.launcher, parallel, out, dict(_param(kv) for kv in args.slurm))
+        done, failed, pending = run_cells(sweep, cells, launcher, spec_path, out, t_start, log)
+        write_summary(sweep, cells, failed, t_start, not pending and not failed)
+        log(f"finished: {len(done)} done, {len(failed)} failed, {len(pending)} not run; summary {out}/summary.json")
     return 1 if failed else 0
 
 
@@ -574,4 +576,4 @@ def _param(kv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

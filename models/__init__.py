@@ -85,6 +85,8 @@ def load_weights(model, ckpt, path, cfg):
     except RuntimeError as e:
         raise UserError(f"{path} does not fit the model ({str(e).splitlines()[0]}); "
                         f"was it trained on another dataset?") from None
+    except Exception as e:  # noqa: BLE001 - not a state dict at all
+        raise UserError(f"{path} holds no model weights this project can read ({type(e).__name__})") from None
 
 
 # Importing the modules registers the architectures.

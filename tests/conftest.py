@@ -9,6 +9,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The fuzz tests (test_fuzz.py): in CI a fixed budget and fixed seeds (derandomize), so the suite
+# is repeatable and its share small; by hand a long random run:
+#   HYPOTHESIS_PROFILE=long python -m pytest -n0 tests/test_fuzz.py --hypothesis-show-statistics
+settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None)
+settings.register_profile("long", max_examples=5000, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -41,6 +41,12 @@ def n_groups(shape, scheme):
 
 # --------------------------------------------------------------------------- projections
 
+# Groups pruned of n at each of RATIOS, worked out by hand: ratio * n rounded half to even
+# (e.g. 0.1 * 45 = 4.5 -> 4, 0.5 * 315 = 157.5 -> 158, 0.33 * 11 = 3.63 -> 4).
+PRUNED_BY_HAND = {315: [0, 32, 104, 158, 243, 284, 315], 7: [0, 1, 2, 4, 5, 6, 7], 45: [0, 4, 15, 22, 35, 40, 45],
+                  143: [0, 14, 47, 72, 110, 129, 143], 13: [0, 1, 4, 6, 10, 12, 13], 11: [0, 1, 4, 6, 8, 10, 11]}
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("scheme", admm.SCHEMES)
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -52,8 +58,9 @@ def test_projection_prunes_exact_count_of_lowest_scores(shape, scheme, ratio):
     n = n_groups(shape, scheme)
     kept = kept_groups(mask, scheme)
     assert kept.numel() == n
-    assert admm.n_pruned(n, ratio) == round(ratio * n)
-    assert int((~kept).sum()) == round(ratio * n)
+    expected = PRUNED_BY_HAND[n][RATIOS.index(ratio)]
+    assert admm.n_pruned(n, ratio) == expected
+    assert int((~kept).sum()) == expected
 
     score = ref_scores(w, scheme)
     if kept.any() and (~kept).any():
@@ -115,6 +122,23 @@ def test_all_equal_keeps_leading_indices():
     mask = admm.prune_mask(torch.ones(13, 11), 0.33, "irregular").flatten()
     k = 143 - round(0.33 * 143)
     assert torch.equal(mask, torch.arange(143) < k)
+
+
+@pytest.mark.parametrize("scheme", admm.SCHEMES)
+def test_degenerate_layers_project_exactly(scheme):
+    """All weights equal, all zero, a single weight: the count is exact, the lowest-index groups
+    are kept (every score ties), and the projection is finite and keeps the values it keeps."""
+    # 6 x 4 of 0.5: 24 elements, 6 filters, 4 columns; ratio 0.5 prunes 12, 3, 2 of them.
+    for value in (0.5, 0.0):
+        w = torch.full((6, 4), value)
+        p = admm.project(w, 0.5, scheme)
+        kept = {"irregular": torch.arange(24).view(6, 4) < 12, "filter": (torch.arange(6) < 3)[:, None].expand(6, 4),
+                "column": (torch.arange(4) < 2)[None, :].expand(6, 4)}[scheme]
+        assert torch.equal(admm.prune_mask(w, 0.5, scheme), kept)
+        assert torch.isfinite(p).all() and torch.equal(p, w * kept)
+    one = torch.tensor([[-2.0]])  # round(0.3 * 1) = 0 pruned, round(0.6 * 1) = 1
+    assert torch.equal(admm.project(one, 0.3, scheme), one)
+    assert torch.equal(admm.project(one, 0.6, scheme), torch.zeros(1, 1))
 
 
 def test_percentile_threshold_misses_count_with_ties_ours_does_not():

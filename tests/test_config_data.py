@@ -67,6 +67,14 @@ def test_unknown_key_suggests(item, key, hint):
     ("admm.optimizer=rmsprop", "admm.optimizer"),
     ("retrain.schedule=linear", "retrain.schedule"),
     ("adv.eps", "adv.eps"),                  # not key=value
+    ("adv.eps=.nan", "adv.eps"),             # YAML's NaN and infinity: NaN < 0 is false, so they are
+    ("pretrain.lr=.inf", "pretrain.lr"),     # refused where a number is read
+    ("prune.rho=.nan", "prune.rho"),
+    ("quant.rho_growth=.nan", "quant.rho_growth"),
+    ("adv.step_size=.inf", "adv.step_size"),
+    ("adv.eps=-.inf", "adv.eps"),
+    ("adv.eps=1e400", "adv.eps"),             # beyond float range
+    ("prune.prune_ratios.fc1.weight=.nan", "fc1.weight"),
 ])
 def test_bad_values_raise_user_error_naming_key(item, key):
     with pytest.raises(UserError) as e:

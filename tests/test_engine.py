@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -56,12 +55,13 @@ def test_step_milestones_are_reached_in_passes_under_free():
     assert s.passes(0, first_drop) >= 50 > s.passes(0, first_drop - 1)
 
 
-def run_script(out, *sets, extra=(), script="adv_main.py", wait=True):
+def run_script(out, *sets, extra=(), script="adv_main.py", signal_at=None):
+    """The script; ``signal_at`` ("<stage>:<step>:<SIGNAME>"): the run sends itself that signal
+    after that step (``training.SelfSignal``), a stop at a known point instead of a race."""
     args = [sys.executable, script, "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
-    if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def rows(out):
@@ -98,13 +98,10 @@ def test_free_with_8_replays_reaches_milestones_and_updates(tmp_path):
 def test_metrics_jsonl_has_each_epoch_and_update_once_across_a_resume(tmp_path):
     sets = ["data.train_limit=640", "pretrain.epochs=3", "admm.epochs=2", "retrain.epochs=1", "adv.steps=1",
             "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=2"]
-    proc = run_script(tmp_path, *sets, wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "admm.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    proc = run_script(tmp_path, *sets, signal_at="admm:3:SIGTERM")  # stops in admm's first epoch, after step 3
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped by SIGTERM in admm epoch 1 after step 3" in proc.stderr
+    assert torch.load(tmp_path / "admm.last.pt", weights_only=True)["step"] == 3
     resumed = run_script(tmp_path, *sets, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = rows(tmp_path)
@@ -201,6 +198,35 @@ def test_retrain_begin_hard_prunes_and_keeps_earlier_masks():
     assert int((w != 0).sum()) == w.numel() - round(ratio * w.numel())
 
 
+def test_masked_progressive_with_an_unpruned_layer():
+    """prune.masked_progressive holds the already-zero weights of the pruned layers during ADMM;
+    a layer left unpruned (ratio 0) gets no mask, and retraining's hard prune keeps both."""
+    cfg = load_config("configs/demo.yaml", ["prune.masked_progressive=true", "prune.prune_ratios.fc2.weight=0"])
+    model = build_model("lenet", 1)
+    with torch.no_grad():
+        model.conv1.weight.view(-1)[:3] = 0   # zeros from an earlier round
+        model.fc2.weight.view(-1)[:3] = 0     # zeros of a layer this run does not prune
+    _, admm_stage = make_stage("admm", model, cfg)
+    masks = admm_stage.begin({})
+    assert set(masks) == {"conv1.weight", "conv2.weight", "fc1.weight"}
+    assert not masks["conv1.weight"].view(-1)[:3].any() and masks["conv1.weight"].view(-1)[3:].all()
+    _, retrain = make_stage("retrain", model, cfg)
+    held = retrain.begin(masks)  # once a KeyError on fc2.weight
+    assert set(held) == {"conv1.weight", "conv2.weight", "fc1.weight"}
+    assert not held["conv1.weight"].view(-1)[:3].any()
+    assert int((~held["conv1.weight"]).sum()) == 25  # round(0.5 * 50), the zeros among them
+    assert int((model.fc2.weight == 0).sum()) == 3   # untouched
+
+
+def test_masked_progressive_with_an_unpruned_layer_runs_to_the_end(tmp_path):
+    proc = run_script(tmp_path, "prune.masked_progressive=true", "prune.prune_ratios.fc2.weight=0",
+                      *ROUNDS[:7], "prune.rounds=[0.5, 1.0]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = torch.load(tmp_path / "retrain.pt", weights_only=True)
+    assert int((final["model"]["fc2.weight"] == 0).sum()) == 0 and "fc2.weight" not in final["masks"]
+    assert int((final["model"]["fc1.weight"] == 0).sum()) == round(0.9 * final["model"]["fc1.weight"].numel())
+
+
 # --------------------------------------------------------------------------- progressive ADMM
 
 ROUNDS = ["data.train_limit=320", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "adv.steps=1",
@@ -232,13 +258,10 @@ def test_progressive_rounds_reach_the_target_and_keep_earlier_zeros(progressive)
 
 
 def test_progressive_rounds_resume_after_a_kill(tmp_path, progressive):
-    proc = run_script(tmp_path, *ROUNDS, wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "retrain.r1.last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.communicate()
-    assert not (tmp_path / "retrain.pt").exists(), "the run finished before it could be killed"
+    proc = run_script(tmp_path, *ROUNDS, signal_at="retrain.r1:3:SIGKILL")  # round 1's retraining, step 3
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "retrain.r1.pt").exists() and (tmp_path / "admm.r1.pt").exists()
+    assert torch.load(tmp_path / "retrain.r1.last.pt", weights_only=True)["step"] == 2
     resumed = run_script(tmp_path, *ROUNDS, extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (torch.load(p / "retrain.pt", weights_only=True)["model"] for p in (progressive, tmp_path))

@@ -198,20 +198,49 @@ def test_autoattack_log_lines_move_the_bar_and_warnings_are_kept():
 
 # --------------------------------------------------------------------------- worst case
 
-def test_worst_case_is_per_example_and_at_most_each_attack(small, cfg):
+class PixelReader(nn.Module):
+    """Predicts the class written in an image's first pixel (value c / 255 -> class c)."""
+
+    def forward(self, x):
+        c = (x[:, 0, 0, 0] * 255).round()
+        return -(c[:, None] - torch.arange(10.0)).abs()
+
+
+class Planted:
+    """An attack that fools exactly the examples whose id (second pixel, i / 255) is in ``ids``:
+    it writes the next class into their first pixel."""
+    eps = 0.0  # reported with the settings; no ball here
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, model, x, y):
+        x = x.clone()
+        hit = torch.isin((x[:, 0, 0, 1] * 255).round().long(), torch.tensor(sorted(self.ids)))
+        x[hit, 0, 0, 0] = ((y[hit] + 1) % 10).float() / 255
+        return x
+
+
+def test_worst_case_counts_the_examples_some_attack_fools():
+    """10 examples, read correctly; one attack fools 0, 1, 2, another 2, 5 and 9: by hand, 7 and 7
+    of 10 survive each, and only 5 (3, 4, 6, 7, 8) survive both. Batches of 3 cross the ids."""
+    images = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.arange(10) * 7 % 10
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = labels.to(torch.uint8), torch.arange(10, dtype=torch.uint8)
+    cfg = config.load_config(None, ["data.test_batch_size=3"])
+    attacks = {"natural": None, "a": Planted({0, 1, 2}), "b": Planted({2, 5, 9})}
+    rep = report(PixelReader(), cfg, data.Split(images, labels), "cpu", attacks, seed=3)
+    assert rep["accuracy"] == {"natural": 1.0, "a": 0.7, "b": 0.7}
+    assert rep["worst_case"] == 0.5 and rep["n_examples"] == 10
+    assert set(rep["seconds"]) == set(attacks) and "autoattack" not in rep
+
+
+def test_worst_case_is_at_most_each_real_attack(small, cfg):
     model, split, _, _ = small
     attacks = standard_attacks(cfg, ["natural", "fgsm", "pgd", "pgd_cw", "pgd_l2"], eps_l2=1.0)
     rep = report(model, cfg, split, "cpu", attacks, seed=3)
     for name, a in rep["accuracy"].items():
         assert rep["worst_case"] <= a, (name, rep)
-    # Recomputed per example: an example is robust only if every attack left it correct. The seed
-    # makes each attack's random start independent of the others, so this rerun is identical.
-    correct, seconds = correct_per_example(model, split, attacks, 500, "cpu", seed=3)
-    n = len(split.labels)
-    assert rep["worst_case"] == int(torch.stack(list(correct.values())).all(0).sum()) / n
-    assert {k: int(c.sum()) / n for k, c in correct.items()} == rep["accuracy"]
-    assert set(seconds) == set(attacks) and all(s >= 0 for s in seconds.values())
-    assert set(rep["seconds"]) == set(attacks) and "autoattack" not in rep
     # The attacks fool different examples, so the worst case is below the best single attack.
     assert rep["worst_case"] < min(rep["accuracy"].values())
 

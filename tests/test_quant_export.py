@@ -172,12 +172,10 @@ def test_storage_bits_by_hand():
     assert exp["figures"]["storage_bits"]["export"] == by_hand
 
 
-def test_old_exports_still_load_and_a_bad_quantized_entry_is_refused(tmp_path):
+def test_a_bad_quantized_entry_is_refused():
+    """(That old, version-1 exports still load is tested on a checked-in one: test_golden.py.)"""
     model, cfg, masks, before, ckpt = quantized_lenet()
-    old, _ = exportfile.export_checkpoint(before, "retrain.pt")  # a float export is written as version 1
-    assert old["version"] == 1
-    save_checkpoint(old, str(tmp_path / "old.pt"))
-    exportfile.load_exported(str(tmp_path / "old.pt"))
+    assert exportfile.export_checkpoint(before, "retrain.pt")[0]["version"] == 1  # a float export is still version 1
     exp, _ = exportfile.export_checkpoint(ckpt, "quantize.pt")
     entry = next(iter(exp["quantized"].values()))
     entry["codes"] = entry["codes"][:-1]
@@ -194,14 +192,27 @@ def run_eval(path, tmp_path, capsys):
     return json.loads(js.read_text()), capsys.readouterr().out
 
 
+# Planted levels: each layer's kept weights are codes * q for a scale q and codes in -7..7 chosen
+# here, with 7 and -7 among them, so its scale is q and its distinct values are the codes used.
+PLANTED = {"conv1.weight": 0.0625, "conv2.weight": 0.03125, "fc1.weight": 0.005, "fc2.weight": 0.1}
+
+
 def test_eval_reports_bits_values_scales_and_storage_of_the_quantized_layers(tmp_path, capsys):
     model, cfg, masks, before, ckpt = quantized_lenet(0.75, "4")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, w in admm.prunable_weights(model).items():
+            codes = torch.randint(-7, 8, w.shape, generator=g).float()
+            codes.view(-1)[masks[n].view(-1).nonzero()[:2].flatten()] = torch.tensor([7.0, -7.0])
+            w.copy_(codes * PLANTED[n] * masks[n])
+    ckpt = checkpoint(model, cfg, masks, "quantize")  # no recorded scales: found from the weights alone
     save_checkpoint(ckpt, str(tmp_path / "quantize.pt"))
     rep, out = run_eval(tmp_path / "quantize.pt", tmp_path, capsys)
-    assert set(rep["quantization"]) == set(admm.prunable_weights(model))
+    assert set(rep["quantization"]) == set(PLANTED)
     for n, q in rep["quantization"].items():
-        assert q["bits"] == 4 and 0 < q["distinct_nonzero"] <= 14
-        assert q["scale"] == ckpt["convergence"]["quantize"]["scale"][n]
+        w = admm.prunable_weights(model)[n]
+        assert q["bits"] == 4 and q["scale"] == torch.tensor(PLANTED[n]).item()  # the float32 of the planted q
+        assert q["distinct_nonzero"] == len((w / PLANTED[n]).round().unique()) - 1  # the planted codes but 0
     assert rep["storage_bits"]["export"] < rep["storage_bits"]["float_export"]
     assert "quantized layer" in out and "storage (codes" in out and not rep["warnings"]
     # the export reports the same layers, bits, values and scales, and the same accuracy
