@@ -28,6 +28,9 @@ _STAGE = {
 DEFAULTS = {
     "seed": 0,
     "device": "auto",              # auto | cpu | cuda | cuda:N
+    "lr_span": "stage",            # stage: each stage its own lr schedule | run: one schedule over every stage
+                                   # after pretraining, continuing across stage boundaries (each stage's section
+                                   # gives lr, schedule, milestones, gamma; set them alike for one curve)
     "data": {
         "dataset": "demo",         # demo | mnist | fashion_mnist | cifar10
         "root": "data",            # where torchvision datasets live / are downloaded to
@@ -114,6 +117,7 @@ DEFAULTS = {
 STAGE_SECTIONS = ("pretrain", "admm", "retrain", "quantize")
 
 CHOICES = {
+    "lr_span": ("stage", "run"),
     "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
     "prune.sparsity_type": ("irregular", "filter", "column"),
     "adv.method": ("pgd", "fgsm_rs", "free"),
@@ -252,6 +256,11 @@ def validate(cfg):
     if cfg["model"]["width"] > MAX_WIDTH:  # larger ones overflow a tensor's shape (or any memory)
         raise UserError(f"model.width: must be at most {MAX_WIDTH} (w=16 is the standard width), "
                         f"got {cfg['model']['width']}")
+    for section in ("prune", "quant"):  # a restart at every Z/U update is not one schedule over the run
+        used = section == "prune" or cfg["quant"]["bits"]
+        if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
+            raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
+                            f"restarts it at every Z/U update; set {section}.restart_lr=false")
     from losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:

@@ -81,8 +81,14 @@ class Stage:
         """After the last epoch; what it changes is in the stage's final checkpoint (``masks``, the
         held {name: bool mask}, may be changed in place)."""
 
+    window = None  # (epochs before this stage, epochs of all) with lr_span: run (make_stage)
+
     def lr_clock(self, passes, epochs):
-        """(position, length) of the learning-rate schedule after ``passes`` of ``epochs``."""
+        """(position, length) of the learning-rate schedule after ``passes`` of ``epochs``: of the
+        stage's own schedule, or, with ``lr_span: run``, of the one schedule over every stage
+        after pretraining (``window``)."""
+        if self.window:
+            return self.window[0] + passes, self.window[1]
         return passes, epochs
 
     def update(self, passes, masks):
@@ -133,7 +139,7 @@ class ADMMStage(Stage):
     def lr_clock(self, passes, epochs):
         if self.pcfg["restart_lr"]:  # the original code restarts the ADMM lr at every Z/U interval
             return passes % self.update_every, self.update_every
-        return passes, epochs
+        return super().lr_clock(passes, epochs)
 
     def update(self, passes, masks):
         """Z = Pi_S(W + U), U = U + W - Z, rho *= growth (Eq. 7-8). Returns rho and the per-layer
@@ -573,4 +579,14 @@ def make_stage(name, model, cfg, ckpt=None, source=None, load=None):
     from ``source``, or computed now from ``model``'s weights; none for pretraining)."""
     index, (_, kind, step) = next((i, s) for i, s in enumerate(_steps(cfg)) if s[0] == name)
     alloc = None if kind == "pretrain" else allocation_lib.resolve(model, cfg, ckpt, source, load)
-    return index, STAGES[kind].build(model, cfg, name, step, alloc)
+    stage = STAGES[kind].build(model, cfg, name, step, alloc)
+    if cfg["lr_span"] == "run" and kind != "pretrain":
+        stage.window = lr_window(cfg, index)
+    return index, stage
+
+
+def lr_window(cfg, index):
+    """(epochs of the stages after pretraining that come before step ``index``, epochs of all of
+    them): where step ``index``'s lr schedule starts in ``lr_span: run``'s one schedule."""
+    epochs = [cfg[STAGES[kind].section]["epochs"] for _, kind, _ in _steps(cfg)[1:]]
+    return sum(epochs[:index - 1]), sum(epochs)

@@ -335,3 +335,29 @@ def test_pruning_method_picks_the_stages(method, names):
     assert stage_names(load_config("configs/demo.yaml", [f"prune.method={method}"])) == names
     rounds = stage_names(load_config("configs/demo.yaml", [f"prune.method={method}", "prune.rounds=[0.5, 1]"]))
     assert rounds[-len(names) + 1:] == names[1:] and len(rounds) == 1 + 2 * (len(names) - 1)
+
+
+def test_lr_span_run_is_one_schedule_across_the_stages():
+    """lr_span=run: ADMM (8 epochs) then retraining (4) follow one cosine from 2e-3 over 12 epochs,
+    lr(e) = 1e-3 (1 + cos(pi e / 12)), the retraining continuing where ADMM stopped; per stage it
+    restarts at 2e-3."""
+    import math as m
+    from common import UserError
+    from models import build_model
+    from stages import make_stage
+    from training import lr_at
+    sets = ["prune.restart_lr=false", "admm.epochs=8", "retrain.epochs=4", "admm.lr=0.002", "retrain.lr=0.002",
+            "admm.schedule=cosine", "retrain.schedule=cosine", "prune.prune_ratios={fc1.weight: 0.5}"]
+    model = build_model("lenet", 1)
+    for span, expected in (("run", [1e-3 * (1 + m.cos(m.pi * e / 12)) for e in range(12)]),
+                           ("stage", [1e-3 * (1 + m.cos(m.pi * e / 8)) for e in range(8)]
+                            + [1e-3 * (1 + m.cos(m.pi * e / 4)) for e in range(4)])):
+        cfg = load_config("configs/demo.yaml", [*sets, f"lr_span={span}"])
+        lrs = []
+        for name in ("admm", "retrain"):
+            _, stage = make_stage(name, model, cfg)
+            scfg = cfg[stage.section]
+            lrs += [lr_at(scfg, *stage.lr_clock(e, scfg["epochs"])) for e in range(scfg["epochs"])]
+        assert lrs == pytest.approx(expected, rel=1e-12), span
+    with pytest.raises(UserError, match="set prune.restart_lr=false"):
+        load_config("configs/demo.yaml", ["lr_span=run"])
