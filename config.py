@@ -257,7 +257,7 @@ def validate(cfg):
         raise UserError(f"model.width: must be at most {MAX_WIDTH} (w=16 is the standard width), "
                         f"got {cfg['model']['width']}")
     for section in ("prune", "quant"):  # a restart at every Z/U update is not one schedule over the run
-        used = section == "prune" or cfg["quant"]["bits"]
+        used = cfg["prune"]["method"] == "admm" if section == "prune" else cfg["quant"]["bits"]  # who reads it
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
             raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")

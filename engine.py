@@ -156,7 +156,7 @@ def run_epoch(state, nets, sched, run):
             update = stage.update(done, state.masks)
             LOG.info(f"   {stage.name} update after epoch {_fmt_passes(done)}: {stage.describe_update(update)}")
             log_update(run.folder, {"stage": stage.name, "passes": float(done),
-                                    "lr": state.optimizer.param_groups[0]["lr"], **update})
+                                    "lr": lr, **update})
         SELF_SIGNAL.after(stage.name, epoch * sched.batches + step + 1)  # tests only: stop at a known step
         stopping = run.stop.requested(step)
         if stopping or (every and (step + 1) % every == 0):

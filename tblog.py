@@ -26,7 +26,7 @@ import os
 
 from common import UserError, require, run_cli
 
-EPOCH_SKIP = ("kind", "stage", "epoch", "passes", "convergence")
+EPOCH_SKIP = ("kind", "stage", "epoch", "passes", "convergence", "loss_fn", "beta")
 UPDATE_SKIP = ("kind", "stage", "passes", "lr")  # the lr is the epoch row's
 
 

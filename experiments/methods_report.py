@@ -22,6 +22,8 @@ import statistics
 
 import matplotlib
 
+from sweep import ARENA  # the methods' own allocations
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -39,7 +41,7 @@ def largest_energy(ev):
 
 def label(row):
     """A row's name in the tables: the method, and its allocation where it is not the method's own."""
-    own = {"harp": "learned", "admm_harp": "harp"}.get(row["method"])
+    own = ARENA[row["method"]].get("allocation")
     return METHODS[row["method"]] + ("" if row["allocation"] == own else f" ({row['allocation']})")
 
 
@@ -236,9 +238,9 @@ def section(summary, plot_name="pruning_methods.png"):
              f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images), LeNet "
              f"w={A['width']}, adversarial training (PGD-{cfg('adv.steps')}, cross-entropy) at the config's eps, "
              f"an overall target of {', '.join(f'{100 * t:g}' for t in A['targets'])} % of the prunable weights. "
-             f"Every cell starts from its seed's pretrained model ({cfg('pretrain.epochs')} epochs) and gets "
-             f"{A['budget']} epochs after it with one lr schedule ({cfg('retrain.schedule')} from {cfg('retrain.lr')}, "
-             f"Adam) across its stages; a pruning phase takes {A['split'][0]} of the {A['budget']}. Allocation: "
+             f"Every cell starts from its seed's pretrained model (pretraining: {cfg('pretrain.epochs')} epochs) "
+             f"and gets {A['budget']} epochs after it, with one lr schedule across its stages (the lr of each "
+             f"epoch below); a pruning phase takes {A['split'][0]} of the {A['budget']}. Allocation: "
              f"{A['allocation']} unless the row says otherwise; HARP learns its own. The rules (exclusion, "
              "evaluation of record, pairing) were fixed in `experiments/arena.yaml` before the runs.", ""]
     lines += lr_lines(summary, rs, A)

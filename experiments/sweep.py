@@ -171,24 +171,25 @@ def method_sets(method, budget, rounds):
     return sets + ([f"prune.rounds={list(rounds)}"] if method == "progressive" else [])
 
 
-# The arena's methods (issue 20): what each spends the epochs after pretraining on. A method with a
-# pruning phase splits them (pruning stage, masked fine-tuning) by the spec's split; progressive
-# ADMM splits them evenly over its rounds, each split the same way.
+# The arena's methods (issue 20): the --set overrides that pick each, and the allocation it prunes
+# at when it does not take the spec's fixed one ("learned": HARP's own; "harp": a HARP cell's). A
+# method with a pruning phase splits the epochs after pretraining (pruning stage, masked
+# fine-tuning) by the spec's split; progressive ADMM splits them evenly over its rounds.
 ARENA = {
-    "oneshot": {"prune.method": "oneshot"},      # magnitude prune, then fine-tuning for the whole budget
-    "gradual": {"prune.method": "gradual"},      # Zhu & Gupta's cubic schedule, then fine-tuning
-    "admm": {"prune.method": "admm"},
-    "progressive": {"prune.method": "admm"},     # with the target's prune.rate_rounds
-    "hydra": {"prune.method": "hydra"},          # scores under the adversarial loss, then fine-tuning
-    "harp": {"prune.method": "harp"},            # scores and per-layer rates, then fine-tuning
-    "admm_harp": {"prune.method": "admm", "prune.allocation": "from_checkpoint"},  # ADMM at HARP's rates
+    "oneshot": {"sets": {"prune.method": "oneshot"}},      # magnitude prune, then fine-tuning throughout
+    "gradual": {"sets": {"prune.method": "gradual"}},      # Zhu & Gupta's cubic schedule, then fine-tuning
+    "admm": {"sets": {"prune.method": "admm"}},
+    "progressive": {"sets": {"prune.method": "admm"}},     # with the target's prune.rate_rounds
+    "hydra": {"sets": {"prune.method": "hydra"}},          # scores under the adversarial loss, then fine-tuning
+    "harp": {"sets": {"prune.method": "harp"}, "allocation": "learned"},  # scores and per-layer rates
+    "admm_harp": {"sets": {"prune.method": "admm", "prune.allocation": "from_checkpoint"}, "allocation": "harp"},
 }
 
 
 def arena_sets(method, budget, split, rates=()):
     """--set overrides that give arena ``method`` ``budget`` epochs after pretraining, split
     (pruning phase, fine-tuning) in the ratio ``split``; ``rates``: progressive ADMM's rounds."""
-    sets = [f"{k}={v}" for k, v in ARENA[method].items()]
+    sets = [f"{k}={v}" for k, v in ARENA[method]["sets"].items()]
     if method == "oneshot":
         return sets + [f"retrain.epochs={budget}"]
     n = len(rates) if method == "progressive" else 1
@@ -206,6 +207,9 @@ def arena_cells(spec, add):
     learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
     repeat the main rows at some targets and seeds with another schedule or split."""
     A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
+    own = [m for m in A.get("uniform", []) if "allocation" in ARENA[m]]
+    if own:
+        raise ValueError(f"arena.uniform: {', '.join(own)} prune at their own allocation, not a uniform one")
     w, budget = A["width"], A["budget"]
     runs = [("main", spec["seeds"], A["targets"], A["split"], [])]
     runs += [(name, v["seeds"], v["targets"], v.get("split", A["split"]), v.get("sets", []))
@@ -216,8 +220,7 @@ def arena_cells(spec, add):
     for variant, seeds, targets, split, extra in runs:
         for seed in seeds:
             for t in targets:
-                rows = [(m, "learned" if m == "harp" else "harp" if m == "admm_harp" else A["allocation"])
-                        for m in A["methods"]]
+                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in A["methods"]]
                 rows += [(m, "uniform") for m in A.get("uniform", [])]
                 for method, alloc in rows:
                     tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"

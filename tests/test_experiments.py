@@ -219,3 +219,30 @@ def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
     again = run()
     assert again.returncode == 0 and "2 already done" in again.stdout and "start" not in again.stdout
     assert {p.stem for p in (out / "jobs").glob("*.json")} == set(jobs)  # nothing submitted again
+
+
+def test_arena_plan_gives_every_method_the_same_epochs_split_as_the_spec_says():
+    """experiments/arena.yaml, planned: 12 epochs after pretraining for every method, 8 + 4 for a
+    pruning phase, two rounds of 4 + 2 for progressive ADMM, 10 + 2 in the split variant; one
+    lr_span=run schedule for all; ADMM at HARP's rates waits for its seed's HARP cell."""
+    import yaml
+    with open(os.path.join(ROOT, "experiments", "arena.yaml")) as f:
+        spec = yaml.safe_load(f)
+    cells = {c["id"]: c for c in plan(spec)}
+
+    def value(cell, key):  # the last --set of ``key`` in the cell's first stage wins
+        return [s.split("=", 1)[1] for s in cells[cell]["steps"][0]["sets"] if s.startswith(key + "=")][-1]
+
+    main = [c for c in cells.values() if c["meta"].get("variant") == "main" and c["kind"] != "autoattack"]
+    assert len(main) == 3 * 3 * 9  # seeds x targets x (7 methods + 2 uniform rows)
+    assert all(value(c["id"], "lr_span") == "run" for c in main)
+    assert (value("oneshot-lamp-t95-main-s0", "retrain.epochs"), value("hydra-lamp-t95-main-s0", "admm.epochs"),
+            value("hydra-lamp-t95-main-s0", "retrain.epochs")) == ("12", "8", "4")
+    assert (value("progressive-lamp-t99-main-s1", "admm.epochs"), value("progressive-lamp-t99-main-s1", "retrain.epochs"),
+            value("progressive-lamp-t99-main-s1", "prune.rate_rounds")) == ("4", "2", "[10, 100]")
+    assert [s["stage"] for s in cells["progressive-lamp-t99-main-s1"]["steps"]] == ["admm.r1", "retrain.r1", "admm", "retrain"]
+    assert (value("admm-lamp-t99-split-s0", "admm.epochs"), value("admm-lamp-t99-split-s0", "retrain.epochs")) == ("10", "2")
+    assert value("oneshot-uniform-t98-main-s2", "prune.allocation") == "uniform"
+    assert "harp-learned-t98-main-s2" in cells["admm_harp-harp-t98-main-s2"]["deps"]
+    assert value("admm_harp-harp-t98-main-s2", "prune.rates_from").endswith("harp-learned-t98-main-s2/retrain.pt")
+    assert {c["id"] for c in cells.values() if c["kind"] == "autoattack"} == {f"{c['id']}-aa" for c in main if c["seed"] == 0}
