@@ -86,6 +86,11 @@ def bench(arch, width, channels, size, batch, k, device):
         "trades_step": lambda: train_step(model, model, x, y, opt, trades_attack, loss=trades),
         "mart_step": lambda: train_step(model, model, x, y, opt, attack, loss=mart),
     }, device, warmup=2, reps=9 if arch == "lenet" else 5)
+    return summary(t, arch, width, size, batch, k, device)
+
+
+def summary(t, arch, width, size, batch, k, device):
+    """Print the timings ``t`` of one case against their floors; whether every target was met."""
     floor = k * t["attack_iter"] + t["clean_step"]
     floor_trades = t["clean_forward"] + k * t["attack_iter_kl"] + t["pair_step"]
     floor_mart = k * t["attack_iter"] + t["pair_step"]
