@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)  # launch.py, also when this module is imported (tests)
 import admm  # noqa: E402
 import data  # noqa: E402
 from models import build_model  # noqa: E402
