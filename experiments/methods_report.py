@@ -214,18 +214,24 @@ def answers(T, A):
 
 
 def variant_lines(T, A):
-    """The ranking of the main rows, by PGD mean, under each variant at its targets and seeds."""
+    """The ranking of the main rows, by PGD mean, under each variant at its targets and seeds. A
+    variant that changes only the split ranks one-shot (no pruning phase to split) by its main cell,
+    marked "(main)"."""
     lines = []
     for name, v in (A.get("variants") or {}).items():
+        seeds = set(v["seeds"])
+        mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
         for t in v["targets"]:
             for variant in ("main", name):
                 keys = [k for k in row_keys(T, variant, t) if T.mean(k, "pgd") is not None]
-                seeds = set(v["seeds"])
-                mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
-                order = sorted(keys, key=mean, reverse=True)
+                one = ("main", t, "oneshot", A["allocation"])
+                borrowed = variant == name and "sets" not in v and one[2] not in {k[2] for k in keys} and T.kept(one)
+                keys += [one] if borrowed else []
+                order = sorted([k for k in keys if T.kept(k)], key=mean, reverse=True)
                 if order:
                     lines.append(f"- {100 * t:g} %, {variant} (seeds {sorted(seeds)}): " + " > ".join(
-                        f"{label(T.kept(k)[0])} {100 * mean(k):.1f}" for k in order if T.kept(k)))
+                        f"{label(T.kept(k)[0])}{' (main)' if k[0] != variant else ''} {100 * mean(k):.1f}"
+                        for k in order))
     return (["Ranking checks (PGD-20 mean over the variant's seeds; the main rows on the same seeds first):", ""]
             + lines + [""]) if lines else []
 

@@ -206,23 +206,28 @@ def arena_cells(spec, add):
     overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
     after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
     learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
-    repeat the main rows at some targets and seeds with another schedule or split."""
+    repeat some methods' rows (``methods``, ``uniform``; the main ones by default) at some targets
+    and seeds with another schedule or split."""
     A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
-    own = [m for m in A.get("uniform", []) if "allocation" in ARENA[m]]
-    if own:
-        raise ValueError(f"arena.uniform: {', '.join(own)} prune at their own allocation, not a uniform one")
     w, budget = A["width"], A["budget"]
-    runs = [("main", spec["seeds"], A["targets"], A["split"], [])]
-    runs += [(name, v["seeds"], v["targets"], v.get("split", A["split"]), v.get("sets", []))
+    runs = [("main", spec["seeds"], A["targets"], A["split"], [], A["methods"], A.get("uniform", []))]
+    runs += [(name, v["seeds"], v["targets"], v.get("split", A["split"]), v.get("sets", []),
+              v.get("methods", A["methods"]), v.get("uniform", A.get("uniform", [])))
              for name, v in (A.get("variants") or {}).items()]
+    for variant, *_, methods, uniform in runs:
+        own = [m for m in uniform if "allocation" in ARENA[m]]
+        if own:
+            raise ValueError(f"arena ({variant}): uniform rows of {', '.join(own)}, which prune at their own allocation")
+        if "admm_harp" in methods and "harp" not in methods:
+            raise ValueError(f"arena ({variant}): admm_harp reads its rates from harp's cells; add harp to its methods")
     for seed in spec["seeds"]:
         add(pre("adv", w, seed), [5], "pretrain", seed, {"width": w, "training": "adversarial"},
             [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
-    for variant, seeds, targets, split, extra in runs:
+    for variant, seeds, targets, split, extra, methods, uniform in runs:
         for seed in seeds:
             for t in targets:
-                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in A["methods"]]
-                rows += [(m, "uniform") for m in A.get("uniform", [])]
+                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in methods]
+                rows += [(m, "uniform") for m in uniform]
                 for method, alloc in rows:
                     tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
                     sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",

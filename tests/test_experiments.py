@@ -246,3 +246,42 @@ def test_arena_plan_gives_every_method_the_same_epochs_split_as_the_spec_says():
     assert "harp-learned-t98-main-s2" in cells["admm_harp-harp-t98-main-s2"]["deps"]
     assert value("admm_harp-harp-t98-main-s2", "prune.rates_from").endswith("harp-learned-t98-main-s2/retrain.pt")
     assert {c["id"] for c in cells.values() if c["kind"] == "autoattack"} == {f"{c['id']}-aa" for c in main if c["seed"] == 0}
+    # the checks: seed 0 at 95 and 99 %, no uniform rows; the split check without one-shot
+    checks = sorted(c["id"] for c in cells.values() if c["meta"].get("variant") in ("const", "split"))
+    expect = sorted(f"{m}-{a}-t{t}-const-s0" for t in (95, 99) for m, a in
+                    [("oneshot", "lamp"), ("gradual", "lamp"), ("admm", "lamp"), ("progressive", "lamp"),
+                     ("hydra", "lamp"), ("harp", "learned"), ("admm_harp", "harp")])
+    expect += [i.replace("-const-", "-split-") for i in expect if not i.startswith("oneshot")]
+    assert checks == sorted(expect)
+    assert value("admm-lamp-t95-const-s0", "retrain.schedule") == "constant"
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"uniform": ["harp"]}, "uniform rows of harp, which prune at their own allocation"),
+    ({"methods": ["admm", "admm_harp"]}, "admm_harp reads its rates from harp's cells"),
+])
+def test_arena_plan_refuses_rows_it_cannot_build(variant, message):
+    import yaml
+    with open(os.path.join(ROOT, "experiments", "arena.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["arena"]["variants"]["bad"] = {"seeds": [0], "targets": [0.95], **variant}
+    with pytest.raises(ValueError, match=message):
+        plan(spec)
+
+
+def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
+    """Hand-made rows: the split check ranks one-shot by its main cell (it has no split), marked;
+    the const check does not borrow it; the main rows are averaged over the variant's seeds only."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from methods_report import Table, variant_lines
+    row = lambda variant, method, seed, pgd, alloc="lamp": {  # noqa: E731
+        "variant": variant, "target": 0.95, "method": method, "allocation": alloc, "seed": seed, "pgd": pgd}
+    rs = [row("main", "oneshot", 0, 0.60), row("main", "oneshot", 1, 0.40), row("main", "admm", 0, 0.55),
+          row("main", "harp", 0, 0.62, "learned"), row("split", "admm", 0, 0.61), row("split", "harp", 0, 0.58, "learned"),
+          row("const", "admm", 0, 0.50)]
+    A = {"allocation": "lamp", "variants": {"split": {"seeds": [0], "targets": [0.95], "split": [10, 2]},
+                                            "const": {"seeds": [0], "targets": [0.95], "sets": ["x=1"]}}}
+    lines = variant_lines(Table(rs), A)
+    assert "- 95 %, main (seeds [0]): HARP 62.0 > one-shot (lamp) 60.0 > ADMM (lamp) 55.0" in lines
+    assert "- 95 %, split (seeds [0]): ADMM (lamp) 61.0 > one-shot (lamp) (main) 60.0 > HARP 58.0" in lines
+    assert "- 95 %, const (seeds [0]): ADMM (lamp) 50.0" in lines
