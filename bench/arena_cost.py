@@ -1,0 +1,77 @@
+"""What the arena's deeper-net check (issue 20) would cost here: the time of one adversarial
+training step of each deeper net over LeNet w=4's, and the arena's LeNet cells scaled by it.
+
+    OMP_NUM_THREADS=1 python bench/arena_cost.py [--summary runs/experiments/arena/summary.json]
+
+One step = PGD-5 (eps 0.1, step 0.05) on a batch of 64 Fashion-MNIST-shaped images, then the
+update (Adam), as the arena's cells train. The nets take turns, so machine load hits them alike.
+With ``--summary``, the projection multiplies the median wall time of the arena's finished LeNet
+cells (training cells and AutoAttack cells apart) by the step ratio: a lower bound for BatchNorm
+nets, whose evaluation also costs more per image.
+"""
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from benchutil import machine, time_many
+
+from config import load_config
+from data import INFO
+from methods import Precision, make_method
+from models import build_model
+from training import make_optimizer
+
+NETS = (("lenet", 4), ("resnet18", 2))  # vgg16 pools 28x28 images down to nothing
+
+
+def stepper(cfg, info, arch, width, x, y):
+    torch.manual_seed(0)
+    model = build_model(arch, width, info.num_classes, info.in_channels, info.image_size)
+    method = make_method(cfg, True, info, torch.device("cpu"))
+    opt, precision = make_optimizer(model.parameters(), cfg["pretrain"]), Precision("off", torch.device("cpu"))
+    model.train()
+    return lambda: method.step(model, model, x, y, opt, None, precision)
+
+
+def projection(path, ratios):
+    with open(path) as f:
+        cells = json.load(f)["cells"]
+    train = [c["wall_s"] for c in cells if c["kind"] not in ("pretrain", "autoattack") and 5 in c["finding"]]
+    aa = [c["wall_s"] for c in cells if c["kind"] == "autoattack"]
+    pre = [c["wall_s"] for c in cells if c["kind"] == "pretrain"]
+    if not (train and aa and pre):
+        return print(f"{path}: no finished training, pretrain and AutoAttack cells to scale")
+    med = {k: statistics.median(v) for k, v in (("pretrain", pre), ("cell", train), ("autoattack", aa))}
+    print(f"arena LeNet w=4 cells here (median wall s): pretrain {med['pretrain']:.0f}, "
+          f"cell {med['cell']:.0f}, AutoAttack {med['autoattack']:.0f}")
+    for (arch, width), r in ratios.items():
+        seeds = 2  # 3 methods x 95/99 % x 2 seeds, one pretrain per seed, AutoAttack at seed 0
+        total = seeds * med["pretrain"] + 3 * 2 * seeds * med["cell"] + 3 * 2 * med["autoattack"]
+        print(f"{arch} w={width}: 2 pretrains + 12 cells + 6 AutoAttack cells ~ {r * total / 3600:.1f} h "
+              f"of one core ({r * total / 7200:.1f} h two at a time)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--summary", default=None)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    cfg = load_config("configs/fashion_mnist.yaml", ["adv.steps=5", "adv.step_size=0.05"])  # the arena's attack
+    info = INFO["fashion_mnist"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    print(machine())
+    t = time_many({net: stepper(cfg, info, *net, x, y) for net in NETS}, warmup=1, reps=args.reps)
+    base = t[NETS[0]]
+    print(f"{'net':14} {'s/step':>7} {'vs lenet w=4':>13}")
+    for (arch, width), s in t.items():
+        print(f"{arch + ' w=' + str(width):14} {s:7.3f} {s / base:13.2f}")
+    if args.summary:
+        projection(args.summary, {n: t[n] / base for n in NETS[1:]})
+
+
+if __name__ == "__main__":
+    main()
