@@ -138,26 +138,29 @@ def paired(T, key, base):
 
 
 def lr_lines(summary, rs, A):
-    """The lr of each epoch after pretraining, per method, read from seed 0's main cells' runs at
-    the first target (their ``metrics.jsonl``): the proof that the schedules are equal."""
-    table, width = {}, 0
-    for r in rs:
-        if r["variant"] != "main" or r["seed"] != min(x["seed"] for x in rs) or r["target"] != A["targets"][0]:
+    """The lr of each epoch after pretraining, read from the runs' ``metrics.jsonl`` at seed 0 and
+    each variant's first target, the methods with the same lr at every epoch on one row: the proof
+    that the schedules are equal."""
+    table = {}  # (variant, lrs) -> labels
+    for r in sorted(rs, key=lambda r: list(METHODS).index(r["method"])):
+        v = A.get("variants", {}).get(r["variant"], A)
+        if r["seed"] != min(x["seed"] for x in rs) or r["target"] != v["targets"][0]:
             continue
         path = os.path.join(summary["out"], "runs", r["id"], "metrics.jsonl")
         if not os.path.isfile(path):
             continue
         with open(path) as f:
-            lrs = [row["lr"] for row in map(json.loads, f)
-                   if row["kind"] == "epoch" and not row["stage"].startswith("pretrain")]
-        table[label(r)] = lrs
-        width = max(width, len(lrs))
+            lrs = tuple(row["lr"] for row in map(json.loads, f)
+                        if row["kind"] == "epoch" and not row["stage"].startswith("pretrain"))
+        table.setdefault((r["variant"], lrs), []).append(label(r))
     if not table:
         return []
-    lines = ["The lr of each epoch after pretraining (read from each method's run at "
-             f"{100 * A['targets'][0]:g} %, seed 0; a stage boundary does not restart it):", "",
-             "| method | " + " | ".join(str(e + 1) for e in range(width)) + " |", "|---|" + "---|" * width]
-    lines += [f"| {name} | " + " | ".join(f"{v:.2e}" for v in lrs) + " |" for name, lrs in table.items()]
+    width = max(len(lrs) for _, lrs in table)
+    lines = ["The lr of each epoch after pretraining (read from the runs of seed 0 at each variant's first "
+             "target; in the main rows a stage boundary does not restart it):", "",
+             "| rows | methods | " + " | ".join(str(e + 1) for e in range(width)) + " |", "|---|---|" + "---|" * width]
+    lines += [f"| {variant} | {', '.join(names)} | " + " | ".join(f"{v:.2e}" for v in lrs) + " |"
+              for (variant, lrs), names in table.items()]
     return lines + [""]
 
 
@@ -177,8 +180,19 @@ def table_lines(T, variant, target, base):
     return lines + [""]
 
 
-def answers(T, A):
-    """The four pre-registered questions, answered by the main table under ``better``."""
+def close(T, w, keys, limit):
+    """" (within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of the
+    pick ``w``'s: less apart than the larger half-range over seeds or the binomial standard error
+    at 50 % on ``limit`` images; else ''."""
+    se = (0.25 / limit) ** 0.5
+    near = [label(T.kept(k)[0]) for k in keys if k != w and T.mean(k, "pgd") is not None and
+            abs(T.mean(k, "pgd") - T.mean(w, "pgd")) < max(T.spread(k, "pgd"), T.spread(w, "pgd"), se)]
+    return f" (within noise: {', '.join(near)})" if near else ""
+
+
+def answers(T, A, limit):
+    """The four pre-registered questions, answered by the main table under ``better``; the pick
+    of question 4 names the rows within noise of it (``limit``: the PGD evaluation's images)."""
     alloc, out = A["allocation"], []
     key = lambda t, m, a=None: ("main", t, m, a or alloc)  # noqa: E731
     harp = lambda t: ("main", t, "harp", "learned")  # noqa: E731
@@ -206,7 +220,8 @@ def answers(T, A):
             q3.append(f"{100 * t:g} %: {'yes' if better(T, a, h) else 'no'}"
                       + (f" (PGD {100 * p[0]:+.1f}, {p[1]}/{p[2]} seeds)" if p else ""))
     out.append("3. Does ADMM at HARP's rates beat HARP? " + ("; ".join(q3) or "not run") + ".")
-    q4 = [f"{100 * t:g} %: {label(T.kept(w)[0])}" for t in A["targets"] if (w := winner(T, row_keys(T, "main", t)))]
+    q4 = [f"{100 * t:g} %: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, "main", t), limit)
+          for t in A["targets"] if (w := winner(T, row_keys(T, "main", t)))]
     out.append("4. Which method should a user pick? " + ("; ".join(q4) or "not run") + ".")
     verdict = ("not decided" if not q1 else "**held**" if wins == len(q1) else "**partly held**" if wins
                else "**did not hold**")
@@ -214,25 +229,25 @@ def answers(T, A):
 
 
 def variant_lines(T, A):
-    """The ranking of the main rows, by PGD mean, under each variant at its targets and seeds. A
-    variant that changes only the split ranks one-shot (no pruning phase to split) by its main cell,
-    marked "(main)"."""
-    lines = []
+    """The ranking of the rows by PGD mean over each check's seeds: the main rows, then each
+    variant's, at its targets. A variant that changes only the split ranks one-shot (no pruning
+    phase to split) by its main cell, marked "(main)"."""
+    lines, checks = [], {}
     for name, v in (A.get("variants") or {}).items():
-        seeds = set(v["seeds"])
-        mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
         for t in v["targets"]:
-            for variant in ("main", name):
-                keys = [k for k in row_keys(T, variant, t) if T.mean(k, "pgd") is not None]
-                one = ("main", t, "oneshot", A["allocation"])
-                borrowed = variant == name and "sets" not in v and one[2] not in {k[2] for k in keys} and T.kept(one)
-                keys += [one] if borrowed else []
-                order = sorted([k for k in keys if T.kept(k)], key=mean, reverse=True)
-                if order:
-                    lines.append(f"- {100 * t:g} %, {variant} (seeds {sorted(seeds)}): " + " > ".join(
-                        f"{label(T.kept(k)[0])}{' (main)' if k[0] != variant else ''} {100 * mean(k):.1f}"
-                        for k in order))
-    return (["Ranking checks (PGD-20 mean over the variant's seeds; the main rows on the same seeds first):", ""]
+            checks.setdefault((t, tuple(sorted(v["seeds"]))), []).append((name, v))
+    for (t, seeds), variants in sorted(checks.items()):
+        mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
+        for variant, v in [("main", A), *variants]:
+            keys = [k for k in row_keys(T, variant, t) if any(r["seed"] in seeds for r in T.kept(k))]
+            one = ("main", t, "oneshot", A["allocation"])
+            if variant != "main" and "sets" not in v and one[2] not in {k[2] for k in keys} and T.kept(one):
+                keys.append(one)
+            if keys:
+                lines.append(f"- {100 * t:g} %, {variant} (seeds {list(seeds)}): " + " > ".join(
+                    f"{label(T.kept(k)[0])}{' (main)' if k[0] != variant else ''} {100 * mean(k):.1f}"
+                    for k in sorted(keys, key=mean, reverse=True)))
+    return (["Ranking checks (PGD-20 mean over the check's seeds; the main rows on the same seeds first):", ""]
             + lines + [""]) if lines else []
 
 
@@ -254,13 +269,16 @@ def section(summary, plot_name="pruning_methods.png"):
     for t in A["targets"]:
         lines += table_lines(T, "main", t, base[:1] + (t,) + base[2:])
     lines += ["Answers to the pre-registered questions (AutoAttack decides where it orders two methods "
-              "differently from PGD):", ""] + answers(T, A)
+              "differently from PGD):", ""] + answers(T, A, spec["eval"]["limit"])
     lines += variant_lines(T, A) + [f"![robust accuracy vs sparsity]({plot_name})", ""]
     excluded = [r["id"] for r in rs if r["excluded"]]
     lines += [f"Seeds dropped as not converged (pruned energy above {100 * NOT_CONVERGED:g} %): "
               + (", ".join(excluded) if excluded else "none") + ".", ""]
-    wall = sum(r["wall_s"] for r in rs)
-    lines += [f"Cost: {len(rs)} cells, {wall / 60:.0f} min of cell wall time (two cells at once).", ""]
+    kinds = {"pretraining": lambda c: c["kind"] == "pretrain", "AutoAttack": lambda c: c["kind"] == "autoattack"}
+    parts = [f"{sum(r['wall_s'] for r in rs) / 60:.0f} min in {len(rs)} pruning cells"] + [
+        f"{sum(c['wall_s'] for c in cs) / 60:.0f} min in {len(cs)} {name} cells"
+        for name, of in kinds.items() if (cs := [c for c in summary["cells"] if of(c)])]
+    lines += [f"Cost, the cells' wall times (two cells at once on 2 cores): {', '.join(parts)}.", ""]
     return "\n".join(lines), rs
 
 
@@ -269,7 +287,7 @@ def plot(summary, path):
     on the left, PGD-20 (mean over the kept seeds, half-range bars) on the right."""
     A, T = summary["spec"]["arena"], Table(rows(summary))
     names = sorted({k[2:] for k in T.groups if k[0] == "main"}, key=lambda k: (list(METHODS).index(k[0]), k[1]))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     xs = list(range(len(A["targets"])))
     for i, (method, alloc) in enumerate(names):
         keys = [("main", t, method, alloc) for t in A["targets"]]
@@ -286,9 +304,9 @@ def plot(summary, path):
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
     fig.suptitle("Finding 5: robust accuracy vs sparsity (dotted: uniform allocation)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
