@@ -129,7 +129,7 @@ def test_harp_final_counts_follow_the_learned_rates():
         for v, a in zip((2.0, -1.0, -3.0, 1.0), stage.a.values()):
             a.fill_(v)
     counts = stage.final_counts()
-    k = {n: float(stage.k(n)) for n in stage.a}
+    k = {n: stage.k(n).item() for n in stage.a}
     want = sum(stage.sizes.values()) - round(0.9 * sum(stage.sizes.values()))
     assert sum(counts.values()) == want
     # proportional to n_l k_l: each count within one of its exact share (largest remainder)
