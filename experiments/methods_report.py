@@ -53,11 +53,11 @@ def rows(summary):
         if c["kind"] not in METHODS or 5 not in c["finding"]:
             continue
         m, ev = c["meta"], c["eval"]
-        aa = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
+        aa = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {})  # AutoAttack and PGD-20, 500 images
         energy = largest_energy(ev)
         out.append({"id": c["id"], "method": m["method"], "allocation": m["allocation"], "variant": m["variant"],
                     "target": m["target"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
-                    "pgd": ev["accuracy"].get("pgd"), "autoattack": aa, "energy": energy, "wall_s": c["wall_s"],
+                    "pgd": ev["accuracy"].get("pgd"), "autoattack": aa.get("autoattack"), "aa_pgd": aa.get("pgd"), "energy": energy, "wall_s": c["wall_s"],
                     "excluded": m["method"] in ADMM_FAMILY and not energy <= NOT_CONVERGED,
                     "sparsity": ev["sparsity"]["overall"]})
     return out
@@ -164,10 +164,18 @@ def lr_lines(summary, rs, A):
     return lines + [""]
 
 
+def aa_pgd(T, key):
+    """" (PGD-20 on AutoAttack's images)" of ``key``'s seed-0 cell, or ''."""
+    v = T.values(key, "aa_pgd")
+    return f" ({100 * v[0]:.1f})" if len(v) == 1 else ""
+
+
 def table_lines(T, variant, target, base):
     lines = [f"**{100 * target:g} % of the prunable weights pruned** (natural / PGD-20 in %, mean ± half-range "
-             "over the kept seeds; AutoAttack on 500 images, seed 0; PGD difference to one-shot paired by seed)", "",
-             "| method | natural | PGD-20 | AutoAttack | PGD vs one-shot | largest pruned energy % | seeds (dropped) |",
+             "over the kept seeds; AutoAttack on 500 images, seed 0, with seed 0's PGD-20 on the same images; "
+             "PGD difference to one-shot paired by seed)", "",
+             "| method | natural | PGD-20 | AutoAttack (PGD-20), seed 0 | PGD vs one-shot | largest pruned energy % | "
+             "seeds (dropped) |",
              "|---|---|---|---|---|---|---|"]
     for k in row_keys(T, variant, target):
         p = paired(T, k, base) if k != base else None
@@ -175,7 +183,7 @@ def table_lines(T, variant, target, base):
         e = T.values(k, "energy")
         energy = "-" if not e or any(x != x for x in e) else f"{100 * max(e):.2f}"
         lines.append(f"| {label(T.kept(k)[0] if T.kept(k) else T.groups[k][0])} | {T.cell(k, 'natural')} | "
-                     f"{T.cell(k, 'pgd')} | {T.cell(k, 'autoattack')} | {diff} | {energy} | "
+                     f"{T.cell(k, 'pgd')} | {T.cell(k, 'autoattack')}{aa_pgd(T, k)} | {diff} | {energy} | "
                      f"{len(T.kept(k))} ({T.excluded(k)}) |")
     return lines + [""]
 
