@@ -36,22 +36,26 @@ def stepper(cfg, info, arch, width, x, y):
     return lambda: method.step(model, model, x, y, opt, None, precision)
 
 
+SEEDS, METHODS, TARGETS = 2, 3, 2  # the check: 3 methods x 95/99 % x 2 seeds; AutoAttack at seed 0
+
+
 def projection(path, ratios):
     with open(path) as f:
-        cells = json.load(f)["cells"]
-    train = [c["wall_s"] for c in cells if c["kind"] not in ("pretrain", "autoattack") and 5 in c["finding"]]
-    aa = [c["wall_s"] for c in cells if c["kind"] == "autoattack"]
-    pre = [c["wall_s"] for c in cells if c["kind"] == "pretrain"]
-    if not (train and aa and pre):
-        return print(f"{path}: no finished training, pretrain and AutoAttack cells to scale")
-    med = {k: statistics.median(v) for k, v in (("pretrain", pre), ("cell", train), ("autoattack", aa))}
+        cells = [c for c in json.load(f)["cells"] if 5 in c["finding"]]
+    wall = {}  # pretrain, autoattack, and "cell" for the pruning cells
+    for c in cells:
+        wall.setdefault(c["kind"] if c["kind"] in ("pretrain", "autoattack") else "cell", []).append(c["wall_s"])
+    if len(wall) < 3:
+        print(f"{path}: no finished training, pretrain and AutoAttack cells to scale")
+        return
+    med = {k: statistics.median(v) for k, v in wall.items()}
     print(f"arena LeNet w=4 cells here (median wall s): pretrain {med['pretrain']:.0f}, "
           f"cell {med['cell']:.0f}, AutoAttack {med['autoattack']:.0f}")
+    n = {"pretrain": SEEDS, "cell": METHODS * TARGETS * SEEDS, "autoattack": METHODS * TARGETS}
+    total = sum(n[k] * med[k] for k in n)
     for (arch, width), r in ratios.items():
-        seeds = 2  # 3 methods x 95/99 % x 2 seeds, one pretrain per seed, AutoAttack at seed 0
-        total = seeds * med["pretrain"] + 3 * 2 * seeds * med["cell"] + 3 * 2 * med["autoattack"]
-        print(f"{arch} w={width}: 2 pretrains + 12 cells + 6 AutoAttack cells ~ {r * total / 3600:.1f} h "
-              f"of one core ({r * total / 7200:.1f} h two at a time)")
+        print(f"{arch} w={width}: {n['pretrain']} pretrains + {n['cell']} cells + {n['autoattack']} AutoAttack cells "
+              f"~ {r * total / 3600:.1f} h of one core ({r * total / 7200:.1f} h two at a time)")
 
 
 def main():

@@ -53,11 +53,12 @@ def rows(summary):
         if c["kind"] not in METHODS or 5 not in c["finding"]:
             continue
         m, ev = c["meta"], c["eval"]
-        aa = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {})  # AutoAttack and PGD-20, 500 images
+        on_500 = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {})  # AutoAttack, PGD-20
         energy = largest_energy(ev)
         out.append({"id": c["id"], "method": m["method"], "allocation": m["allocation"], "variant": m["variant"],
                     "target": m["target"], "seed": c["seed"], "natural": ev["accuracy"]["natural"],
-                    "pgd": ev["accuracy"].get("pgd"), "autoattack": aa.get("autoattack"), "aa_pgd": aa.get("pgd"), "energy": energy, "wall_s": c["wall_s"],
+                    "pgd": ev["accuracy"].get("pgd"), "autoattack": on_500.get("autoattack"),
+                    "aa_pgd": on_500.get("pgd"), "energy": energy, "wall_s": c["wall_s"],
                     "excluded": m["method"] in ADMM_FAMILY and not energy <= NOT_CONVERGED,
                     "sparsity": ev["sparsity"]["overall"]})
     return out
@@ -138,12 +139,12 @@ def paired(T, key, base):
 
 
 def lr_lines(summary, rs, A):
-    """The lr of each epoch after pretraining, read from the runs' ``metrics.jsonl`` at seed 0 and
-    each variant's first target, the methods with the same lr at every epoch on one row: the proof
+    """The lr of each epoch after pretraining, read from the runs' ``metrics.jsonl`` at the first
+    seed and each variant's first target, the methods with the same lr at every epoch on one row: the proof
     that the schedules are equal."""
     table = {}  # (variant, lrs) -> labels
     for r in sorted(rs, key=lambda r: list(METHODS).index(r["method"])):
-        v = A.get("variants", {}).get(r["variant"], A)
+        v = (A.get("variants") or {}).get(r["variant"], A)
         if r["seed"] != min(x["seed"] for x in rs) or r["target"] != v["targets"][0]:
             continue
         path = os.path.join(summary["out"], "runs", r["id"], "metrics.jsonl")
@@ -165,9 +166,9 @@ def lr_lines(summary, rs, A):
 
 
 def aa_pgd(T, key):
-    """" (PGD-20 on AutoAttack's images)" of ``key``'s seed-0 cell, or ''."""
-    v = T.values(key, "aa_pgd")
-    return f" ({100 * v[0]:.1f})" if len(v) == 1 else ""
+    """Seed 0's PGD-20 on AutoAttack's 500 images, in brackets, for the AutoAttack column ('' if none)."""
+    v = seed_of(T, key, 0, "aa_pgd")
+    return "" if v is None else f" ({100 * v:.1f})"
 
 
 def table_lines(T, variant, target, base):
@@ -189,7 +190,7 @@ def table_lines(T, variant, target, base):
 
 
 def close(T, w, keys, limit):
-    """" (within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of the
+    """The note "(within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of the
     pick ``w``'s: less apart than the larger half-range over seeds or the binomial standard error
     at 50 % on ``limit`` images; else ''."""
     se = (0.25 / limit) ** 0.5
@@ -245,11 +246,13 @@ def variant_lines(T, A):
         for t in v["targets"]:
             checks.setdefault((t, tuple(sorted(v["seeds"]))), []).append((name, v))
     for (t, seeds), variants in sorted(checks.items()):
-        mean = lambda k: statistics.fmean([r["pgd"] for r in T.kept(k) if r["seed"] in seeds] or [0])  # noqa: E731
+        pgd = lambda k: [r["pgd"] for r in T.kept(k) if r["seed"] in seeds]  # noqa: E731
+        mean = lambda k: statistics.fmean(pgd(k))  # noqa: E731
         for variant, v in [("main", A), *variants]:
-            keys = [k for k in row_keys(T, variant, t) if any(r["seed"] in seeds for r in T.kept(k))]
+            keys = [k for k in row_keys(T, variant, t) if pgd(k)]
             one = ("main", t, "oneshot", A["allocation"])
-            if variant != "main" and "sets" not in v and one[2] not in {k[2] for k in keys} and T.kept(one):
+            split_only = "split" in v and "sets" not in v
+            if variant != "main" and split_only and one[2] not in {k[2] for k in keys} and pgd(one):
                 keys.append(one)
             if keys:
                 lines.append(f"- {100 * t:g} %, {variant} (seeds {list(seeds)}): " + " > ".join(
@@ -282,10 +285,10 @@ def section(summary, plot_name="pruning_methods.png"):
     excluded = [r["id"] for r in rs if r["excluded"]]
     lines += [f"Seeds dropped as not converged (pruned energy above {100 * NOT_CONVERGED:g} %): "
               + (", ".join(excluded) if excluded else "none") + ".", ""]
-    kinds = {"pretraining": lambda c: c["kind"] == "pretrain", "AutoAttack": lambda c: c["kind"] == "autoattack"}
-    parts = [f"{sum(r['wall_s'] for r in rs) / 60:.0f} min in {len(rs)} pruning cells"] + [
-        f"{sum(c['wall_s'] for c in cs) / 60:.0f} min in {len(cs)} {name} cells"
-        for name, of in kinds.items() if (cs := [c for c in summary["cells"] if of(c)])]
+    parts = [f"{sum(r['wall_s'] for r in rs) / 60:.0f} min in {len(rs)} pruning cells"]
+    for kind, name in (("pretrain", "pretraining"), ("autoattack", "AutoAttack")):
+        cs = [c["wall_s"] for c in summary["cells"] if c["kind"] == kind]
+        parts += [f"{sum(cs) / 60:.0f} min in {len(cs)} {name} cells"] if cs else []
     lines += [f"Cost, the cells' wall times (two cells at once on 2 cores): {', '.join(parts)}.", ""]
     return "\n".join(lines), rs
 

@@ -210,24 +210,32 @@ def arena_cells(spec, add):
     and seeds with another schedule or split."""
     A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
     w, budget = A["width"], A["budget"]
-    runs = [("main", spec["seeds"], A["targets"], A["split"], [], A["methods"], A.get("uniform", []))]
-    runs += [(name, v["seeds"], v["targets"], v.get("split", A["split"]), v.get("sets", []),
-              v.get("methods", A["methods"]), v.get("uniform", A.get("uniform", [])))
-             for name, v in (A.get("variants") or {}).items()]
-    for variant, *_, methods, uniform in runs:
-        own = [m for m in uniform if "allocation" in ARENA[m]]
+    runs = [{"name": "main", "seeds": spec["seeds"], "targets": A["targets"], "split": A["split"], "sets": [],
+             "methods": A["methods"], "uniform": A.get("uniform", [])}]
+    for name, v in (A.get("variants") or {}).items():
+        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform"}
+        if unknown or not {"seeds", "targets"} <= set(v):
+            raise ValueError(f"arena.variants.{name}: keys {', '.join(sorted(v))}; a variant takes seeds and targets, "
+                             "and may take split, sets, methods, uniform")
+        runs.append({**runs[0], "name": name, "sets": [], **v})
+    for run in runs:
+        bad = [m for m in (*run["methods"], *run["uniform"]) if m not in ARENA]
+        if bad:
+            raise ValueError(f"arena ({run['name']}): unknown methods {', '.join(bad)}; choose from {', '.join(ARENA)}")
+        own = [m for m in run["uniform"] if "allocation" in ARENA[m]]
         if own:
-            raise ValueError(f"arena ({variant}): uniform rows of {', '.join(own)}, which prune at their own allocation")
-        if "admm_harp" in methods and "harp" not in methods:
-            raise ValueError(f"arena ({variant}): admm_harp reads its rates from harp's cells; add harp to its methods")
+            raise ValueError(f"arena ({run['name']}): uniform rows of {', '.join(own)}, which prune at their own allocation")
+        if "admm_harp" in run["methods"] and "harp" not in run["methods"]:
+            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods")
     for seed in spec["seeds"]:
         add(pre("adv", w, seed), [5], "pretrain", seed, {"width": w, "training": "adversarial"},
             [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
-    for variant, seeds, targets, split, extra, methods, uniform in runs:
-        for seed in seeds:
-            for t in targets:
-                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in methods]
-                rows += [(m, "uniform") for m in uniform]
+    for run in runs:
+        variant, split, extra = run["name"], run["split"], run["sets"]
+        for seed in run["seeds"]:
+            for t in run["targets"]:
+                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in run["methods"]]
+                rows += [(m, "uniform") for m in run["uniform"]]
                 for method, alloc in rows:
                     tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
                     sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",

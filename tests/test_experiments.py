@@ -259,6 +259,8 @@ def test_arena_plan_gives_every_method_the_same_epochs_split_as_the_spec_says():
 @pytest.mark.parametrize("variant, message", [
     ({"uniform": ["harp"]}, "uniform rows of harp, which prune at their own allocation"),
     ({"methods": ["admm", "admm_harp"]}, "admm_harp reads its rates from harp's cells"),
+    ({"methods": ["lottery"]}, "unknown methods lottery; choose from oneshot, gradual"),
+    ({"method": ["admm"]}, "a variant takes seeds and targets, and may take split, sets, methods, uniform"),
 ])
 def test_arena_plan_refuses_rows_it_cannot_build(variant, message):
     import yaml
@@ -285,3 +287,4 @@ def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
     assert "- 95 %, main (seeds [0]): HARP 62.0 > one-shot (lamp) 60.0 > ADMM (lamp) 55.0" in lines
     assert "- 95 %, split (seeds [0]): ADMM (lamp) 61.0 > one-shot (lamp) (main) 60.0 > HARP 58.0" in lines
     assert "- 95 %, const (seeds [0]): ADMM (lamp) 50.0" in lines
+    assert sum(line.startswith("- 95 %, main") for line in lines) == 1  # once per target and seeds
