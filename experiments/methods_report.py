@@ -142,10 +142,10 @@ def lr_lines(summary, rs, A):
     """The lr of each epoch after pretraining, read from the runs' ``metrics.jsonl`` at the first
     seed and each variant's first target, the methods with the same lr at every epoch on one row: the proof
     that the schedules are equal."""
-    table = {}  # (variant, lrs) -> labels
+    table, first = {}, min((r["seed"] for r in rs), default=0)  # (variant, lrs) -> labels
     for r in sorted(rs, key=lambda r: list(METHODS).index(r["method"])):
         v = (A.get("variants") or {}).get(r["variant"], A)
-        if r["seed"] != min(x["seed"] for x in rs) or r["target"] != v["targets"][0]:
+        if r["seed"] != first or r["target"] != v["targets"][0]:
             continue
         path = os.path.join(summary["out"], "runs", r["id"], "metrics.jsonl")
         if not os.path.isfile(path):
@@ -189,13 +189,21 @@ def table_lines(T, variant, target, base):
     return lines + [""]
 
 
+def within_noise(T, a, b, metric, limit):
+    """Whether the means of keys ``a`` and ``b`` of ``T`` (anything with ``mean`` and ``values``)
+    differ by less than the larger half-range over seeds or the binomial standard error at 50 % on
+    ``limit`` images."""
+    ma, mb = T.mean(a, metric), T.mean(b, metric)
+    if ma is None or mb is None:
+        return False
+    spread = max(((max(v) - min(v)) / 2 for v in (T.values(a, metric), T.values(b, metric))), default=0)
+    return abs(ma - mb) < max(spread, (0.25 / limit) ** 0.5)
+
+
 def close(T, w, keys, limit):
-    """The note "(within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of the
-    pick ``w``'s: less apart than the larger half-range over seeds or the binomial standard error
-    at 50 % on ``limit`` images; else ''."""
-    se = (0.25 / limit) ** 0.5
-    near = [label(T.kept(k)[0]) for k in keys if k != w and T.mean(k, "pgd") is not None and
-            abs(T.mean(k, "pgd") - T.mean(w, "pgd")) < max(T.spread(k, "pgd"), T.spread(w, "pgd"), se)]
+    """The note "(within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of
+    the pick ``w``'s; else ''."""
+    near = [label(T.kept(k)[0]) for k in keys if k != w and within_noise(T, k, w, "pgd", limit)]
     return f" (within noise: {', '.join(near)})" if near else ""
 
 

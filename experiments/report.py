@@ -91,19 +91,10 @@ NAMES = {1: "capacity: robust accuracy needs width", 2: "pruning a wide model be
          6: "ADMM quantization keeps a pruned robust model's accuracy better than round-to-nearest"}
 
 
-def within_noise(R, a, b, metric):
-    """Whether the means of cells ``a`` and ``b`` differ by less than the larger half-range over
-    seeds or the binomial standard error at 50 % on the evaluation subset."""
-    ma, mb = R.mean(a, metric), R.mean(b, metric)
-    if ma is None or mb is None:
-        return False
-    spread = max(((max(v) - min(v)) / 2 for v in (R.values(a, metric), R.values(b, metric))), default=0)
-    return abs(ma - mb) < max(spread, (0.25 / R.spec["eval"]["limit"]) ** 0.5)
-
-
 def noise_note(R, comparisons):
     """A sentence naming the comparisons ((label, a, b, metric)) that are within noise, or ''."""
-    weak = [label for label, a, b, metric in comparisons if within_noise(R, a, b, metric)]
+    limit = R.spec["eval"]["limit"]
+    weak = [label for label, a, b, metric in comparisons if methods_report.within_noise(R, a, b, metric, limit)]
     return (" Within noise (difference smaller than the seed spread or the binomial standard error): "
             + "; ".join(weak) + ".") if weak else ""
 
