@@ -261,7 +261,7 @@ def validate(cfg):
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
             raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")
-    from losses import LOSSES_OF_METHOD
+    from training.losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:
         raise UserError(f"adv.loss={adv['loss']} does not combine with adv.method={adv['method']} (it takes "

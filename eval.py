@@ -15,12 +15,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import data as data_lib
-import exportfile
-import measure
+from deploy import exportfile
+from deploy import measure
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import parse_float
-from methods import training_info
-from evaluation import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
+from training.methods import training_info
+from evaluation.accuracy import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
 
 
 def plot_sweep(rep, path, title, num_classes):

@@ -22,10 +22,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import data as data_lib
-import exportfile
-import measure
+from deploy import exportfile
+from deploy import measure
 from common import UserError, load_checkpoint, reading, run_cli, write_json
-from evaluation import format_storage
+from evaluation.accuracy import format_storage
 
 
 def file_format(name):

@@ -7,10 +7,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
-import rundir  # noqa: E402
+from training import rundir  # noqa: E402
 
 rundir.exit_if_busy(sys.argv[1:])  # before torch loads (seconds): a second run on a folder stops at once
-from engine import run  # noqa: E402
+from training.command import run  # noqa: E402
 
 if __name__ == "__main__":
     run(adversarial=False)

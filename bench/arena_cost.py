@@ -20,9 +20,9 @@ from benchutil import machine, time_many
 
 from config import load_config
 from data import INFO
-from methods import Precision, make_method
+from training.methods import Precision, make_method
 from models import build_model
-from training import make_optimizer
+from training.state import make_optimizer
 
 NETS = (("lenet", 4), ("resnet18", 2))  # vgg16 pools 28x28 images down to nothing
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from benchutil import machine, time_many, verdict  # also puts the repo root on sys.path
 import admm  # noqa: E402
-import channels  # noqa: E402
-import exportfile  # noqa: E402
-import measure  # noqa: E402
+from deploy import channels  # noqa: E402
+from deploy import exportfile  # noqa: E402
+from deploy import measure  # noqa: E402
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402
 from models import model_from_config  # noqa: E402

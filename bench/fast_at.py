@@ -16,8 +16,8 @@ from benchutil import machine, sync
 import config
 import data as data_lib
 from attacks import PGD
-from methods import free_step, train_step
-from training import make_optimizer
+from training.methods import free_step, train_step
+from training.state import make_optimizer
 from models import build_model
 
 

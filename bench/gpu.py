@@ -13,8 +13,8 @@ import torch
 from benchutil import machine, verdict
 
 from attacks import PGD
-from methods import Precision, train_step
-from training import make_optimizer
+from training.methods import Precision, train_step
+from training.state import make_optimizer
 from models import build_model
 
 

@@ -17,9 +17,9 @@ from benchutil import machine
 
 import data as data_lib
 from config import load_config
-from methods import Precision, make_method
+from training.methods import Precision, make_method
 from models import build_model
-from training import make_optimizer
+from training.state import make_optimizer
 
 LOSSES = ("ce", "trades", "mart")
 

@@ -19,8 +19,8 @@ import torch
 
 from benchutil import machine, time_many  # also puts the repo root on sys.path
 import admm  # noqa: E402
-import channels  # noqa: E402
-import exportfile  # noqa: E402
+from deploy import channels  # noqa: E402
+from deploy import exportfile  # noqa: E402
 from compact import pruned_model  # noqa: E402  (bench/compact.py: random-weight filter-pruned models)
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402

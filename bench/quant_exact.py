@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quant  # noqa: E402
+from pruning import quant  # noqa: E402
 
 
 def error(v, bits, exact):

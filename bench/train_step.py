@@ -19,9 +19,9 @@ from benchutil import machine, time_many, verdict
 
 import admm as admm_lib
 from attacks import PGD
-from losses import MART, TRADES
-from methods import train_step
-from training import make_optimizer
+from training.losses import MART, TRADES
+from training.methods import train_step
+from training.state import make_optimizer
 from models import build_model
 
 CASES = [("lenet", 4, 1, 28, 128, 10), ("vgg16", 4, 3, 32, 32, 3)]
@@ -124,7 +124,7 @@ def bench_scores(arch, width, channels, size, batch, k, device):
     Target: <= 1.10 x the adversarial step."""
     import copy
     from config import load_config
-    from stages import make_stage
+    from pruning.stages import make_stage
     torch.manual_seed(0)
     plain = build_model(arch, width, 10, channels, size).to(device)
     x = torch.rand(batch, channels, size, size, device=device)

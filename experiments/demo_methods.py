@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
-from rundir import RunFolder  # noqa: E402
+from training.rundir import RunFolder  # noqa: E402
 from sweep import method_sets  # noqa: E402
 
 RATIOS = {"conv1.weight": 0.8, "conv2.weight": 0.97, "fc1.weight": 0.99, "fc2.weight": 0.9}

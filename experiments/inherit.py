@@ -31,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import channels  # noqa: E402
+from deploy import channels  # noqa: E402
 import data as data_lib  # noqa: E402
 from common import load_checkpoint, save_checkpoint  # noqa: E402
 from models import model_from_config  # noqa: E402

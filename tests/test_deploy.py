@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import admm
-import exportfile
-import quant
+from deploy import exportfile
+from pruning import quant
 from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO, batches, load_data

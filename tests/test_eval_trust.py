@@ -13,7 +13,7 @@ from torch import nn
 import config
 import data
 from attacks import PGD, AutoAttack
-from evaluation import check_attacks, correct_per_example, noise, report, sanity_warnings, standard_attacks
+from evaluation.accuracy import check_attacks, correct_per_example, noise, report, sanity_warnings, standard_attacks
 from helpers import train_lenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

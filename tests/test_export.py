@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import admm
-import channels
-import exportfile
-import measure
+from deploy import channels
+from deploy import exportfile
+from deploy import measure
 import models
-import storage
+from deploy import storage
 from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO

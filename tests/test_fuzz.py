@@ -17,14 +17,14 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import exportfile
+from deploy import exportfile
 import config
 import data
-import engine
+from training import command as engine
 from common import UserError, load_checkpoint
 from models import build_model, load_weights, model_from_config
-from stages import make_stage, stage_names
-from training import lr_at
+from pruning.stages import make_stage, stage_names
+from training.state import lr_at
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 DEMO = os.path.join(os.path.dirname(GOLDEN), "..", "configs", "demo.yaml")

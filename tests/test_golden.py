@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import exportfile
-import quant
+from deploy import exportfile
+from pruning import quant
 from common import load_checkpoint
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

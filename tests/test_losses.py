@@ -11,8 +11,8 @@ import data as data_lib
 from attacks import PGD
 from common import UserError
 from config import load_config
-from losses import MART, TRADES, CleanTarget
-from methods import AttackTraining, make_method, train_step
+from training.losses import MART, TRADES, CleanTarget
+from training.methods import AttackTraining, make_method, train_step
 from models import build_model
 
 

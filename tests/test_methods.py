@@ -11,7 +11,7 @@ import torch
 from attacks import PGD
 import data as data_lib
 from config import load_config
-from methods import AttackTraining, Free, Natural, free_step, make_method, train_step
+from training.methods import AttackTraining, Free, Natural, free_step, make_method, train_step
 from models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

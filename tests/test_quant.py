@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import admm
-import quant
+from pruning import quant
 from common import UserError
 from config import load_config
 from models import build_model
-from stages import make_stage, stage_names
+from pruning.stages import make_stage, stage_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import admm
-import channels
-import exportfile
-import quant
-import storage
+from deploy import channels
+from deploy import exportfile
+from pruning import quant
+from deploy import storage
 from common import save_checkpoint
 from config import load_config
 from data import INFO
@@ -235,7 +235,7 @@ def test_eval_of_a_float_checkpoint_is_the_old_report(tmp_path, capsys):
 def test_storage_line_of_a_model_with_no_float_export_to_compare():
     """A quantize-stage checkpoint saved mid-ADMM (weights not yet on their levels) has no quantized
     layer in its export, so no float_export: the storage line still prints, without that ratio."""
-    from evaluation import format_storage
+    from evaluation.accuracy import format_storage
     line = format_storage({"export": 1000, "dense_float32": 32000})
     assert "1,000 bits" in line and "32.00x less than dense float32" in line and "float export" not in line
 

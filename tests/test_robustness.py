@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import exportfile
+from deploy import exportfile
 from common import UserError, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,7 +206,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_a_one_line_error(tmp_path, name):
     """In-process, as adv_main.py runs it up to the first work: one line naming the key."""
-    import engine
+    from training import command as engine
     overrides, extra, words = BAD_INPUTS[name]
     args = cmd("adv_main.py", tmp_path / "r", *overrides, extra=extra)[2:]
     with pytest.raises(UserError) as e:

@@ -13,17 +13,17 @@ import torch.nn.functional as F
 
 import admm as admm_lib
 import data as data_lib
-import scores as scores_lib
+from pruning import scores as scores_lib
 from common import load_checkpoint
 from config import load_config
 from data import INFO
-from engine import RunContext, train_stage
+from training.command import RunContext, train_stage
 from models import model_from_config
-from methods import make_method
+from training.methods import make_method
 from models import build_model
-from rundir import RunFolder
-from stages import make_stage
-from training import Interrupted, TrainState
+from training.rundir import RunFolder
+from pruning.stages import make_stage
+from training.state import Interrupted, TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 
-import engine
+from training import command as engine
 from common import UserError, load_checkpoint, run_cli
 from faults import full_disk
-from rundir import RunFolder
+from training.rundir import RunFolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo.yaml")

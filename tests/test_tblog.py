@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import tblog
+from training import tensorboard
 from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,11 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_scalars_of_rows_by_hand():
     epoch = {"kind": "epoch", "stage": "retrain", "epoch": 2, "passes": 2.0, "lr": 0.001, "loss": 0.5, "penalty": 0.0,
              "test_pgd": None, "convergence": {"admm": {"rho": 0.5}, "retrain": {"pruned_energy": {"fc1.weight": 0.01}}}}
-    assert sorted(tblog.scalars(epoch)) == [("retrain/loss", 0.5, 2), ("retrain/lr", 0.001, 2),
+    assert sorted(tensorboard.scalars(epoch)) == [("retrain/loss", 0.5, 2), ("retrain/lr", 0.001, 2),
                                             ("retrain/penalty", 0.0, 2), ("retrain/pruned_energy/fc1.weight", 0.01, 2)]
     update = {"kind": "update", "stage": "admm", "passes": 2.5, "lr": 0.001, "rho": 0.08,
               "residual": {"conv1.weight": 0.2}, "dual_residual": {"conv1.weight": 0.003}}
-    assert sorted(tblog.scalars(update)) == [("admm/dual_residual/conv1.weight", 0.003, 3),
+    assert sorted(tensorboard.scalars(update)) == [("admm/dual_residual/conv1.weight", 0.003, 3),
                                              ("admm/residual/conv1.weight", 0.2, 3), ("admm/rho", 0.08, 3)]
 
 
@@ -72,7 +73,7 @@ def test_tensorboard_log_without_the_package_stops_with_one_line(tmp_path, monke
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError, as when not installed
     with pytest.raises(UserError) as e:
-        tblog.TensorBoardLog(str(tmp_path / "tb"))
+        tensorboard.TensorBoardLog(str(tmp_path / "tb"))
     assert str(e.value) == "--tensorboard needs tensorboard: pip install tensorboard"
     assert not os.path.exists(tmp_path / "tb")
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-import quant
+from pruning import quant
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128])  # element 8k + i is bit i of byte k
 

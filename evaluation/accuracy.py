@@ -10,8 +10,8 @@ import torch
 
 import admm as admm_lib
 import data as data_lib
-import distributed as dist
-import quant
+from training import distributed as dist
+from pruning import quant
 from attacks import FGSM, PGD, AutoAttack
 from common import UserError, progress
 

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from channels import FoldedConv2d
+from deploy.channels import FoldedConv2d
 
 
 @torch.no_grad()

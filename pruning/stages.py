@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 import admm as admm_lib
-import allocation as allocation_lib
-import distributed as dist
-import quant
-import scores as scores_lib
+from pruning import allocation as allocation_lib
+from training import distributed as dist
+from pruning import quant
+from pruning import scores as scores_lib
 from common import LOG
 
 

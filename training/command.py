@@ -27,19 +27,19 @@ import torch
 import yaml
 
 import admm as admm_lib
-import allocation as allocation_lib
+from pruning import allocation as allocation_lib
 import data as data_lib
-import distributed as dist
-import quant
-import tblog
+from training import distributed as dist
+from pruning import quant
+from training import tensorboard
 from common import LOG, UserError, get_device, load_checkpoint, progress, seed_everything, setup_logging, write_json
 from config import TABLES, load_config
-from evaluation import count_correct, evaluate, format_report, report, standard_attacks
-from methods import Method, make_method, training_info
+from evaluation.accuracy import count_correct, evaluate, format_report, report, standard_attacks
+from training.methods import Method, make_method, training_info
 from models import load_weights, model_from_config
-from rundir import RunFolder, default_out
-from stages import make_stage, stage_names
-from training import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
+from training.rundir import RunFolder, default_out
+from pruning.stages import make_stage, stage_names
+from training.state import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
 # Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
 # LeNet step, 12% of a PGD-3 VGG step (bench/train_step.py); measured on every 10th step only.
@@ -349,7 +349,7 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
     todo, init, resume = _plan(args, folder, stages, adversarial, model, cfg, device)
     changed = _prepare_folder(folder, cfg, args.resume)
     if args.tensorboard is not None and dist.is_main():  # the folder hands it every metrics row
-        folder.mirror = tblog.TensorBoardLog(args.tensorboard or os.path.join(out, "tensorboard"))
+        folder.mirror = tensorboard.TensorBoardLog(args.tensorboard or os.path.join(out, "tensorboard"))
     setup_logging(folder.file("log.txt") if dist.is_main() else None, enabled=dist.is_main())
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "

@@ -18,12 +18,12 @@ import os
 import torch
 
 import admm as admm_lib
-import allocation as allocation_lib
-import channels
+from pruning import allocation as allocation_lib
+from deploy import channels
 import data as data_lib
-import measure
-import quant
-import storage as storage_lib
+from deploy import measure
+from pruning import quant
+from deploy import storage as storage_lib
 from common import UserError, atomic_write, load_file, reads, require, save_checkpoint
 from models import load_weights, model_from_config
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks import PGD
-from losses import LOSSES_OF_METHOD, CrossEntropy, make_loss
+from training.losses import LOSSES_OF_METHOD, CrossEntropy, make_loss
 
 
 class Precision:

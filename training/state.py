@@ -9,9 +9,9 @@ from fractions import Fraction
 
 import torch
 
-import distributed as dist
+from training import distributed as dist
 from common import LOG, git_hash, rng_state, set_rng_state
-from methods import Precision
+from training.methods import Precision
 
 
 # --------------------------------------------------------------------------- schedules
