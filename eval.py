@@ -15,12 +15,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import data as data_lib
-from deploy import exportfile
+from deploy import formats
 from deploy import measure
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import parse_float
 from training.methods import training_info
-from evaluation.accuracy import (ATTACKS, check_attacks, format_report, report, standard_attacks, sweep_attacks)
+from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
+from evaluation.report import format_report, report
 
 
 def plot_sweep(rep, path, title, num_classes):
@@ -101,7 +102,7 @@ def attacks_of(args, cfg):
 
 def main(argv=None):
     args = parse(argv)
-    model, cfg, meta = exportfile.load_model(args.ckpt)  # a training checkpoint or an export.py file
+    model, cfg, meta = formats.load_model(args.ckpt)  # a training checkpoint or an export.py file
     device = get_device(args.device or cfg["device"])
     attacks, checks, sweep = attacks_of(args, cfg)
     _, test, info = data_lib.load_data(cfg)

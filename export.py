@@ -3,9 +3,9 @@
     python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|onnx]
                      [--storage compact|sparse] [--json FILE] [--overwrite] [--no-latency] [--threads N]
 
-The file format (``exportfile.FORMATS``): ``torch`` (the default, or from --out's suffix
+The file format (``formats.FORMATS``): ``torch`` (the default, or from --out's suffix
 ``.safetensors`` / ``.onnx``) and ``safetensors`` hold the export dict, read back by
-``exportfile.load_exported`` and ``exportfile.load_model`` (which ``eval.py`` uses); ``onnx`` is
+``formats.load_exported`` and ``formats.load_model`` (which ``eval.py`` uses); ``onnx`` is
 the compact model as a graph for onnxruntime. A checkpoint of the quantize stage is exported with
 its quantized layers as packed integer codes plus one float32 scale per layer
 (``storage.encode_quantized``; ONNX: dequantized); the report then also gives the size against
@@ -23,25 +23,26 @@ import torch
 
 import data as data_lib
 from deploy import exportfile
+from deploy import formats
 from deploy import measure
 from common import UserError, load_checkpoint, reading, run_cli, write_json
-from evaluation.accuracy import format_storage
+from evaluation.report import format_storage
 
 
 def file_format(name):
-    """--format's value: a name in ``exportfile.FORMATS``."""
+    """--format's value: a name in ``formats.FORMATS``."""
     if name in exportfile.STORAGES:
         raise argparse.ArgumentTypeError(f"{name} is a storage: use --storage {name} "
-                                         f"(--format picks the file: {', '.join(exportfile.FORMATS)})")
-    if name not in exportfile.FORMATS:
-        raise argparse.ArgumentTypeError(f"choose one of {', '.join(exportfile.FORMATS)}")
-    return exportfile.FORMATS[name]
+                                         f"(--format picks the file: {', '.join(formats.FORMATS)})")
+    if name not in formats.FORMATS:
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(formats.FORMATS)}")
+    return formats.FORMATS[name]
 
 
 def format_for(path):
     """The format whose suffix ``path`` ends with (``.safetensors``, ``.onnx``), else torch."""
-    return next((f for f in exportfile.FORMATS.values() if path.endswith(os.path.splitext(f.suffix)[1])),
-                exportfile.FORMATS["torch"])
+    return next((f for f in formats.FORMATS.values() if path.endswith(os.path.splitext(f.suffix)[1])),
+                formats.FORMATS["torch"])
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
     p.add_argument("--out", help="file to write (default: the checkpoint's path with .export.pt, "
                                  ".export.safetensors or .export.onnx)")
-    p.add_argument("--format", type=file_format, metavar="|".join(exportfile.FORMATS),
+    p.add_argument("--format", type=file_format, metavar="|".join(formats.FORMATS),
                    help="torch: torch.save of the export (default); safetensors: tensors + JSON header, loads "
                         "without running code; onnx: the compact model as an ONNX graph (default: from --out's suffix)")
     p.add_argument("--storage", choices=exportfile.STORAGES,

@@ -11,7 +11,6 @@ nets, whose evaluation also costs more per image.
 """
 import argparse
 import json
-import os
 import statistics
 
 import torch

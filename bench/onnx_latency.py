@@ -5,7 +5,7 @@
 Cases: the demo's LeNet w=4 (irregular at the demo's ratios: nothing to remove, so compact ~ dense)
 and VGG-16 / ResNet-18 at ``--width`` on 32x32 inputs, filter-pruned at 75 % per conv with random
 weights and BN statistics (``bench/compact.py``'s models). For each, four models: PyTorch dense,
-PyTorch compact, and the ONNX graphs of both (``exportfile.onnx_graph``) on an onnxruntime CPU
+PyTorch compact, and the ONNX graphs of both (``formats.onnx_graph``) on an onnxruntime CPU
 session with the same number of threads. Each is checked against the masked model (1e-5
 relative) before timing; all are timed in turns in this one process (median of ``--reps``).
 Printed: latency, speed-up over PyTorch dense, and onnxruntime / PyTorch for the same model.
@@ -21,6 +21,7 @@ from benchutil import machine, time_many  # also puts the repo root on sys.path
 import admm  # noqa: E402
 from deploy import channels  # noqa: E402
 from deploy import exportfile  # noqa: E402
+from deploy import formats
 from compact import pruned_model  # noqa: E402  (bench/compact.py: random-weight filter-pruned models)
 from config import load_config  # noqa: E402
 from data import INFO  # noqa: E402
@@ -66,8 +67,8 @@ def main(argv=None):
         models = {}
         for name, m in torch_models.items():
             models[f"torch {name}"] = m
-            models[f"ort {name}"] = exportfile.OnnxRuntimeModel(
-                exportfile.onnx_graph(m, shape).SerializeToString(), args.threads)
+            models[f"ort {name}"] = formats.OnnxRuntimeModel(
+                formats.onnx_graph(m, shape).SerializeToString(), args.threads)
         with torch.no_grad():
             ref = masked(x[:8])
             for name, m in models.items():  # a fast but wrong model would make a false figure

@@ -124,7 +124,7 @@ def bench_scores(arch, width, channels, size, batch, k, device):
     Target: <= 1.10 x the adversarial step."""
     import copy
     from config import load_config
-    from pruning.stages import make_stage
+    from pruning.plan import make_stage
     torch.manual_seed(0)
     plain = build_model(arch, width, 10, channels, size).to(device)
     x = torch.rand(batch, channels, size, size, device=device)

@@ -67,7 +67,7 @@ def latency(models, x, reps=5, warmup=1):
 
 def figures(exp, export_bytes, file_format="torch"):
     """The compression figures of an export dict whose file (in ``file_format``, a name of
-    ``exportfile.FORMATS``) has ``export_bytes`` bytes: {"params": {dense, nonzero, compact},
+    ``formats.FORMATS``) has ``export_bytes`` bytes: {"params": {dense, nonzero, compact},
     "macs": {dense, nonzero, compact} (per image), "bytes": {checkpoint, dense, export}, "storage",
     "format", "channels": {group: [kept, total]}}."""
     f = copy.deepcopy(exp["figures"])

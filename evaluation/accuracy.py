@@ -1,17 +1,13 @@
-"""Evaluation shared by the training scripts and ``eval.py``: per-example correctness under attacks
-on the same examples, the worst case over attacks, the gradient-masking sanity checks, the eps
-sweep, and the sparsity + accuracy report."""
+"""Accuracy on shared examples: per-example correctness of a model under a set of attacks, all on the
+same examples, and the attacks by name built from a config."""
 import contextlib
-import math
 import time
 import zlib
 
 import torch
 
-import admm as admm_lib
 import data as data_lib
 from training import distributed as dist
-from pruning import quant
 from attacks import FGSM, PGD, AutoAttack
 from common import UserError, progress
 
@@ -45,7 +41,7 @@ def _rng(seed, name, batch, device):
         yield
 
 
-def _num_examples(split, limit):
+def num_examples(split, limit):
     return min(limit, len(split.labels)) if limit else len(split.labels)
 
 
@@ -168,213 +164,3 @@ def check_attacks(pgd):
             "pgd_half_eps": PGD(pgd.eps / 2, pgd.step_size / 2, pgd.steps, pgd.restarts, pgd.random_start, pgd.loss),
             "pgd_large_eps": PGD(1.0, 2.5 / steps, steps, 1, random_start=False, loss=pgd.loss),
             "pgd_stronger": PGD(pgd.eps, pgd.step_size, 2 * pgd.steps, pgd.restarts + 1, pgd.random_start, pgd.loss)}
-
-
-# --------------------------------------------------------------------------- sanity checks
-
-# (stronger, weaker) pairs of attacks in the same ball: the first must not leave a higher accuracy.
-STRONGER = (("autoattack", "pgd"), ("apgd", "pgd"), ("autoattack", "apgd"),
-            ("autoattack_l2", "pgd_l2"), ("apgd_l2", "pgd_l2"), ("autoattack_l2", "apgd_l2"))
-
-
-def noise(p, n):
-    """Sampling noise of an accuracy ``p`` measured on ``n`` examples: the half-width of its 95 %
-    binomial interval, and at least one example."""
-    n = max(n, 1)
-    return max(1.96 * math.sqrt(p * (1 - p) / n), 1 / n)
-
-
-def sanity_warnings(acc, n, worst_case, checks=None, sweep=None, num_classes=10):
-    """The standard signs of gradient masking (Carlini et al. 2019, checklist), one sentence per
-    failed check; [] when all pass. Differences within sampling ``noise`` are not flagged.
-
-    acc: {attack name: accuracy}; n: number of examples; worst_case: accuracy under all attacks
-    together; checks: {name: accuracy} of the ``check_attacks`` runs; sweep: {attack name:
-    [(eps, accuracy), ...] sorted by eps}; num_classes: chance is 1 / num_classes. AutoAttack's own
-    checks are not here: ``report`` adds the flags it raised.
-    """
-    checks, sweep, warn = checks or {}, sweep or {}, []
-
-    def above(a, b):  # a exceeds b by more than noise
-        return a > b + noise(b, n)
-
-    # 1. Robust accuracy does not increase with eps: natural (eps 0) >= every attack, eps/2 >= eps,
-    #    and each sweep curve falls.
-    nat = acc.get("natural")
-    for name, a in acc.items():
-        if nat is not None and name != "natural" and above(a, nat):
-            warn.append(f"{name} accuracy {a:.4f} is above natural accuracy {nat:.4f}: the attack helped the model")
-    if "pgd" in checks and "pgd_half_eps" in checks and above(checks["pgd"], checks["pgd_half_eps"]):
-        warn.append(f"accuracy rises with eps: PGD {checks['pgd_half_eps']:.4f} at eps/2 but "
-                    f"{checks['pgd']:.4f} at eps")
-    for name, curve in sweep.items():
-        for (e0, a0), (e1, a1) in zip(curve, curve[1:]):
-            if above(a1, a0):
-                warn.append(f"accuracy rises with eps: {name} {a0:.4f} at eps={e0:g} but {a1:.4f} at eps={e1:g}")
-    # 2. At eps = 1 every image is reachable: accuracy about chance or below.
-    chance = 1 / num_classes
-    if "pgd_large_eps" in checks and above(checks["pgd_large_eps"], chance):
-        warn.append(f"PGD at eps=1 (any image reachable) leaves accuracy {checks['pgd_large_eps']:.4f}, above chance "
-                    f"{chance:.2f}: the gradient does not lead the attack (masked or zero gradients)")
-    # 3. More steps and restarts never make PGD weaker.
-    if "pgd" in checks and "pgd_stronger" in checks and above(checks["pgd_stronger"], checks["pgd"]):
-        warn.append(f"PGD with 2x steps and one more restart gives {checks['pgd_stronger']:.4f}, above "
-                    f"{checks['pgd']:.4f}: the attack does not converge (step size, noisy gradients)")
-    # 4. The worst case is at most each single attack (it is their per-example AND; this guards the bookkeeping).
-    for name, a in acc.items():
-        if worst_case > a:
-            warn.append(f"worst case {worst_case:.4f} is above {name} accuracy {a:.4f}")
-    # 5. One FGSM step is no stronger than PGD.
-    for name in ("pgd", "pgd_cw"):
-        if "fgsm" in acc and name in acc and above(acc[name], acc["fgsm"]):
-            warn.append(f"FGSM accuracy {acc['fgsm']:.4f} is below {name} accuracy {acc[name]:.4f}: a single step "
-                        f"beats the iterative attack, a sign of gradient masking")
-    # 6. AutoAttack is no weaker than PGD in the same ball, nor than its own APGD part.
-    for strong, weak in STRONGER:
-        if strong in acc and weak in acc and above(acc[strong], acc[weak]):
-            warn.append(f"{strong} accuracy {acc[strong]:.4f} is above {weak} accuracy {acc[weak]:.4f}: the "
-                        f"stronger attack did worse (a failed run, or an attack that does not fit the model)")
-    return warn
-
-
-# --------------------------------------------------------------------------- report
-
-def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, sweep=None):
-    """Sparsity of ``model`` against ``cfg``'s prune settings plus, on the first ``limit`` test
-    examples (0 = all), all on the same examples: accuracy under each of ``attacks`` ({name: attack
-    or None for natural}); ``worst_case``, the fraction correct under every attack (natural
-    included if run); the ``checks`` runs ({name: attack}, see ``check_attacks``); an eps sweep
-    ``sweep`` ({attack name: {eps: attack}}); the sanity ``warnings``, followed by the flags of
-    AutoAttack's own checks; the ``seconds`` each run took; and, per AutoAttack run, its library,
-    version and attacks (``autoattack``). ``seed``: see ``_rng``. Returns the dict that
-    ``eval.py --json`` writes."""
-    checks, sweep = checks or {}, sweep or {}
-    ratios = admm_lib.resolve_ratios(model, cfg["prune"]["prune_ratios"])
-    runs = dict(attacks)
-    runs.update({f"check:{k}": a for k, a in checks.items() if k not in attacks})
-    runs.update({f"sweep:{name}@{e!r}": a for name, curve in sweep.items() for e, a in curve.items()})
-    flagging = {k: a for k, a in runs.items() if isinstance(a, AutoAttack)}
-    for a in flagging.values():
-        a.pop_flags()  # drop any left from an earlier report with the same attack objects
-    correct, seconds = correct_per_example(model, test, runs, cfg["data"]["test_batch_size"], device, limit, "eval",
-                                           seed)
-    n = _num_examples(test, limit)
-
-    def accuracy(key):
-        return int(correct[key].sum()) / max(n, 1)
-
-    acc = {name: accuracy(name) for name in attacks}
-    worst = int(torch.stack([correct[k] for k in attacks]).all(0).sum()) / max(n, 1) if attacks else 0.0
-    check_acc = {k: accuracy(k if k in attacks else f"check:{k}") for k in checks}
-    curves = {name: [(e, accuracy(f"sweep:{name}@{e!r}")) for e in sorted(curve)] for name, curve in sweep.items()}
-    num_classes = int(test.labels.max()) + 1
-
-    pgd = next((a for a in attacks.values() if isinstance(a, PGD) and a.norm == "linf"), None)
-    eps = next((a.eps for name, a in attacks.items() if a is not None and not name.endswith("_l2")), cfg["adv"]["eps"])
-    rep = {"arch": cfg["model"]["arch"], "width": cfg["model"]["width"], "dataset": cfg["data"]["dataset"],
-           "n_examples": n, "partial": n < len(test.labels),
-           "sparsity": admm_lib.sparsity_report(model, ratios, cfg["prune"]["sparsity_type"]),
-           "accuracy": acc, "worst_case": worst,
-           "attack": {"eps": eps, "steps": pgd.steps if pgd else None, "step_size": pgd.step_size if pgd else None,
-                      "restarts": pgd.restarts if pgd else None, "seed": seed,
-                      "settings": {name: repr(a) for name, a in attacks.items() if a is not None}}}
-    if checks:
-        rep["checks"] = {k: {"accuracy": check_acc[k], "attack": repr(a)} for k, a in checks.items()}
-    if sweep:
-        rep["eps_sweep"] = {"eps": sorted({e for curve in sweep.values() for e in curve}),
-                            "accuracy": {name: [a for _, a in c] for name, c in curves.items()}}
-    if any(isinstance(a, AutoAttack) for a in attacks.values()):
-        rep["autoattack"] = {name: {**a.info(), "seconds": round(seconds[name], 2)}
-                             for name, a in attacks.items() if isinstance(a, AutoAttack)}
-    rep["seconds"] = {k: round(s, 2) for k, s in seconds.items()}
-    rep["warnings"] = sanity_warnings(acc, n, worst, check_acc, curves, num_classes) + [
-        f"{k}: AutoAttack's own check: {flag}" for k, a in flagging.items() for flag in a.pop_flags()]
-    return rep
-
-
-def format_report(rep):
-    s = rep["sparsity"]
-    lines = [f"{'layer':28} {'shape':>18} {'target':>7} {'params':>9} {'nonzero':>9} {'element':>8} "
-             f"{'column':>7} {'filter':>7}"]
-    for L in s["layers"]:
-        lines.append(f"{L['name']:28} {'x'.join(map(str, L['shape'])):>18} {L['ratio']:7.3f} {L['params']:9d} "
-                     f"{L['nonzero']:9d} {L['element']:8.4f} {L['column']:7.4f} {L['filter']:7.4f}")
-    lines.append(f"{s['type']} pruning: overall sparsity {s['overall']:.4f} of pruned layers, "
-                 f"compression {s['compression_rate']:.2f}x")
-    if "prunable" in s:  # reports from before it lack the line
-        p = s["prunable"]
-        lines.append(f"all prunable layers: {p['zeros']:,d} of {p['params']:,d} weights pruned ({p['fraction']:.6f})")
-    lines += format_quantization(rep.get("quantization"), rep.get("storage_bits"))
-    if "training" in rep:
-        t = rep["training"]
-        lines.append(f"trained with: {t['method']} training, {t['loss']} loss"
-                     + (f" (beta {t['beta']:g})" if t.get("beta") is not None else ""))
-    a = rep["attack"]
-    what = f"{rep['n_examples']} test examples" + (" (partial, --limit)" if rep["partial"] else "")
-    lines.append(f"accuracy on {what}, eps={a['eps']:.4f}"
-                 + (f", PGD steps={a['steps']} step={a['step_size']:.4f} restarts={a['restarts']}" if a["steps"] else ""))
-    lines.append("  " + "  ".join(f"{k}={v:.4f}" for k, v in rep["accuracy"].items())
-                 + f"  worst_case={rep['worst_case']:.4f}")
-    for name, aa in rep.get("autoattack", {}).items():
-        lines.append(f"{name}: {aa['library']}, {aa['version']} version ({', '.join(aa['attacks'])}), "
-                     f"{aa['norm']} eps={aa['eps']:.4f}, {aa['seconds']:.1f} s")
-    if "checks" in rep:
-        lines.append("sanity-check runs: " + "  ".join(f"{k}={v['accuracy']:.4f}" for k, v in rep["checks"].items()))
-    if "eps_sweep" in rep:
-        sw = rep["eps_sweep"]
-        lines.append(f"eps sweep  {'eps':>10} " + " ".join(f"{e:7.4f}" for e in sw["eps"]))
-        for name, accs in sw["accuracy"].items():
-            lines.append(f"           {name:>10} " + " ".join(f"{v:7.4f}" for v in accs))
-    sec = rep.get("seconds", {})
-    if sec:
-        runs = [f"{k}={v:.1f}" for k, v in sec.items() if ":" not in k]
-        runs += [f"{kind}s={sum(v for k, v in sec.items() if k.startswith(kind + ':')):.1f}"
-                 for kind in ("check", "sweep") if any(k.startswith(kind + ":") for k in sec)]
-        lines.append("seconds: " + "  ".join(runs))
-    lines += format_convergence(rep.get("convergence"))
-    lines += [f"WARNING: {w}" for w in rep["warnings"]] or ["sanity checks: no warnings"]
-    return "\n".join(lines)
-
-
-def format_quantization(layers, storage_bits=None):
-    """Report lines of the quantized layers ({name: {bits, distinct_nonzero, scale}}, see
-    ``quant.quantization_report``) and of the model's storage (``exportfile.export_model``'s
-    ``storage_bits``); none for a model without quantized layers."""
-    if not layers:
-        return []
-    lines = [f"{'quantized layer':28} {'bits':>4} {'values':>6} {'allowed':>7} {'scale':>11}"]
-    for n, q in layers.items():
-        allowed = quant.allowed_values(q["bits"])
-        scale = "off levels" if q["scale"] is None else f"{q['scale']:.5g}"
-        lines.append(f"{n:28} {q['bits']:4d} {q['distinct_nonzero']:6d} {allowed:7d} {scale:>11}")
-    if storage_bits:
-        lines.append(format_storage(storage_bits))
-    return lines
-
-
-def format_storage(sb):
-    """One line of ``exportfile.export_model``'s ``storage_bits`` ({export, float_export, dense_float32})."""
-    vs_float = f"{sb['float_export'] / max(sb['export'], 1):.2f}x less than the float export, " if "float_export" in sb else ""
-    return (f"storage (codes + sparse indices + float32 scales, float tensors at their size): {sb['export']:,d} bits, "
-            f"{vs_float}{sb['dense_float32'] / max(sb['export'], 1):.2f}x less than dense float32")
-
-
-def format_convergence(conv):
-    """Report lines for a checkpoint's convergence figures (``metrics["convergence"]``): ADMM's
-    residuals at its last Z/U update and the fraction of each layer's squared norm the hard prune
-    removed; the same two for ADMM quantization (the ``quantize`` stage) and its hard quantization.
-    A converged ADMM stage has small residuals and moves almost nothing at its hard step."""
-    lines = []
-    join = lambda d: "  ".join(f"{k}={v:.4f}" for k, v in d.items())  # noqa: E731
-    for stage, what in (("admm", "ADMM"), ("quantize", "ADMM quantization")):
-        if conv and "residual" in conv.get(stage, {}):
-            a = conv[stage]
-            lines.append(f"{what} at its last Z/U update (rho {a['rho']:.4g}): primal ||W-Z||/||W||  {join(a['residual'])}")
-            if "dual_residual" in a:
-                lines.append(f"  dual rho||Z-Z_prev||/||W||  {join(a['dual_residual'])}")
-    for stage, key, what in (("retrain", "pruned_energy", "pruned energy at the hard prune (1 - ||Pi_S(W)||^2/||W||^2)"),
-                             ("quantize", "quantized_energy", "energy moved by the hard quantization (||W - Q(W)||^2/||W||^2)")):
-        if conv and key in conv.get(stage, {}):
-            e = conv[stage][key]
-            lines.append(f"{what}: {join(e)}  (largest {max(e.values(), default=0):.4f})")
-    return lines

@@ -41,7 +41,7 @@ from models import build_model  # noqa: E402
 from common import run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
 from config import load_config  # noqa: E402
-from pruning.stages import stage_names  # noqa: E402
+from pruning.plan import stage_names# noqa: E402
 from launch import make_launcher  # noqa: E402
 
 

@@ -16,7 +16,7 @@ Without a target (``prune.target: 0``) the table alone gives the ratios, as it a
 The allocation is computed once, from the weights the pruning starts from (the pretrained model),
 and saved in every later checkpoint (``"allocation"``), so the later stages, ``--resume`` and
 ``eval.py`` use the same ratios however the weights change. HARP replaces it with the rates it
-learned (``stages.HARP.finish``).
+learned (``pruning.learned.HARP.finish``).
 
 Counts are integers; a layer's ratio is ``pruned / n``, for which ``admm.n_pruned(n, ratio)``
 gives back exactly ``pruned``.

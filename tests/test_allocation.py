@@ -11,7 +11,7 @@ import admm as admm_lib
 from pruning import allocation as al
 from common import UserError
 from config import DEFAULTS, load_config
-from pruning.stages import RateStep, TargetFraction, pipeline
+from pruning.plan import RateStep, TargetFraction, pipeline
 
 
 def tiny():
@@ -188,7 +188,7 @@ def test_bad_allocation_settings_are_one_line_errors(sets, needle):
 
 def test_rate_rounds_prune_each_round_to_its_overall_rate():
     from models import build_model
-    from pruning.stages import make_stage
+    from pruning.plan import make_stage
     cfg = load_config("configs/demo.yaml", ["prune.target=0.99", "prune.allocation=lamp", "prune.rate_rounds=[10, 100]",
                                             "model.width=1"])
     model = fill(build_model("lenet", 1))

@@ -1,4 +1,4 @@
-"""Deployment formats (exportfile.FORMATS): ONNX graphs run by onnxruntime give the masked
+"""Deployment formats (formats.FORMATS): ONNX graphs run by onnxruntime give the masked
 PyTorch model's outputs, safetensors exports round-trip every export kind bit for bit, malformed
 files are refused in one line, and each optional package, when missing, stops its path with one
 line naming the install."""
@@ -13,6 +13,7 @@ import torch
 
 import admm
 from deploy import exportfile
+from deploy import formats
 from pruning import quant
 from common import UserError, save_checkpoint
 from config import load_config
@@ -22,7 +23,7 @@ from test_export import inputs, make, max_rel_diff
 from test_quant_export import quantized_lenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONNX, SAFETENSORS = exportfile.FORMATS["onnx"], exportfile.FORMATS["safetensors"]
+ONNX, SAFETENSORS = formats.FORMATS["onnx"], formats.FORMATS["safetensors"]
 
 
 def demo_like():
@@ -120,7 +121,7 @@ def test_eval_refuses_an_onnx_graph_in_one_line(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX ModelProto starts (ir_version 8)
     with pytest.raises(UserError, match="is an ONNX graph: run it with onnxruntime"):
-        exportfile.load_model(str(path))
+        formats.load_model(str(path))
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -157,16 +158,16 @@ def test_safetensors_round_trips_every_export_kind_bit_for_bit(tmp_path):
         torch_path, st_path = str(tmp_path / "e.pt"), str(tmp_path / "e.safetensors")
         save_checkpoint(exp, torch_path)
         SAFETENSORS.write(st_path, exp)
-        assert exportfile.format_of(st_path) is SAFETENSORS and exportfile.format_of(torch_path).name == "torch"
+        assert formats.format_of(st_path) is SAFETENSORS and formats.format_of(torch_path).name == "torch"
         back = SAFETENSORS.read(st_path)
         _same(exp, back)
         seen |= {k for k in ("sparse", "quantized") if back.get(k)}
-        a, _, _ = exportfile.load_exported(torch_path)
-        b, _, _ = exportfile.load_exported(st_path)
+        a, _, _ = formats.load_exported(torch_path)
+        b, _, _ = formats.load_exported(st_path)
         x = torch.rand(8, *exportfile.input_shape(exp["config"]))
         with torch.no_grad():
             assert torch.equal(a(x), b(x)), kind
-        _, _, meta = exportfile.load_model(st_path)
+        _, _, meta = formats.load_model(st_path)
         assert meta["format"] == "export" and meta["compression"]["format"] == "safetensors"
         assert meta["compression"]["bytes"]["export"] == os.path.getsize(st_path)
         if "quantized" in kind:
@@ -209,7 +210,7 @@ def test_malformed_safetensors_export_is_refused_with_one_line(kind, message, tm
             del tensors["state/conv2.bias"]
         st.save_file(tensors, path, metadata=meta)
     with pytest.raises(UserError) as e:
-        exportfile.load_model(path)
+        formats.load_model(path)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

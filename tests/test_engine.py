@@ -15,7 +15,7 @@ from data import INFO
 from training.methods import make_method
 from models import build_model
 from training.rundir import RunFolder
-from pruning.stages import make_stage
+from pruning.plan import make_stage
 from training.state import EpochMeter, Schedule, TrainState, lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,7 +331,7 @@ def test_gradual_magnitude_pruning_follows_the_cubic_schedule_and_masks_only_gro
                                           ("gradual", ["pretrain", "gradual", "retrain"]),
                                           ("oneshot", ["pretrain", "retrain"])])
 def test_pruning_method_picks_the_stages(method, names):
-    from pruning.stages import stage_names
+    from pruning.plan import stage_names
     assert stage_names(load_config("configs/demo.yaml", [f"prune.method={method}"])) == names
     rounds = stage_names(load_config("configs/demo.yaml", [f"prune.method={method}", "prune.rounds=[0.5, 1]"]))
     assert rounds[-len(names) + 1:] == names[1:] and len(rounds) == 1 + 2 * (len(names) - 1)
@@ -344,7 +344,7 @@ def test_lr_span_run_is_one_schedule_across_the_stages():
     import math as m
     from common import UserError
     from models import build_model
-    from pruning.stages import make_stage
+    from pruning.plan import make_stage
     from training.state import lr_at
     sets = ["prune.restart_lr=false", "admm.epochs=8", "retrain.epochs=4", "admm.lr=0.002", "retrain.lr=0.002",
             "admm.schedule=cosine", "retrain.schedule=cosine", "prune.prune_ratios={fc1.weight: 0.5}"]

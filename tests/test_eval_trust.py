@@ -13,7 +13,9 @@ from torch import nn
 import config
 import data
 from attacks import PGD, AutoAttack
-from evaluation.accuracy import check_attacks, correct_per_example, noise, report, sanity_warnings, standard_attacks
+from evaluation.accuracy import check_attacks, correct_per_example, standard_attacks
+from evaluation.checks import noise, sanity_warnings
+from evaluation.report import report
 from helpers import train_lenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,6 +14,7 @@ from torch import nn
 import admm
 from deploy import channels
 from deploy import exportfile
+from deploy import formats
 from deploy import measure
 import models
 from deploy import storage
@@ -59,7 +60,7 @@ def inputs(cfg, n=16):
 def roundtrip(model, cfg, tmp_path, storage="compact"):
     path = str(tmp_path / f"export-{storage}.pt")
     save_checkpoint(exportfile.export_model(model, cfg, storage), path)
-    small, cfg2, exp = exportfile.load_exported(path)
+    small, cfg2, exp = formats.load_exported(path)
     return small, exp, path
 
 
@@ -263,7 +264,7 @@ def test_malformed_export_is_refused_with_one_line(kind, message, tmp_path):
     path = str(tmp_path / "bad.pt")
     _corrupt(kind, exportfile.export_model(masked, cfg, "sparse" if kind == "bad sparse entry" else "compact"), path)
     with pytest.raises(UserError) as e:
-        exportfile.load_model(path)
+        formats.load_model(path)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -287,7 +288,7 @@ def test_export_script_on_a_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "channels kept: conv1 1/4, conv2 2/8, fc1 32/128" in proc.stdout
     assert os.path.getsize(out) < os.path.getsize(ckpt) / 3
-    model, cfg2, meta = exportfile.load_model(str(out))
+    model, cfg2, meta = formats.load_model(str(out))
     assert meta["format"] == "export" and meta["compression"]["bytes"]["export"] == os.path.getsize(out)
     assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no silent overwrite

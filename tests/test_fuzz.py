@@ -17,13 +17,14 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deploy import exportfile
+
+from deploy import formats
 import config
 import data
 from training import command as engine
 from common import UserError, load_checkpoint
 from models import build_model, load_weights, model_from_config
-from pruning.stages import make_stage, stage_names
+from pruning.plan import make_stage, stage_names
 from training.state import lr_at
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -148,7 +149,7 @@ FILES = {name: golden(name) for name in ("retrain.pt", "retrain.export.pt")}
 @pytest.fixture(scope="module")
 def reference_outputs():
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    model, _, _ = exportfile.load_model(os.path.join(GOLDEN, "retrain.pt"))
+    model, _, _ = formats.load_model(os.path.join(GOLDEN, "retrain.pt"))
     with torch.no_grad():
         return x, model(x)
 
@@ -159,7 +160,7 @@ def load_damaged(blob, reference_outputs):
     with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
         f.write(blob)
     try:
-        model, _, _ = exportfile.load_model(f.name)
+        model, _, _ = formats.load_model(f.name)
     except UserError as e:
         one_line_naming(e, f.name)
         return False
@@ -228,7 +229,7 @@ def test_a_valid_zip_with_wrong_contents_is_refused_in_one_line(name, data_):
     with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
         torch.save(obj, f)
     try:
-        for read in (lambda p: exportfile.load_model(p), init_from):
+        for read in (lambda p: formats.load_model(p), init_from):
             try:
                 read(f.name)
             except UserError as e:

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from deploy import exportfile
+
+from deploy import formats
 from pruning import quant
 from common import load_checkpoint
 
@@ -62,7 +63,7 @@ def test_golden_checkpoint_loads_with_its_sparsity_and_outputs(expected):
     zeros = {"conv1.weight": 25, "conv2.weight": 160, "fc1.weight": 11290, "fc2.weight": 320}
     for n, z in zeros.items():
         assert int((ckpt["model"][n] == 0).sum()) == z and int((~ckpt["masks"][n]).sum()) == z, n
-    model, cfg, meta = exportfile.load_model(path)  # eval.py's reader
+    model, cfg, meta = formats.load_model(path)  # eval.py's reader
     x, y = digits()
     assert y.tolist() == expected["labels"]
     with torch.no_grad():
@@ -72,11 +73,11 @@ def test_golden_checkpoint_loads_with_its_sparsity_and_outputs(expected):
 
 def test_golden_version_1_export_loads_to_the_same_model(expected):
     path = os.path.join(GOLDEN, "retrain.export.pt")
-    model, cfg, exp = exportfile.load_exported(path)
+    model, cfg, exp = formats.load_exported(path)
     assert exp["version"] == 1 and exp["storage"] == "sparse" and "quantized" not in exp
     assert exp["channels"]["fc1"][1] == 64 and model.fc1.weight.shape[0] == exp["channels"]["fc1"][0] < 64
     x, _ = digits()
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.tensor(expected["logits"]), rtol=0, atol=1e-5)
-    again, _, meta = exportfile.load_model(path)
+    again, _, meta = formats.load_model(path)
     assert meta["format"] == "export" and meta["sparsity"]["layers"][2]["nonzero"] == 12544 - 11290

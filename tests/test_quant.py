@@ -16,7 +16,7 @@ from pruning import quant
 from common import UserError
 from config import load_config
 from models import build_model
-from pruning.stages import make_stage, stage_names
+from pruning.plan import make_stage, stage_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

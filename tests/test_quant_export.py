@@ -14,6 +14,7 @@ import torch
 import admm
 from deploy import channels
 from deploy import exportfile
+from deploy import formats
 from pruning import quant
 from deploy import storage
 from common import save_checkpoint
@@ -97,7 +98,7 @@ def test_quantized_export_gives_the_checkpoints_outputs_exactly(bits, ratio, tmp
     assert all(e["codes"].dtype == torch.uint8 for e in exp["quantized"].values())
     path = str(tmp_path / "q.export.pt")
     save_checkpoint(exp, path)
-    small, _, _ = exportfile.load_exported(path)
+    small, _, _ = formats.load_exported(path)
     floats, _ = exportfile.model_from_export(exportfile.export_checkpoint(ckpt | {"stage": "retrain"}, "retrain.pt")[0])
     assert small.state_dict().keys() == floats.state_dict().keys()
     for k, v in floats.state_dict().items():
@@ -235,7 +236,7 @@ def test_eval_of_a_float_checkpoint_is_the_old_report(tmp_path, capsys):
 def test_storage_line_of_a_model_with_no_float_export_to_compare():
     """A quantize-stage checkpoint saved mid-ADMM (weights not yet on their levels) has no quantized
     layer in its export, so no float_export: the storage line still prints, without that ratio."""
-    from evaluation.accuracy import format_storage
+    from evaluation.report import format_storage
     line = format_storage({"export": 1000, "dense_float32": 32000})
     assert "1,000 bits" in line and "32.00x less than dense float32" in line and "float export" not in line
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from deploy import exportfile
+
+from deploy import formats
 from common import UserError, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_malicious_safetensors_header_is_refused_without_running_code(tmp_path):
     lying.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     for bad in (evil, lying):
         with pytest.raises(UserError, match="not a valid safetensors export"):
-            exportfile.load_model(str(bad))
+            formats.load_model(str(bad))
         proc = run([sys.executable, "eval.py", "--ckpt", str(bad)])
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a valid safetensors export" in proc.stderr
     assert not target.exists()

@@ -9,20 +9,19 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import admm as admm_lib
 import data as data_lib
-from pruning import scores as scores_lib
+from pruning import learned as scores_lib
 from common import load_checkpoint
 from config import load_config
 from data import INFO
-from training.command import RunContext, train_stage
+from training.loop import RunContext, train_stage
 from models import model_from_config
 from training.methods import make_method
 from models import build_model
 from training.rundir import RunFolder
-from pruning.stages import make_stage
+from pruning.plan import make_stage
 from training.state import Interrupted, TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

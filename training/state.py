@@ -127,7 +127,7 @@ class EpochMeter:
 class TrainState:
     """Everything a running stage's checkpoint holds, with one save path (``state_dict``) and one
     load path (``load_state_dict``): the model, optimizer, gradient scaler, masks, the run's
-    per-layer ratios (``allocation``, read by ``stages.make_stage`` before this object is built),
+    per-layer ratios (``allocation``, read by ``pruning.plan.make_stage`` before this object is built),
     the stage's own state (ADMM's Z, U, rho; HYDRA's scores; HARP's scores, rates and gamma),
     the method's state (free's perturbation), the loop position
     (``epoch``: loops done, ``step``: minibatches done in the next), the partial epoch's sums,
