@@ -43,8 +43,8 @@ def group_scores(w, scheme):
     if scheme == "filter":
         return w2.norm(dim=1)
     if scheme == "column":
-        # The sum over filters as a vector-matrix product: ~5x faster on CPU than norm(dim=0),
-        # whose reduction runs across the memory layout.
+        # The sum over filters as a vector-matrix product: on CPU it beats norm(dim=0), whose
+        # reduction runs across the memory layout.
         return (torch.ones(w2.shape[0], dtype=w2.dtype, device=w2.device) @ w2.square()).sqrt()
     raise ValueError(f"unknown sparsity type {scheme!r}; choose one of {list(SCHEMES)}")
 
@@ -124,7 +124,7 @@ def resolve_names(model, table, key):
     listing the valid names.
     """
     names = list(prunable_weights(model))
-    out = {}  # in the order first matched, as it always was (the order of the log's columns)
+    out = {}  # in the order first matched: the order of the log's columns
     for k, value in table.items():
         hits = [n for n in names if fnmatch.fnmatchcase(n, k)]
         if not hits:
@@ -228,7 +228,7 @@ class ADMM:
 
     def state_dict(self):
         """Z, U, rho and the projection's own keys (a sparsity set's ``ratios`` and ``scheme``:
-        the state's format from before quantization, unchanged)."""
+        so a sparsity set's state reads as it always has)."""
         return {"Z": self.Z, "U": self.U, "rho": self.rho, **self.projection.state_dict()}
 
     @classmethod

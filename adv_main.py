@@ -1,16 +1,11 @@
 """PGD adversarial training (Madry et al.) + ADMM pruning, the concurrent scheme of Ye, Xu et al.
-(ICCV 2019): ``python adv_main.py --config configs/demo.yaml`` (see engine.py)."""
-import os
+(ICCV 2019): ``python adv_main.py --config configs/demo.yaml`` (see training/command.py)."""
+import sys
 
-# Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
-# busy CPU, spinning threads slowed a demo epoch 20x (119 s vs 6.6 s); set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import common  # noqa: F401 - first: the commands' preamble (common.py)
+from training import rundir
 
-import sys  # noqa: E402
-
-from training import rundir  # noqa: E402
-
-rundir.exit_if_busy(sys.argv[1:])  # before torch loads (seconds): a second run on a folder stops at once
+rundir.exit_if_busy(sys.argv[1:])  # before torch loads: a second run on a folder stops at once
 from training.command import run  # noqa: E402
 
 if __name__ == "__main__":

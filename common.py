@@ -15,8 +15,12 @@ import tempfile
 import warnings
 import zipfile
 
-import numpy as np
-import torch
+# The commands' one preamble. Idle OpenMP threads sleep instead of spin-waiting: on a busy CPU,
+# spinning threads slowed a demo epoch many times over (docs/benchmarks.md). It must be set before
+# torch loads its OpenMP runtime, so every command imports this module first, and this module
+# imports torch and numpy only inside the functions that use them (a command can answer a busy
+# run folder before torch loads). A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 LOG = logging.getLogger("admm_at")
 
@@ -73,6 +77,7 @@ def progress(iterable, total, desc):
 
 def get_device(name):
     """``auto`` -> cuda if available, else cpu; anything else is passed to ``torch.device``."""
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,6 +90,8 @@ def get_device(name):
 
 
 def seed_everything(seed):
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -197,6 +204,7 @@ def _os_error(e):
 def save_checkpoint(obj, path):
     """``torch.save(obj)`` to ``path`` with ``atomic_write``: a crash mid-save leaves the previous
     file intact."""
+    import torch
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -207,6 +215,8 @@ def write_json(path, obj):
 
 def rng_state():
     """RNG states of python, numpy and torch (CPU and CUDA) as plain data and tensors."""
+    import numpy as np
+    import torch
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
@@ -214,6 +224,8 @@ def rng_state():
 
 
 def set_rng_state(state):
+    import numpy as np
+    import torch
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -228,6 +240,7 @@ def load_file(path, map_location="cpu"):
     run code is refused. The archive's CRC-32 checksums are checked first (``torch.load`` does not
     check them, and a flipped bit in a tensor would load as a silently different weight). Any
     failure is a one-line ``UserError``; a folder is answered with the checkpoints in it."""
+    import torch
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pt") and not f.startswith("."))
         raise UserError(f"{path} is a folder, not a checkpoint; give one of its files: "

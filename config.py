@@ -72,8 +72,8 @@ DEFAULTS = {
         "masked_progressive": False,  # keep already-zero weights at zero during ADMM
         "rescale_dual": True,      # U *= rho_old / rho_new when rho grows (Boyd et al. 2011, Sec. 3.4.1);
                                    # false keeps U as the original code does (its multiplier rho*U then grows with rho)
-        "restart_lr": True,        # restart the ADMM stage's lr schedule at every Z/U update (the original code;
-                                   # on the demo it converged further: pruned energy 0.11 % vs 0.42 %)
+        "restart_lr": True,        # restart the ADMM stage's lr schedule at every Z/U update (the original
+                                   # code's choice; docs/pruning.md compares the two)
         "method": "admm",          # admm | gradual (Zhu & Gupta 2017, cubic schedule; the admm section's
                                    # epochs and lr) | oneshot (magnitude pruning at retrain's start)
         "rounds": [],              # progressive ADMM (arXiv:1903.09769): fractions of each layer's target ratio,

@@ -8,20 +8,15 @@ Arch, width, dataset, prune settings and attack defaults come from the config st
 ``autoattack`` is the AutoAttack authors' standard version (package pyautoattack); ``apgd`` its
 cheaper APGD-CE + APGD-T part; ``*_l2`` are the L2 versions at the --eps-l2 radius.
 """
-import os
-
-# Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
-# busy CPU, spinning threads slowed a demo epoch 20x (119 s vs 6.6 s); set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import common  # noqa: F401 - first: the commands' preamble (common.py)
 
 import data as data_lib
 from deploy import formats
 from deploy import measure
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import parse_float
-from training.methods import training_info
 from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
-from evaluation.report import format_report, report
+from evaluation.report import final_report, format_report
 
 
 def plot_sweep(rep, path, title, num_classes):
@@ -107,19 +102,7 @@ def main(argv=None):
     attacks, checks, sweep = attacks_of(args, cfg)
     _, test, info = data_lib.load_data(cfg)
     model.to(device)
-    rep = report(model, cfg, test, device, attacks, args.limit, seed=args.seed, checks=checks, sweep=sweep)
-    rep["sparsity"] = meta["sparsity"]        # the pruned model's; an export's compact layers no longer show the zeros
-    rep["compression"] = meta["compression"]  # params / MACs dense, nonzero, compact; file sizes; or None
-    rep["convergence"] = meta["convergence"]  # ADMM residuals and pruned energy at each hard prune, by stage
-    if (meta["compression"] or {}).get("storage_bits"):  # payload bits of the export, and dense float32
-        rep["storage_bits"] = meta["compression"]["storage_bits"]
-    if meta["quantization"]:  # quantized layers (a quantize-stage checkpoint, or its export); else nothing new
-        rep["quantization"] = meta["quantization"]["layers"]
-        rep["warnings"] += meta["quantization"]["warnings"]
-    if meta["adversarial"] is not None:  # unknown for files that do not record it
-        rep["training"] = training_info(cfg, meta["adversarial"])
-    rep["checkpoint"] = {"path": args.ckpt, "format": meta["format"], "stage": meta["stage"],
-                         "adversarial": meta["adversarial"]}
+    rep = final_report(model, cfg, test, device, attacks, meta, args.limit, args.seed, checks, sweep, path=args.ckpt)
     if sweep:
         plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
         plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",

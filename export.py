@@ -13,11 +13,7 @@ the float export of the same storage. The file is read back after writing and it
 against the masked model's; an ONNX graph is also checked on the test split (natural accuracy).
 """
 import argparse
-import os
-
-# Before torch starts its OpenMP threads: let idle threads sleep instead of spin-waiting. On a
-# busy CPU, spinning threads slowed a demo epoch 20x (119 s vs 6.6 s); set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import common  # noqa: F401 - first: the commands' preamble (common.py)
 
 import torch
 

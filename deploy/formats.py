@@ -14,6 +14,7 @@ from deploy import channels
 from deploy import measure
 from pruning import quant
 from common import UserError, atomic_write, load_file, reads, require, save_checkpoint
+from evaluation.report import checkpoint_meta
 from deploy.exportfile import (FORMAT, export_checkpoint, input_shape, is_export, model_from_checkpoint,
                                model_from_export, sparsity_report)
 
@@ -43,27 +44,21 @@ def load_model(path, device="cpu"):
     if is_export(obj):
         model, cfg = model_from_export(obj, path)
         src = obj.get("source") or {}
-        meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
-                "sparsity": obj["sparsity"], "convergence": {},
-                "compression": measure.figures(obj, os.path.getsize(path), fmt.name)}
         scales = {n: e["scale"] for n, e in (obj.get("quantized") or {}).items()}
-        meta["quantization"] = quant.quantization_meta(model, quant.quantized_layers(cfg, meta["stage"], model), scales)
+        meta = {"format": "export", "stage": src.get("stage"), "adversarial": src.get("adversarial"),
+                "convergence": {}, "quantization": quant.quantization_meta(model, cfg, src.get("stage"), scales),
+                "sparsity": obj["sparsity"], "compression": measure.figures(obj, os.path.getsize(path), fmt.name)}
     else:
         if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
             raise UserError(f"{path} is neither a checkpoint nor an export written by this project")
         cfg = allocation_lib.resolved_config(obj)  # the ratios the run pruned to, in the sparsity report
         model = model_from_checkpoint(obj, path)
-        exp = None
+        meta = checkpoint_meta(obj, model, cfg)
         if channels.has_channel_groups(model):
-            exp, _ = export_checkpoint(obj, path, model=model)
-            sparsity, compression = exp["sparsity"], measure.figures(exp, measure.nbytes_saved(exp))
+            exp, _ = export_checkpoint(obj, path, model=model)  # built in memory, for its size and figures
+            meta["sparsity"], meta["compression"] = exp["sparsity"], measure.figures(exp, measure.nbytes_saved(exp))
         else:  # every architecture evaluates; only the compact figures need to know its channel groups
-            sparsity, compression = sparsity_report(model, cfg), None
-        meta = {"format": "checkpoint", "stage": obj.get("stage"), "adversarial": obj.get("adversarial"),
-                "sparsity": sparsity, "compression": compression,
-                "convergence": (obj.get("metrics") or {}).get("convergence") or {}}
-        meta["quantization"] = quant.quantization_meta(model, quant.quantized_layers(cfg, meta["stage"], model),
-                                                       quant.recorded_scales(obj))
+            meta["sparsity"], meta["compression"] = sparsity_report(model, cfg), None
     return model.to(device).eval(), cfg, meta
 
 

@@ -9,6 +9,7 @@ from pruning import quant
 from attacks import PGD, AutoAttack
 from evaluation.accuracy import correct_per_example, num_examples
 from evaluation.checks import sanity_warnings
+from training.methods import training_info
 
 
 # --------------------------------------------------------------------------- report
@@ -63,6 +64,39 @@ def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, s
     rep["seconds"] = {k: round(s, 2) for k, s in seconds.items()}
     rep["warnings"] = sanity_warnings(acc, n, worst, check_acc, curves, num_classes) + [
         f"{k}: AutoAttack's own check: {flag}" for k, a in flagging.items() for flag in a.pop_flags()]
+    return rep
+
+
+def checkpoint_meta(ckpt, model, cfg):
+    """What a training checkpoint dict says of its ``model`` beyond its weights, for ``final_report``:
+    "format", "stage", "adversarial", "convergence" (ADMM's residuals and the pruned energy of each
+    hard prune, by stage) and "quantization" (``quant.quantization_meta``)."""
+    return {"format": "checkpoint", "stage": ckpt.get("stage"), "adversarial": ckpt.get("adversarial"),
+            "convergence": (ckpt.get("metrics") or {}).get("convergence") or {},
+            "quantization": quant.quantization_meta(model, cfg, ckpt.get("stage"), quant.recorded_scales(ckpt))}
+
+
+def final_report(model, cfg, test, device, attacks, meta, limit=0, seed=None, checks=None, sweep=None, path=None):
+    """The report that the training scripts print at the end and ``eval.py`` prints: ``report``'s
+    figures completed with what the model's file says of it (``meta``: ``checkpoint_meta``, or
+    ``deploy.formats.load_model``'s, which adds the export's "sparsity" and "compression").
+    ``path``: the file, recorded with its format and stage under "checkpoint"."""
+    rep = report(model, cfg, test, device, attacks, limit, seed, checks, sweep)
+    if "sparsity" in meta:  # the pruned model's; an export's compact layers no longer show the zeros
+        rep["sparsity"] = meta["sparsity"]
+    if "compression" in meta:  # params / MACs dense, nonzero, compact; file sizes; or None
+        rep["compression"] = meta["compression"]
+    rep["convergence"] = meta["convergence"]
+    if (meta.get("compression") or {}).get("storage_bits"):  # payload bits of the export, and dense float32
+        rep["storage_bits"] = meta["compression"]["storage_bits"]
+    if meta["quantization"]:
+        rep["quantization"] = meta["quantization"]["layers"]
+        rep["warnings"] += meta["quantization"]["warnings"]
+    if meta["adversarial"] is not None:  # unknown for files that do not record it
+        rep["training"] = training_info(cfg, meta["adversarial"])
+    if path is not None:
+        rep["checkpoint"] = {"path": path, "format": meta["format"], "stage": meta["stage"],
+                             "adversarial": meta["adversarial"]}
     return rep
 
 

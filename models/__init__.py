@@ -9,62 +9,22 @@ net (32, 64, 1024). For VGG-16 and ResNet-18, w=16 is the standard width (first 
 Inputs are images in [0, 1]; each model normalizes internally (``Normalize``), so attack
 epsilons stay in pixel units.
 
-A model that can be exported compactly (channels removed, ``channels.py``) and narrowed by
+A model that can be exported compactly (channels removed, ``deploy/channels.py``) and narrowed by
 inherited initialization (``experiments/inherit.py``) declares its ``channel_groups()``: a list
 of ``Group``s, written next to its layers because only the model knows which layers share a map.
 """
-from dataclasses import dataclass, field
-
-import torch
-from torch import nn
-
 from common import UserError
-
-_REGISTRY = {}
-
-
-def register(name):
-    def deco(cls):
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def available():
-    return sorted(_REGISTRY)
-
-
-@dataclass
-class Group:
-    """The channels of one feature map, kept or removed together: output channels of ``producers``
-    ([(conv or linear name, its BN name or None)], several when their outputs are summed into one
-    map, as in a ResNet stream) and input channels of ``consumers`` ([conv or linear name]). A
-    consumer reads channel c as the c-th of n equal blocks of its inputs: one for a conv, or
-    after a flatten the block of H x W columns that ``flatten(1)`` puts there."""
-    name: str
-    producers: list = field(default_factory=list)
-    consumers: list = field(default_factory=list)
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel; buffers so they follow the model's device and dtype."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
+from models import base, lenet, resnet, vgg  # noqa: F401 - importing an architecture registers it
+from models.base import Group, Normalize, available, register  # noqa: F401 - the package's names
 
 
 def build_model(arch, width, num_classes=10, in_channels=1, image_size=28, mean=(0.0,), std=(1.0,)):
-    if arch not in _REGISTRY:
+    if arch not in base.REGISTRY:
         raise ValueError(f"unknown arch {arch!r}; choose one of {available()}")
     if isinstance(width, bool) or not (isinstance(width, int) and width >= 1):
         raise ValueError(f"model.width must be a positive integer, got {width!r}")
-    return _REGISTRY[arch](width=width, num_classes=num_classes, in_channels=in_channels,
-                           image_size=image_size, normalize=Normalize(mean, std))
+    return base.REGISTRY[arch](width=width, num_classes=num_classes, in_channels=in_channels,
+                               image_size=image_size, normalize=Normalize(mean, std))
 
 
 def model_from_config(cfg, info, device):
@@ -87,7 +47,3 @@ def load_weights(model, ckpt, path, cfg):
                         f"was it trained on another dataset?") from None
     except Exception as e:  # noqa: BLE001 - not a state dict at all
         raise UserError(f"{path} holds no model weights this project can read ({type(e).__name__})") from None
-
-
-# Importing the modules registers the architectures.
-from models import lenet, resnet, vgg  # noqa: E402,F401

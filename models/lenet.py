@@ -6,7 +6,7 @@ Input: [N, C, 28, 28] in [0, 1] (any H, W divisible by 4 works).
 import torch.nn.functional as F
 from torch import nn
 
-from models import Group, register
+from models.base import Group, register
 
 
 @register("lenet")

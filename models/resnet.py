@@ -4,7 +4,7 @@ Input: [N, 3, 32, 32] in [0, 1]."""
 import torch.nn.functional as F
 from torch import nn
 
-from models import Group, register
+from models.base import Group, register
 
 
 class BasicBlock(nn.Module):

@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from models import Group, register
+from models.base import Group, register
 
 # Standard VGG-16 at w=16; 'M' is a 2x2 max pool.
 CFG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]

@@ -82,7 +82,7 @@ class MaskedNetwork(nn.Module):
 class Hydra(Stage):
     """HYDRA (Sehwag et al., NeurIPS 2020): the weights stay fixed; one score per weight of each
     pruned layer is trained under the adversarial loss, the network using W * top-k(|s|) with the
-    exact count of the layer's ratio and a straight-through gradient to the scores (``scores.py``).
+    exact count of the layer's ratio and a straight-through gradient to the scores (below).
     Scores start at HYDRA's scaled magnitude. The conv / linear weights and biases are frozen;
     other parameters (BatchNorm's) train as HYDRA's code trains them. The optimizer, epochs and
     lr schedule are the ``admm`` section's (the same budget as ADMM); the scores' peak lr is
@@ -95,8 +95,8 @@ class Hydra(Stage):
     kind, section = "hydra", "admm"
     update_every = 1
 
-    def __init__(self, weights, ratios, pcfg, name=None, scfg=None, allocation=None):
-        super().__init__(weights, ratios, pcfg, name, scfg, allocation)
+    def __init__(self, weights, ratios, settings, name=None, scfg=None, allocation=None):
+        super().__init__(weights, ratios, settings, name, scfg, allocation)
         self.scores = {n: nn.Parameter(scaled_scores(weights[n])) for n in self.ratios}
         self.allowed, self.previous, self._cache, self._frozen, self._final = {}, {}, {}, [], {}
 
@@ -109,7 +109,7 @@ class Hydra(Stage):
         self._frozen = [p for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters()]
         frozen = {id(p) for p in self._frozen}
         rest = [p for p in model.parameters() if id(p) not in frozen]
-        scale = (self.pcfg["score_lr"] or self.scfg["lr"]) / self.scfg["lr"]
+        scale = (self.settings["score_lr"] or self.scfg["lr"]) / self.scfg["lr"]
         return ([{"params": rest}] if rest else []) + [{"params": self.learned(), "lr_scale": scale}]
 
     def network(self, model):
@@ -164,8 +164,8 @@ class Hydra(Stage):
     def describe_update(self, fig):
         return "mask flipped since the last pass: " + " ".join(f"{k}={v:.4f}" for k, v in fig["flipped"].items())
 
-    def largest_residual(self):
-        """The log row's ``resid`` column: the largest share of a layer's mask that flipped."""
+    def largest_gap(self):
+        """The largest share of a layer's mask that flipped at the last update (``Stage.largest_gap``)."""
         return max(self.figures.get("flipped", {}).values(), default=float("nan"))
 
     @torch.no_grad()
@@ -217,8 +217,8 @@ class HARP(Hydra):
     the new allocation, saved in the checkpoint for retraining, eval and export."""
     kind = "harp"
 
-    def __init__(self, weights, ratios, pcfg, name=None, scfg=None, allocation=None):
-        super().__init__(weights, ratios, pcfg, name, scfg, allocation)
+    def __init__(self, weights, ratios, settings, name=None, scfg=None, allocation=None):
+        super().__init__(weights, ratios, settings, name, scfg, allocation)
         self.sizes = {n: w.numel() for n, w in weights.items() if n in self.ratios}
         self.learning = [n for n in self.ratios if n not in (allocation.fixed if allocation else ())]
         kept = {n: self.sizes[n] - admm_lib.n_pruned(self.sizes[n], r) for n, r in self.ratios.items()}
@@ -227,7 +227,7 @@ class HARP(Hydra):
         self.fixed_keep = {n: kept[n] for n in self.ratios if n not in self.learning}
         self.start = {n: kept[n] / self.sizes[n] for n in self.learning}
         self.a = {n: nn.Parameter(torch.zeros((), device=weights[n].device)) for n in self.learning}
-        self.gamma, self.frozen = pcfg["rate_gamma"], False
+        self.gamma, self.frozen = settings["rate_gamma"], False
 
     def learned(self):
         return list(self.scores.values()) + list(self.a.values())
@@ -235,7 +235,7 @@ class HARP(Hydra):
     def parameters(self, model):
         groups = super().parameters(model)
         groups[-1]["params"] = list(self.scores.values())
-        return groups + [{"params": list(self.a.values()), "lr_scale": (self.pcfg["rate_lr"] or self.scfg["lr"]) / self.scfg["lr"]}]
+        return groups + [{"params": list(self.a.values()), "lr_scale": (self.settings["rate_lr"] or self.scfg["lr"]) / self.scfg["lr"]}]
 
     def k(self, n):
         """Layer ``n``'s keep rate k_l (a differentiable 0-dim tensor)."""
@@ -263,10 +263,10 @@ class HARP(Hydra):
     def begin(self, masks):
         with torch.no_grad():
             for n, a in self.a.items():  # invert k_l for the start rate, inside sigmoid's range
-                u = (min(1.0, self.start[n] * self.pcfg["rate_start"]) - self.k_min) / (1 - self.k_min)
+                u = (min(1.0, self.start[n] * self.settings["rate_start"]) - self.k_min) / (1 - self.k_min)
                 u = min(max(u, 1e-2), 1 - 1e-2)
                 a.fill_(math.log(u / (1 - u)))
-        self.gamma, self.frozen = self.pcfg["rate_gamma"], False
+        self.gamma, self.frozen = self.settings["rate_gamma"], False
         return super().begin(masks)
 
     @torch.no_grad()
@@ -278,7 +278,7 @@ class HARP(Hydra):
         if not self.frozen:
             self.frozen = round(loss, 4) == 0
             if not self.frozen:
-                self.gamma = (int(passes) + 1) * self.pcfg["rate_gamma"]
+                self.gamma = (int(passes) + 1) * self.settings["rate_gamma"]
         self.figures = {**fig, "keep_rate": rate, "target_keep": self.target_keep, "rate_loss": loss,
                         "gamma": self.gamma, "gamma_frozen": self.frozen,
                         "keep": {n: float(self.k(n).detach()) for n in self.a}}

@@ -37,8 +37,8 @@ def nearest_codes(w, q, bits):
 
 
 # Layers with at most this many breakpoints (kept weights x top code) get the exact scale
-# (``_exact_scale``); larger ones the alternating method. 2^18 breakpoints took 0.1-0.3 s on one
-# core of this project's busy 2-core CPU, most of it the sort.
+# (``_exact_scale``); larger ones the alternating method. The bound keeps the exact method's sort
+# short (bench/quant_exact.py times it).
 EXACT_BREAKPOINTS = 2 ** 18
 
 
@@ -345,12 +345,12 @@ def recorded_scales(ckpt):
     return ((ckpt.get("convergence") or {}).get("quantize") or {}).get("scale")
 
 
-def quantization_meta(model, bits, scales):
-    """None without quantized layers (``bits`` empty), else {"layers": {name: {bits,
-    distinct_nonzero, scale}} (``quantization_report`` on ``model``'s weights; ``scales``
-    the recorded ones), "warnings": [lines]}."""
+def quantization_meta(model, cfg, stage, scales):
+    """None without quantized layers (see ``quantized_layers``: a model of an earlier stage, or
+    none in ``cfg``), else {"layers": {name: {bits, distinct_nonzero, scale}}
+    (``quantization_report`` on ``model``'s weights; ``scales`` the recorded ones), "warnings": [lines]}."""
+    bits = quantized_layers(cfg, stage, model)
     if not bits:
         return None
     rows, warn = quantization_report(admm_lib.prunable_weights(model), bits, scales)
     return {"layers": rows, "warnings": warn}
-

@@ -20,7 +20,7 @@ Hooks (all a stage needs to differ; the loop never asks which stage it runs):
     figures            the stage's convergence figures so far (ADMM: the last update's residuals;
                        retrain: the hard prune's pruned energy; quantize: also the hard
                        quantization's energy and scales), kept in the checkpoint's metrics
-    state_dict() / load_state_dict(state, device)   the stage's state in the checkpoint ("admm")
+    state_dict() / load_state_dict(state, device)   the stage's state in the checkpoint ("stage_state")
 """
 
 import torch
@@ -34,21 +34,21 @@ from common import LOG
 class Stage:
     """Defaults shared by the stages: no penalty, no update, no state of its own. ``kind`` names
     the stage class, ``section`` the config section it trains with (epochs, optimizer, lr),
-    ``settings`` the one its method's settings come from (rho, ...), and ``name`` its checkpoint
+    ``settings_name`` the one its method's settings come from (rho, ...), and ``name`` its checkpoint
     files (``admm.r1`` for progressive rounds)."""
     kind = section = None
-    settings = "prune"
+    settings_name = "prune"
     prunes = True  # logged in the stage's header
     update_every = 0
     penalty = None
 
-    def __init__(self, weights, ratios, pcfg, name=None, scfg=None, allocation=None):
+    def __init__(self, weights, ratios, settings, name=None, scfg=None, allocation=None):
         """``weights``: {name: parameter} of the prunable layers; ``ratios``: {name: ratio} of the
-        pruned ones (this round's); ``pcfg``: the config's ``prune`` section; ``name``: default
+        pruned ones (this round's); ``settings``: the config section ``settings_name`` names; ``name``: default
         ``kind``; ``scfg``: the config section it trains with (its ``epochs``: the passes over the
         data the stage makes); ``allocation``: the run's ``allocation.Allocation`` (its final
         ratios), saved in the stage's checkpoints."""
-        self.weights, self.ratios, self.pcfg, self.name = weights, ratios, pcfg, name or self.kind
+        self.weights, self.ratios, self.settings, self.name = weights, ratios, settings, name or self.kind
         self.scfg, self.allocation = scfg or {}, allocation
         self.epochs, self.figures = self.scfg.get("epochs", 0), {}
 
@@ -96,8 +96,10 @@ class Stage:
         """One log line's text for the figures ``update`` returned."""
         return " ".join(f"{k}={v}" for k, v in figures.items())
 
-    def largest_residual(self):
-        """The log row's ``resid`` column: the largest per-layer residual of the last update."""
+    def largest_gap(self):
+        """How far the stage is from settling at its last update, the largest over layers: the log
+        row's ``gap`` column and the ``stage_gap`` metric. ADMM: the primal residual ||W - Z|| / ||W||;
+        gradual: the pruned energy of the latest prune; HYDRA, HARP: the share of a mask that flipped."""
         return max(self.figures.get("residual", {}).values(), default=float("nan"))
 
     def state_dict(self):
@@ -107,7 +109,7 @@ class Stage:
         pass
 
     def __repr__(self):
-        return f", {self.pcfg['sparsity_type']} pruning of {len(self.ratios)} layers" if self.prunes else ""
+        return f", {self.settings['sparsity_type']} pruning of {len(self.ratios)} layers" if self.prunes else ""
 
 
 class Pretrain(Stage):
@@ -118,29 +120,29 @@ class Pretrain(Stage):
 class ADMMStage(Stage):
     kind = section = "admm"
 
-    def __init__(self, weights, ratios, pcfg, name=None, scfg=None, allocation=None):
-        super().__init__(weights, ratios, pcfg, name, scfg, allocation)
-        self.update_every, self.admm = pcfg["update_every"], None
+    def __init__(self, weights, ratios, settings, name=None, scfg=None, allocation=None):
+        super().__init__(weights, ratios, settings, name, scfg, allocation)
+        self.update_every, self.admm = settings["update_every"], None
 
     def begin(self, masks):
-        if self.pcfg["masked_progressive"]:  # already-zero weights of the pruned layers stay zero
+        if self.settings["masked_progressive"]:  # already-zero weights of the pruned layers stay zero
             masks = {**masks, **admm_lib.nonzero_masks(self.weights, self.ratios)}
-        sparsity = admm_lib.Sparsity(self.pcfg["sparsity_type"], self.ratios)
-        self.admm = admm_lib.ADMM(self.weights, sparsity, self.pcfg["rho"])
+        sparsity = admm_lib.Sparsity(self.settings["sparsity_type"], self.ratios)
+        self.admm = admm_lib.ADMM(self.weights, sparsity, self.settings["rho"])
         return masks
 
     def penalty(self):
         return self.admm.penalty(self.weights)
 
     def lr_clock(self, passes, epochs):
-        if self.pcfg["restart_lr"]:  # the original code restarts the ADMM lr at every Z/U interval
+        if self.settings["restart_lr"]:  # the original code restarts the ADMM lr at every Z/U interval
             return passes % self.update_every, self.update_every
         return super().lr_clock(passes, epochs)
 
     def update(self, passes, masks):
         """Z = Pi_S(W + U), U = U + W - Z, rho *= growth (Eq. 7-8). Returns rho and the per-layer
         primal ||W - Z|| / ||W|| and dual rho ||Z - Z_prev|| / ||W|| residuals."""
-        res = self.admm.update(self.weights, self.pcfg["rho_growth"], self.pcfg["rescale_dual"])
+        res = self.admm.update(self.weights, self.settings["rho_growth"], self.settings["rescale_dual"])
         sums = [m.sum().float().view(1) for m in masks.values()]
         if dist.launched() and not dist.same_on_all_ranks(torch.cat([self.admm.fingerprint(), *sums])):
             # Z, U, rho and masks are computed on every rank, not communicated: check that they agree.
@@ -169,9 +171,9 @@ class Gradual(Stage):
     Trains with the ``admm`` section's settings, so both pruning stages get the same budget."""
     kind, section = "gradual", "admm"
 
-    def __init__(self, weights, ratios, pcfg, name=None, scfg=None, allocation=None):
-        super().__init__(weights, ratios, pcfg, name, scfg, allocation)
-        self.update_every = pcfg["update_every"]
+    def __init__(self, weights, ratios, settings, name=None, scfg=None, allocation=None):
+        super().__init__(weights, ratios, settings, name, scfg, allocation)
+        self.update_every = settings["update_every"]
 
     def begin(self, masks):
         ones = {n: torch.ones_like(self.weights[n], dtype=torch.bool) for n in self.ratios}
@@ -181,7 +183,7 @@ class Gradual(Stage):
     def update(self, passes, masks):
         f = 1 - (1 - min(float(passes) / max(self.epochs, 1), 1.0)) ** 3
         pruned, energy = admm_lib.hard_prune_measured(self.weights, {n: r * f for n, r in self.ratios.items()},
-                                                      self.pcfg["sparsity_type"])
+                                                      self.settings["sparsity_type"])
         for n, m in pruned.items():
             masks[n] &= m
         self.figures = {"fraction": f, "pruned_energy": energy}
@@ -191,7 +193,7 @@ class Gradual(Stage):
         return (f"magnitude pruning to {fig['fraction']:.3f} of the target, pruned energy: "
                 + " ".join(f"{k}={v:.4f}" for k, v in fig["pruned_energy"].items()))
 
-    def largest_residual(self):
+    def largest_gap(self):
         return max(self.figures.get("pruned_energy", {}).values(), default=float("nan"))
 
 
@@ -201,7 +203,7 @@ class Retrain(Stage):
     def begin(self, masks):
         # Hard pruning: W = Pi_S(W); the kept set is then frozen by the masks, together with the
         # masks of earlier pruning (a weight pruned before stays pruned).
-        pruned, energy = admm_lib.hard_prune_measured(self.weights, self.ratios, self.pcfg["sparsity_type"])
+        pruned, energy = admm_lib.hard_prune_measured(self.weights, self.ratios, self.settings["sparsity_type"])
         self.figures = {"pruned_energy": energy}
         LOG.info("   hard prune: pruned energy 1 - ||Pi_S(W)||^2/||W||^2: "
                  + " ".join(f"{k}={v:.4f}" for k, v in self.figures["pruned_energy"].items()))
@@ -218,7 +220,7 @@ class Quantize(ADMMStage):
     by the masks; settings from the ``quant`` section (rho, rho_growth, update_every, ...), the
     budget from the ``quantize`` section. At the end, hard quantization: W = Q(W), every weight
     on its level, and the masks kept. Nothing trains after it: the weights stay fixed on their
-    levels (retraining the biases alone, as the issue allows, is not implemented). The epoch rows
+    levels (retraining the biases alone is not implemented). The epoch rows
     (and the checkpoint's test accuracies) are measured before the hard quantization; the final
     report of a full run, after it.
 
@@ -226,7 +228,7 @@ class Quantize(ADMMStage):
     pruned model, no ADMM): no epoch runs, so ``finish`` projects the pruned weights with the same
     projection (levels, scale and masks as ADMM's Z-step) and nothing else changes."""
     kind = section = "quantize"
-    settings = "quant"
+    settings_name = "quant"
     prunes = False
 
     def __init__(self, weights, bits, qcfg, name=None, scfg=None, allocation=None):
@@ -239,7 +241,7 @@ class Quantize(ADMMStage):
         return cls(admm_lib.prunable_weights(model), bits, cfg["quant"], name, cfg[cls.section], allocation)
 
     def begin(self, masks):
-        self.admm = admm_lib.ADMM(self.weights, quant.Quantization(self.bits, masks), self.pcfg["rho"])
+        self.admm = admm_lib.ADMM(self.weights, quant.Quantization(self.bits, masks), self.settings["rho"])
         return masks
 
     def load_state_dict(self, state, device):

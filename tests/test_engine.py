@@ -90,7 +90,7 @@ def test_free_with_8_replays_reaches_milestones_and_updates(tmp_path):
     assert [(r["stage"], r["passes"]) for r in epochs] == [("pretrain", 8), ("admm", 8)]
     assert all(r["test_pgd"] is not None for r in epochs)  # evaluated: 4 | 8 passes
     rho = load_config("configs/demo.yaml")["prune"]["rho"] * load_config("configs/demo.yaml")["prune"]["rho_growth"] ** 4
-    assert torch.load(tmp_path / "admm.pt", weights_only=True)["admm"]["rho"]["fc1.weight"] == pytest.approx(rho)
+    assert torch.load(tmp_path / "admm.pt", weights_only=True)["stage_state"]["rho"]["fc1.weight"] == pytest.approx(rho)
 
 
 # --------------------------------------------------------------------------- metrics.jsonl
@@ -169,11 +169,11 @@ def test_train_state_saves_and_loads_everything_it_holds():
     b.load_state_dict(saved)
     again = b.state_dict()
     assert (b.epoch, b.step) == (3, 1)
-    assert torch.equal(again["free_delta"], saved["free_delta"]) and saved["free_delta"].abs().sum() > 0
-    for n in saved["admm"]["Z"]:
-        assert torch.equal(again["admm"]["Z"][n], saved["admm"]["Z"][n])
-        assert torch.equal(again["admm"]["U"][n], saved["admm"]["U"][n])
-    assert again["admm"]["rho"] == saved["admm"]["rho"]
+    assert torch.equal(again["method_state"], saved["method_state"]) and saved["method_state"].abs().sum() > 0
+    for n in saved["stage_state"]["Z"]:
+        assert torch.equal(again["stage_state"]["Z"][n], saved["stage_state"]["Z"][n])
+        assert torch.equal(again["stage_state"]["U"][n], saved["stage_state"]["U"][n])
+    assert again["stage_state"]["rho"] == saved["stage_state"]["rho"]
     assert again["optimizer"]["state"][0]["exp_avg"].equal(saved["optimizer"]["state"][0]["exp_avg"])
     assert {k: float(v) for k, v in again["sums"].items()} == {k: float(v) for k, v in saved["sums"].items()}
     assert saved["sums"]["n"] == 8
@@ -279,10 +279,10 @@ def test_stage_names_follow_the_rounds(tmp_path):
 def test_restart_lr_restarts_the_admm_schedule_at_every_update():
     cfg = load_config("configs/demo.yaml", ["prune.restart_lr=true", "prune.update_every=3"])
     stage = make_state("admm").stage
-    stage.pcfg = cfg["prune"]
+    stage.settings = cfg["prune"]
     stage.update_every = 3
     assert [stage.lr_clock(p, 12) for p in (0, 2, 3, 7)] == [(0, 3), (2, 3), (0, 3), (1, 3)]
-    stage.pcfg = {**cfg["prune"], "restart_lr": False}
+    stage.settings = {**cfg["prune"], "restart_lr": False}
     assert stage.lr_clock(7, 12) == (7, 12)
 
 

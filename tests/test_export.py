@@ -308,7 +308,7 @@ class _NoGroups(nn.Module):
 
 @pytest.mark.parametrize("arch", ["no_groups", "lenet"])
 def test_eval_runs_any_architecture_and_adds_compact_figures_where_declared(arch, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the test architecture leaves with the test
+    monkeypatch.setattr(models.base, "REGISTRY", dict(models.base.REGISTRY))  # the test architecture leaves with the test
     models.register("no_groups")(_NoGroups)
     cfg = load_config(None, [f"model.arch={arch}", "model.width=2", "prune.sparsity_type=filter"])
     model = model_from_config(cfg, INFO["demo"], "cpu")

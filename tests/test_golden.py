@@ -1,6 +1,7 @@
 """Saved formats against files and bytes fixed in advance, not against today's writer: packed
 codes against bytes worked out by hand from the documented bit order, and a checkpoint and a
 version-1 export written by an earlier version of the scripts (tests/golden/README.md)."""
+import importlib
 import json
 import os
 
@@ -81,3 +82,55 @@ def test_golden_version_1_export_loads_to_the_same_model(expected):
         torch.testing.assert_close(model(x), torch.tensor(expected["logits"]), rtol=0, atol=1e-5)
     again, _, meta = formats.load_model(path)
     assert meta["format"] == "export" and meta["sparsity"]["layers"][2]["nonzero"] == 12544 - 11290
+
+
+# --------------------------------------------------------------------------- the format before the renames
+# tests/golden/v2: an ADMM-stage checkpoint written with the "admm" (stage state) and "free_delta"
+# (method state) keys, and a safetensors export, made by the code at 4423fe3; expected.json holds
+# what that code computed from them: logits on the first 8 demo digits, and eval.py's accuracies.
+
+V2 = os.path.join(GOLDEN, "v2")
+
+
+@pytest.fixture(scope="module")
+def expected_v2():
+    with open(os.path.join(V2, "expected.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", ["admm.pt", "retrain.export.safetensors"])
+def test_files_of_the_format_before_the_renames_give_the_same_logits_and_accuracies(name, expected_v2, tmp_path):
+    path = os.path.join(V2, name)
+    model, _, meta = formats.load_model(path)
+    x, _ = digits()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.tensor(expected_v2[name]["logits"]), rtol=0, atol=1e-5)
+    assert meta["sparsity"]["overall"] == pytest.approx(expected_v2[name]["sparsity_overall"], abs=1e-12)
+    out = tmp_path / "eval.json"
+    importlib.import_module("eval").main(["--ckpt", path, "--attacks", "natural,pgd", "--limit", "200",
+                                          "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["accuracy"] == expected_v2[name]["eval"]["accuracy"]
+    assert rep["worst_case"] == expected_v2[name]["eval"]["worst_case"]
+
+
+def test_old_state_keys_load_into_the_stage_and_the_method():
+    from pruning.plan import make_stage
+    from training.methods import make_method
+    from training.state import TrainState
+    import data
+    from models import model_from_config
+    ckpt = load_checkpoint(os.path.join(V2, "admm.pt"))
+    assert "admm" in ckpt and "free_delta" in ckpt and "stage_state" not in ckpt  # the old names
+    cfg = ckpt["config"]
+    info = data.INFO[cfg["data"]["dataset"]]
+    model = model_from_config(cfg, info, "cpu")
+    _, stage = make_stage("admm", model, cfg, ckpt, "golden", load_checkpoint)
+    state = TrainState(stage, model, make_method(cfg, True, info, "cpu"), cfg, torch.device("cpu"))
+    state.load_state_dict(ckpt)
+    for n, z in ckpt["admm"]["Z"].items():
+        assert torch.equal(stage.admm.Z[n], z) and torch.equal(stage.admm.U[n], ckpt["admm"]["U"][n])
+    assert torch.equal(state.method.state_dict(), ckpt["free_delta"]) and ckpt["free_delta"].abs().sum() > 0
+    saved = state.state_dict()
+    assert "admm" not in saved and "free_delta" not in saved
+    assert torch.equal(saved["method_state"], ckpt["free_delta"])

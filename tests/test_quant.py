@@ -345,7 +345,7 @@ def test_all_stages_end_on_the_levels_with_the_sparsity_kept(quantized_run):
     pruned = torch.load(out / "retrain.pt", weights_only=True)
     final = torch.load(out / "quantize.pt", weights_only=True)
     bits = {"conv1.weight": 3, "conv2.weight": 3, "fc1.weight": 3, "fc2.weight": 4}
-    assert final["admm"]["bits"] == bits
+    assert final["stage_state"]["bits"] == bits
     for n, b in bits.items():
         w, mask = final["model"][n], pruned["masks"][n]
         assert quant.distinct_nonzero(w) <= 2 ** b - 2, n
@@ -384,4 +384,4 @@ def test_quantize_resumes_mid_stage_bit_identically(tmp_path, quantized_run):
     assert "resuming quantize" in resumed.stdout
     a, b = (torch.load(p / "quantize.pt", weights_only=True) for p in (out, tmp_path))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # as the uninterrupted run
-    assert a["admm"]["rho"] == b["admm"]["rho"]
+    assert a["stage_state"]["rho"] == b["stage_state"]["rho"]

@@ -255,7 +255,7 @@ def test_free_training_resumes_exactly(tmp_path):
     proc = run(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain"]), signal_at="pretrain:5:SIGKILL")
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "pretrain.pt").exists() and load_checkpoint(str(out / "pretrain.last.pt"))["step"] == 4
-    assert load_checkpoint(str(out / "pretrain.last.pt"))["free_delta"].abs().sum() > 0
+    assert load_checkpoint(str(out / "pretrain.last.pt"))["method_state"].abs().sum() > 0
     resumed = run(cmd("adv_main.py", out, *free, extra=["--stage", "pretrain", "--resume"]))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "ref" / "pretrain.pt"), weights(out / "pretrain.pt")

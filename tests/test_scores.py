@@ -181,17 +181,17 @@ def test_resume_mid_stage_is_bit_identical(kind, tmp_path):
     with pytest.raises(Interrupted):  # 4 steps per epoch: stopped after step 2 of epoch 2
         train_stage(kind, fresh(), context(cfg, tmp_path / "b", StopAt(6)), init=pre)
     last = load_checkpoint(str(tmp_path / "b" / f"{kind}.last.pt"))
-    assert (last["epoch"], last["step"]) == (1, 2) and last["admm"]["scores"]
+    assert (last["epoch"], last["step"]) == (1, 2) and last["stage_state"]["scores"]
     model = fresh()
     model.load_state_dict(last["model"])
     resumed = train_stage(kind, model, context(cfg, tmp_path / "b", StopAt(0)), resume=last)
     for key in ("model", "masks"):
         assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
-    for n, t in whole["admm"]["scores"].items():
-        assert torch.equal(t, resumed["admm"]["scores"][n])
+    for n, t in whole["stage_state"]["scores"].items():
+        assert torch.equal(t, resumed["stage_state"]["scores"][n])
     if kind == "harp":
-        assert all(torch.equal(t, resumed["admm"]["a"][n]) for n, t in whole["admm"]["a"].items())
-        assert whole["admm"]["gamma"] == resumed["admm"]["gamma"]
+        assert all(torch.equal(t, resumed["stage_state"]["a"][n]) for n, t in whole["stage_state"]["a"].items())
+        assert whole["stage_state"]["gamma"] == resumed["stage_state"]["gamma"]
     assert whole["allocation"] == resumed["allocation"]
     assert whole["optimizer"]["state"][0]["exp_avg"].equal(resumed["optimizer"]["state"][0]["exp_avg"])
 

@@ -28,8 +28,8 @@ from training import tensorboard
 from common import LOG, UserError, get_device, load_checkpoint, seed_everything, setup_logging, write_json
 from config import TABLES, load_config
 from evaluation.accuracy import standard_attacks
-from evaluation.report import format_report, report
-from training.methods import make_method, training_info
+from evaluation.report import checkpoint_meta, final_report, format_report
+from training.methods import make_method
 from models import load_weights, model_from_config
 from training.rundir import RunFolder, default_out
 from pruning.plan import stage_names
@@ -160,14 +160,8 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
         final = folder.final(names[-1])
         ckpt = load_checkpoint(final)
         # the ratios the run pruned to (an allocation's, or HARP's learned ones) in the report's table
-        rep = report(model, allocation_lib.resolved_config({**ckpt, "config": cfg}), test, device, standard_attacks(cfg))
-        rep["training"] = training_info(cfg, adversarial)
-        rep["convergence"] = ckpt.get("metrics", {}).get("convergence", {})
-        # the layers on their levels, found as eval.py finds them
-        q = quant.quantization_meta(model, quant.quantized_layers(cfg, names[-1], model), quant.recorded_scales(ckpt))
-        if q:
-            rep["quantization"] = q["layers"]
-            rep["warnings"] += q["warnings"]
+        rcfg = allocation_lib.resolved_config({**ckpt, "config": cfg})
+        rep = final_report(model, rcfg, test, device, standard_attacks(cfg), checkpoint_meta(ckpt, model, cfg))
         LOG.info("final model (" + final + "):\n" + format_report(rep))
         write_json(folder.file("eval.json"), rep)
     if folder.mirror:

@@ -23,8 +23,8 @@ from pruning.plan import make_stage, stage_names
 from training.state import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
 
 
-# Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
-# LeNet step, 12% of a PGD-3 VGG step (bench/train_step.py); measured on every 10th step only.
+# Natural training accuracy of adversarial training needs an extra clean forward, a few percent of
+# a step (bench/train_step.py measures it); it is measured on every 10th step only.
 NATURAL_EVERY = 10
 
 
@@ -45,7 +45,7 @@ class RunContext:
 # --------------------------------------------------------------------------- the loop
 
 def train_stage(name, model, run, init=None, resume=None):
-    """Run stage ``name`` (one of ``stages.pipeline``'s) on ``model`` and save ``<out>/<name>.pt``;
+    """Run stage ``name`` (one of ``pruning.plan.pipeline``'s) on ``model`` and save ``<out>/<name>.pt``;
     return that checkpoint.
 
     ``init`` is the checkpoint the stage starts from (its weights are already in ``model``; its
@@ -77,7 +77,7 @@ def train_stage(name, model, run, init=None, resume=None):
              + (f", {dist.world()} processes" if dist.launched() else ""))
     loss_label = "loss" if run.method.loss.name == "ce" else run.method.loss.name  # names a TRADES / MART loss
     LOG.info(f"{'stage':8} {'ep':>4} {'lr':>8} {loss_label:>7} {'penalty':>8} {'tr_nat':>6} {'tr_adv':>6} "
-             f"{'te_nat':>6} {'te_pgd':>6} {'resid':>6} {'time':>6}")
+             f"{'te_nat':>6} {'te_pgd':>6} {'gap':>6} {'time':>6}")
     eval_attacks = {"natural": None, "pgd": standard_attacks(cfg, ["pgd"])["pgd"]}
     for epoch in range(state.epoch, sched.loops):
         t0 = time.time()
@@ -163,7 +163,7 @@ def epoch_metrics(state, sched, epoch, train, test, seconds):
             "lr": lr_at(state.cfg[stage.section], *stage.lr_clock(int(sched.passes(epoch, 0)), sched.epochs)),
             "loss_fn": state.method.loss.name, "beta": state.method.loss.beta, **train,
             "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
-            "admm_residual": stage.largest_residual() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
+            "stage_gap": stage.largest_gap() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
             "time": seconds, "convergence": state.convergence()}
 
 
@@ -194,7 +194,7 @@ def log_epoch(m, folder):
     """The epoch's row in the log, and in metrics.jsonl (rank 0)."""
     LOG.info(f"{m['stage']:8} {_fmt_passes(m['passes']):>4} {m['lr']:8.5f} {m['loss']:7.4f} {m['penalty']:8.4f} "
              f"{m['train_natural']:6.3f} {m['train_adv']:6.3f} {m['test_natural']:6.3f} {m['test_pgd']:6.3f} "
-             f"{m['admm_residual']:6.4f} {m['time']:5.1f}s")
+             f"{m['stage_gap']:6.4f} {m['time']:5.1f}s")
     if dist.is_main():
         folder.append_metrics({"kind": "epoch", **m})
 
@@ -219,7 +219,7 @@ def check_finite(state, run):
         name = state.stage.name
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
                         f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
-                        f"(or {state.stage.settings}.rho) and continue with: {run.resume_command}")
+                        f"(or {state.stage.settings_name}.rho) and continue with: {run.resume_command}")
 
 
 def stop(state, run):

@@ -1,7 +1,7 @@
 """Training methods: how one minibatch is turned into optimizer steps.
 
 Each method is a small object with the same hooks, so the training loop never asks which one it
-runs (``engine.run_epoch`` calls ``method.step``):
+runs (``training.loop.run_epoch`` calls ``method.step``):
 
     natural   one step on the clean batch
     pgd       one step on PGD examples (Madry et al. 2018), the ICCV'19 paper's training

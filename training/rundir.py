@@ -64,7 +64,7 @@ def busy(path, owner):
 class RunFolder:
     def __init__(self, path, mirror=None):
         """``mirror``: an object whose ``add(row)`` gets every row appended to metrics.jsonl too
-        (``tblog.TensorBoardLog``), so the two cannot drift apart."""
+        (``training.tensorboard.TensorBoardLog``), so the two cannot drift apart."""
         self.path = path
         self.mirror = mirror
         self.complete = None  # the newest complete checkpoint of this run (path), for write_failed

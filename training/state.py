@@ -1,4 +1,4 @@
-"""What the training loop (``engine.train_stage``) works with: the state a checkpoint holds
+"""What the training loop (``training.loop.train_stage``) works with: the state a checkpoint holds
 (``TrainState``), one epoch's running figures (``EpochMeter``), schedules counted in passes over
 the data (``Schedule``, ``lr_at``), the optimizer, the DDP / compile wrapping, and the stop on
 SIGINT / SIGTERM."""
@@ -124,6 +124,11 @@ class EpochMeter:
 
 # --------------------------------------------------------------------------- the training state
 
+# Checkpoint keys renamed since the format began, (new, old): read under either name, written
+# under the new one. "admm" held any stage's state; "free_delta" any training method's.
+RENAMED = (("stage_state", "admm"), ("method_state", "free_delta"))
+
+
 class TrainState:
     """Everything a running stage's checkpoint holds, with one save path (``state_dict``) and one
     load path (``load_state_dict``): the model, optimizer, gradient scaler, masks, the run's
@@ -165,10 +170,10 @@ class TrainState:
                 "adversarial": self.method.adversarial, "method": self.method.name, "config": self.cfg,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
-                "admm": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
+                "stage_state": self.stage.state_dict(), "masks": {n: k.cpu() for n, k in self.masks.items()} or None,
                 "allocation": self.stage.allocation.state_dict() if self.stage.allocation else None,
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
-                "free_delta": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
+                "method_state": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
                 "convergence": self.convergence(),
                 "world": dist.world(), "git": git_hash()}
 
@@ -179,9 +184,10 @@ class TrainState:
         if self.precision.scaler and ckpt.get("scaler"):
             self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.masks = {n: k.to(self.device) for n, k in (ckpt["masks"] or {}).items()}
-        if ckpt["admm"]:
-            self.stage.load_state_dict(ckpt["admm"], self.device)
-        self.method.load_state_dict(ckpt.get("free_delta"))  # the method's state (free's perturbation, else None)
+        stage_state, method_state = (ckpt.get(new, ckpt.get(old)) for new, old in RENAMED)
+        if stage_state:
+            self.stage.load_state_dict(stage_state, self.device)
+        self.method.load_state_dict(method_state)  # free's perturbation, else None
         self.epoch, self.step, self.metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         figures = dict(ckpt.get("convergence") or {})
         self.stage.figures = figures.pop(self.stage.name, {})

@@ -12,7 +12,7 @@ over the data within the stage (``passes``, rounded up to a whole pass: TensorBo
 integers, so the free method's partial passes, or updates more often than once a pass, share a step):
 
     epoch rows   <stage>/loss, penalty, train_natural, train_adv, test_natural, test_pgd,
-                 best_test_pgd, admm_residual, lr, time; <stage>/pruned_energy/<layer> of the
+                 best_test_pgd, stage_gap, lr, time; <stage>/pruned_energy/<layer> of the
                  stage's hard prune (retrain) or latest magnitude prune (gradual)
     update rows  every figure of a Z/U update: <stage>/rho, <stage>/residual/<layer> (primal
                  ||W - Z|| / ||W||), <stage>/dual_residual/<layer>; gradual: fraction, pruned_energy/<layer>
