@@ -9,6 +9,7 @@ Arch, width, dataset, prune settings and attack defaults come from the config st
 cheaper APGD-CE + APGD-T part; ``*_l2`` are the L2 versions at the --eps-l2 radius.
 """
 import common  # noqa: F401 - first: the commands' preamble (common.py)
+import os
 
 import data as data_lib
 from deploy import formats

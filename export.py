@@ -14,6 +14,7 @@ against the masked model's; an ONNX graph is also checked on the test split (nat
 """
 import argparse
 import common  # noqa: F401 - first: the commands' preamble (common.py)
+import os
 
 import torch
 
