@@ -1,4 +1,4 @@
-"""What the arena's deeper-net check (issue 20) would cost here: the time of one adversarial
+"""What the arena's deeper-net check would cost here: the time of one adversarial
 training step of each deeper net over LeNet w=4's, and the arena's LeNet cells scaled by it.
 
     OMP_NUM_THREADS=1 python bench/arena_cost.py [--summary runs/experiments/arena/summary.json]

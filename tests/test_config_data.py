@@ -9,8 +9,7 @@ import torch
 import config
 import data
 from common import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 # --------------------------------------------------------------------------- config

@@ -19,10 +19,8 @@ from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO, batches, load_data
 from models import model_from_config
-from test_export import inputs, make, max_rel_diff
-from test_quant_export import quantized_lenet
+from helpers import ROOT, inputs, make, max_rel_diff, quantized_lenet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONNX, SAFETENSORS = formats.FORMATS["onnx"], formats.FORMATS["safetensors"]
 
 

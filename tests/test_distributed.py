@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import torch
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SGD, not Adam: Adam's update is ~lr * sign(grad) for tiny gradients, which turns float-rounding
 # differences (a batch of 32 vs 64 sums in another order) into differences of order lr.
 SETTINGS = ["device=cpu", "data.train_limit=640", "pretrain.epochs=2", "admm.epochs=2", "retrain.epochs=1",

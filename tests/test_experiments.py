@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from inherit import inherit, inherited_checkpoint  # noqa: E402

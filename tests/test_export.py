@@ -22,39 +22,9 @@ from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO
 from models import model_from_config
+from helpers import ROOT, SETUPS, inputs, make, max_rel_diff
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETUPS = {"lenet": (2, "demo"), "vgg16": (1, "cifar10"), "resnet18": (1, "cifar10")}  # width, dataset
 SCHEMES = ("irregular", "filter", "column")
-
-
-def make(arch, scheme="irregular", ratio=0.5, seed=0):
-    """(masked model in eval mode, cfg): random weights, every layer pruned at ``ratio`` (but the
-    output layer for filter pruning), then BN statistics measured on random images (as after
-    retraining; a pruned filter's channel gets mean 0, variance 0) and random BN affine
-    parameters, so that such a channel carries a nonzero constant, its BN shift, half the time."""
-    torch.manual_seed(seed)
-    width, dataset = SETUPS[arch]
-    cfg = load_config(None, [f"model.arch={arch}", f"model.width={width}", f"data.dataset={dataset}",
-                             f"prune.sparsity_type={scheme}"])
-    model = model_from_config(cfg, INFO[dataset], "cpu")
-    weights = admm.prunable_weights(model)
-    names = list(weights)[:-1] if scheme == "filter" else list(weights)
-    if ratio:
-        admm.hard_prune(weights, {n: ratio for n in names}, scheme)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for m in bns:
-            m.momentum = None  # cumulative average over the calibration batch
-        model.train()(torch.rand(32, *exportfile.input_shape(cfg)))
-        for m in bns:
-            m.momentum = 0.1
-            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-    return model.eval(), cfg
-
-
-def inputs(cfg, n=16):
-    return torch.rand(n, *exportfile.input_shape(cfg), generator=torch.Generator().manual_seed(1))
 
 
 def roundtrip(model, cfg, tmp_path, storage="compact"):
@@ -62,10 +32,6 @@ def roundtrip(model, cfg, tmp_path, storage="compact"):
     save_checkpoint(exportfile.export_model(model, cfg, storage), path)
     small, cfg2, exp = formats.load_exported(path)
     return small, exp, path
-
-
-def max_rel_diff(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # --------------------------------------------------------------------------- same outputs

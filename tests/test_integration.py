@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small but real run: 500 training digits, short stages, a small eps and weak PGD for speed.
 FAST = ["data.train_limit=500", "pretrain.epochs=5", "pretrain.lr=0.005", "admm.epochs=2", "retrain.epochs=2",

@@ -4,8 +4,8 @@ and the paper's modules are the only Python files at the top (README, Layout).""
 import ast
 import os
 import subprocess
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module may import from its own layer and the ones before it.
 LAYERS = [

@@ -13,8 +13,7 @@ import data as data_lib
 from config import load_config
 from training.methods import AttackTraining, Free, Natural, free_step, make_method, train_step
 from models import build_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "free"])

@@ -17,8 +17,7 @@ from common import UserError
 from config import load_config
 from models import build_model
 from pruning.plan import make_stage, stage_names
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def weights_of(kind, n):

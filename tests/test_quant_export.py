@@ -1,4 +1,4 @@
-"""Quantized models in the report and the export (issue 13): packed codes round-trip bit for bit,
+"""Quantized models in the report and the export: packed codes round-trip bit for bit,
 the export of a 4-bit pruned LeNet is smaller than its float export, eval.py reports bits,
 distinct values, scales and storage bits, and the round-to-nearest baseline (quantize.epochs=0)."""
 import importlib
@@ -18,40 +18,7 @@ from deploy import formats
 from pruning import quant
 from deploy import storage
 from common import save_checkpoint
-from config import load_config
-from data import INFO
-from models import model_from_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def pruned_lenet(ratio=0.5, bits="4"):
-    """(masked LeNet w=2 with random weights, cfg with quant.bits.*=``bits``, masks)."""
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.arch=lenet", "model.width=2", "data.dataset=demo", f"quant.bits.*={bits}",
-                             f"prune.prune_ratios.*={ratio}"])
-    model = model_from_config(cfg, INFO["demo"], "cpu")
-    masks = admm.hard_prune(admm.prunable_weights(model), admm.resolve_ratios(model, cfg["prune"]["prune_ratios"]),
-                            "irregular")
-    return model.eval(), cfg, masks
-
-
-def checkpoint(model, cfg, masks, stage, scales=None):
-    """A checkpoint dict of ``stage`` as the training scripts write it, with the fields export and eval read."""
-    return {"stage": stage, "epoch": 1, "arch": "lenet", "width": 2, "dataset": "demo", "config": cfg,
-            "adversarial": False, "model": model.state_dict(), "masks": masks,
-            "convergence": {"quantize": {"scale": scales}} if scales else {}}
-
-
-def quantized_lenet(ratio=0.5, bits="4"):
-    """(model, cfg, masks, float checkpoint of retrain, quantized checkpoint): the pruned LeNet
-    hard-quantized as the quantize stage's end does, its scales recorded."""
-    model, cfg, masks = pruned_lenet(ratio, bits)
-    before = checkpoint(model, cfg, masks, "retrain")
-    before["model"] = {k: v.clone() for k, v in before["model"].items()}
-    scales, _ = quant.hard_quantize(admm.prunable_weights(model),
-                                    quant.Quantization(quant.resolve_bits(model, cfg["quant"]["bits"]), masks))
-    return model, cfg, masks, before, checkpoint(model, cfg, masks, "quantize", scales)
+from helpers import ROOT, checkpoint, quantized_lenet
 
 
 def inputs(n=16):

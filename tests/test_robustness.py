@@ -14,8 +14,8 @@ import torch
 
 from deploy import formats
 from common import UserError, load_checkpoint, save_checkpoint
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["data.train_limit=640", "pretrain.epochs=2", "admm.epochs=4", "retrain.epochs=1", "adv.steps=2",
          "eval.steps=2", "eval.limit=100", "checkpoint.every_steps=2"]
 

@@ -16,10 +16,9 @@ import torch
 
 from training import command as engine
 from common import UserError, load_checkpoint, run_cli
-from faults import full_disk
+from helpers import ROOT, full_disk
 from training.rundir import RunFolder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 TINY = ["data.train_limit=256", "pretrain.epochs=2", "admm.epochs=1", "retrain.epochs=1", "adv.steps=1",
         "eval.steps=1", "eval.limit=50", "checkpoint.every_steps=2"]

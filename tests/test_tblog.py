@@ -12,8 +12,7 @@ import pytest
 import tblog
 from training import tensorboard
 from common import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_scalars_of_rows_by_hand():

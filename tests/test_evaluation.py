@@ -1,6 +1,6 @@
 """Can the robustness numbers be trusted? Our PGD against the reference APGD-CE, the gradient-masking
 sanity checks on a planted masked model, the L2 threat model, the worst case, the reference
-AutoAttack and its own checks, and eval.py end to end (issues 3 and 11)."""
+AutoAttack and its own checks, and eval.py end to end."""
 import json
 import os
 import subprocess
@@ -16,9 +16,8 @@ from attacks import PGD, AutoAttack
 from evaluation.accuracy import check_attacks, correct_per_example, standard_attacks
 from evaluation.checks import noise, sanity_warnings
 from evaluation.report import report
-from helpers import train_lenet
+from helpers import ROOT, train_lenet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses run on one thread, like the in-process tests (conftest.py): on a busy 2-core machine
 # torch's OpenMP threads spin-wait for a core, and an AutoAttack run took 3x longer with 2 threads.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

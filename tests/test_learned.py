@@ -23,8 +23,8 @@ from models import build_model
 from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.state import Interrupted, TrainState
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 

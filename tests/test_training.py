@@ -17,8 +17,7 @@ from models import build_model
 from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.state import EpochMeter, Schedule, TrainState, lr_at
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 # --------------------------------------------------------------------------- schedules
