@@ -1,4 +1,4 @@
-"""What the arena's deeper-net check (issue 20) would cost here: the time of one adversarial
+"""What the arena's deeper-net check would cost here: the time of one adversarial
 training step of each deeper net over LeNet w=4's, and the arena's LeNet cells scaled by it.
 
     OMP_NUM_THREADS=1 python bench/arena_cost.py [--summary runs/experiments/arena/summary.json]
@@ -10,9 +10,9 @@ cells (training cells and AutoAttack cells apart) by the step ratio: a lower bou
 nets, whose evaluation also costs more per image.
 """
 import argparse
-import json
 import os
 import statistics
+import sys
 
 import torch
 
@@ -23,6 +23,10 @@ from data import INFO
 from training.methods import Precision, make_method
 from models import build_model
 from training.state import make_optimizer
+from common import run_cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from frame import read_summary  # noqa: E402
 
 NETS = (("lenet", 4), ("resnet18", 2))  # vgg16 pools 28x28 images down to nothing
 
@@ -39,9 +43,14 @@ def stepper(cfg, info, arch, width, x, y):
 SEEDS, METHODS, TARGETS = 2, 3, 2  # the check: 3 methods x 95/99 % x 2 seeds; AutoAttack at seed 0
 
 
-def projection(path, ratios):
-    with open(path) as f:
-        cells = [c for c in json.load(f)["cells"] if 5 in c["finding"]]
+def arena_cells(summary):
+    """The arena's cells of a sweep summary (those that serve the finding with the ``arena`` key)."""
+    from findings import FINDINGS
+    number = next(f.number for f in FINDINGS if f.key == "arena")
+    return [c for c in summary["cells"] if number in c["finding"]]
+
+
+def projection(path, cells, ratios):
     wall = {}  # pretrain, autoattack, and "cell" for the pruning cells
     for c in cells:
         wall.setdefault(c["kind"] if c["kind"] in ("pretrain", "autoattack") else "cell", []).append(c["wall_s"])
@@ -63,6 +72,13 @@ def main():
     p.add_argument("--summary", default=None)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
+    return run_cli(bench, args)
+
+
+def bench(args):
+    # the summary is read first: a missing or damaged one ends the command before the timing
+    cells = arena_cells(read_summary(args.summary, "python experiments/sweep.py --spec experiments/arena.yaml")) \
+        if args.summary else None
     cfg = load_config("configs/fashion_mnist.yaml", ["adv.steps=5", "adv.step_size=0.05"])  # the arena's attack
     info = INFO["fashion_mnist"]
     g = torch.Generator().manual_seed(0)
@@ -74,8 +90,9 @@ def main():
     for (arch, width), s in t.items():
         print(f"{arch + ' w=' + str(width):14} {s:7.3f} {s / base:13.2f}")
     if args.summary:
-        projection(args.summary, {n: t[n] / base for n in NETS[1:]})
+        projection(args.summary, cells, {n: t[n] / base for n in NETS[1:]})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -51,7 +51,7 @@ def finding_section(finding, summary, sweeps, out):
     hand, follows a finding with its own sweep, from ``results/<stem>_notes.md``."""
     path = sweeps.get(finding.sweep)
     if finding.key not in summary["spec"] and path and os.path.isfile(path):
-        summary = read_summary(path)
+        summary = read_summary(path, f"python experiments/sweep.py --spec experiments/{finding.sweep}.yaml")
     if finding.key in summary["spec"]:
         sec = finding.section(summary, out)
     elif finding.stem and os.path.isfile(os.path.join(out, "results", f"{finding.stem}.md")):

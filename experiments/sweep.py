@@ -4,14 +4,16 @@
     python experiments/sweep.py --quick --out /tmp/quick          # tiny end-to-end version (~2 min)
     python experiments/sweep.py --dry-run                         # print the cells and commands
 
-A spec (YAML, see ``paper_findings.yaml``) names a base config, seeds and the sizes of each
-finding; ``plan`` asks each finding whose section the spec has for its cells. A cell is a short list of commands (``adv_main.py`` /
-``main.py`` stages, the inherited-init builder) followed by ``eval.py --json``; it depends on
-the cells whose checkpoints it starts from. Every command runs as a subprocess with
-``OMP_NUM_THREADS=1``; ``parallel`` cells run at once.
+A spec (YAML, see ``paper_findings.yaml``; checked by ``spec.py``) names a base config, seeds
+and the sizes of each finding; ``plan`` asks each finding whose section the spec has for its
+cells. A cell is a short list of commands (``adv_main.py`` / ``main.py`` stages, the
+inherited-init builder) followed by ``eval.py --json``; it depends on the cells whose checkpoints
+it starts from. Every command runs as a subprocess with ``OMP_NUM_THREADS=1``; ``parallel``
+cells run at once.
 
-Resumable: a cell whose ``cells/<id>.json`` exists is skipped; inside a cell a stage whose
-checkpoint exists is skipped and a stage that was cut off continues with ``--resume``. After
+Resumable: a cell whose ``cells/<id>.json`` holds its record is skipped (an empty or damaged one
+runs again); inside a cell a stage whose checkpoint exists is skipped and a stage that was cut
+off continues with ``--resume``. After
 every cell ``summary.json`` is rewritten (all finished cells, the plan, what failed), so the
 report can be made from a sweep that is still running.
 
@@ -19,6 +21,7 @@ Output folder (default ``runs/experiments/<spec name>``): ``cells/<id>.json``, `
 ``sweep.log``, and one run folder per cell under ``runs/<id>/`` (checkpoints, logs).
 """
 import argparse
+import difflib
 import fnmatch
 import json
 import os
@@ -34,12 +37,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)  # launch.py, also when this module is imported (tests)
-from common import run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
 from launch import make_launcher  # noqa: E402
 from cells import matched_ratios, weight_counts  # noqa: E402,F401 - the plan's helpers, also used from here
 from findings import FINDINGS  # noqa: E402
 from frame import Cells  # noqa: E402
+from spec import load_spec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the plan
@@ -238,19 +242,29 @@ def autoattack_available():
     return True
 
 
+def read_cell(path):
+    """The record ``cells/<id>.json`` of a finished cell, or None when it is missing, empty or
+    damaged (such a cell is not done: it runs again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("eval"), dict) and "id" in r else None
+
+
 def write_summary(sweep, cells, failed, t_start, done_now):
     results = []
     for c in cells:
-        p = sweep.result(c["id"])
-        if os.path.isfile(p):
-            with open(p) as f:
-                r = json.load(f)
+        r = read_cell(sweep.result(c["id"]))
+        if r is not None:
             # what the plan says the cell serves now (a spec can gain a finding that shares a
             # cell finished before), not what it said when the cell ran
             results.append({**r, "finding": c["finding"]})
+    done = {r["id"] for r in results}
     summary = {"spec": sweep.spec, "out": sweep.out, "planned": [c["id"] for c in cells],
                "done": [r["id"] for r in results], "failed": failed,
-               "missing": [c["id"] for c in cells if not os.path.isfile(sweep.result(c["id"])) and c["id"] not in failed],
+               "missing": [c["id"] for c in cells if c["id"] not in done and c["id"] not in failed],
                "wall_s_this_invocation": round(time.time() - t_start, 1), "finished": done_now,
                "cells": results}
     tmp = os.path.join(sweep.out, "summary.json.tmp")
@@ -264,7 +278,14 @@ def select(cells, only):
     and every cell they need."""
     if not only:
         return cells
-    want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in only.split(","))}
+    prefixes = [p for p in only.split(",") if p]
+    want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in prefixes)}
+    if not want:
+        ids = [c["id"] for c in cells]
+        close = sorted({i for p in prefixes for i in difflib.get_close_matches(p, ids, n=5, cutoff=0.4)})
+        raise UserError(f"--only {only}: no cell id starts with it; "
+                        + (f"close ids: {', '.join(close[:8])}" if close else f"ids look like {', '.join(ids[:3])}")
+                        + " (--dry-run lists them all)")
     grow = True
     while grow:
         need = {d for c in cells if c["id"] in want for d in c["deps"]} - want
@@ -277,9 +298,12 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
     once its inputs are done; a failed cell fails the cells that need it. Returns (done ids,
     {failed id: reason}, cells not run)."""
-    done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
+    done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
     failed = {}
+    for c in pending:
+        if os.path.exists(sweep.result(c["id"])):
+            log(f"warning: {sweep.result(c['id'])} is empty or damaged: the cell runs again")
     log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {launcher.parallel} at once "
         f"({launcher.name}) -> {out}")
     running = {}
@@ -333,11 +357,16 @@ def main(argv=None):
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="a submitit parameter for the jobs, e.g. slurm_partition=gpu, timeout_min=240; repeatable")
     args = p.parse_args(argv)
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
-    with open(spec_path) as f:
-        spec = yaml.safe_load(f)
+    spec = load_spec(spec_path)
     out = args.out or os.path.join(ROOT, "runs", "experiments", spec["name"])
-    cells = select(plan(spec), args.only)
+    try:
+        planned = plan(spec)
+    except ValueError as e:
+        raise UserError(f"{spec_path}: {e}")
+    cells = select(planned, args.only)
     sweep = Sweep(spec, out)
     if args.dry_run:
         for c in cells:
@@ -374,7 +403,7 @@ def _param(kv):
     """``KEY=VALUE`` -> (KEY, the value read as YAML: numbers stay numbers)."""
     key, sep, value = kv.partition("=")
     if not sep:
-        raise SystemExit(f"--slurm {kv!r}: expected KEY=VALUE")
+        raise UserError(f"--slurm {kv!r}: expected KEY=VALUE")
     return key, yaml.safe_load(value)
 
 
