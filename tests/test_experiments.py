@@ -184,6 +184,12 @@ def test_quick_sweep_end_to_end(tmp_path):
     # Resumable: a second run finds every cell done and runs nothing.
     again = run("experiments/sweep.py", "--quick", "--out", str(out))
     assert again.returncode == 0 and f"{len(summary['planned'])} already done" in again.stdout
+    # An empty cell record is not "done": the cell runs again (its stages are done: only its evaluation).
+    (out / "cells" / "pre-nat-w1-s0.json").write_text("")
+    again = run("experiments/sweep.py", "--quick", "--out", str(out))
+    assert again.returncode == 0 and f"{len(summary['planned']) - 1} already done" in again.stdout
+    assert "pre-nat-w1-s0.json is empty or damaged: the cell runs again" in again.stdout
+    assert json.loads((out / "cells" / "pre-nat-w1-s0.json").read_text())["id"] == "pre-nat-w1-s0"
 
     proc = run("experiments/report.py", "--summary", str(out / "summary.json"), "--out", str(docs))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
