@@ -10,8 +10,9 @@ cells (training cells and AutoAttack cells apart) by the step ratio: a lower bou
 nets, whose evaluation also costs more per image.
 """
 import argparse
-import json
+import os
 import statistics
+import sys
 
 import torch
 
@@ -22,6 +23,10 @@ from data import INFO
 from training.methods import Precision, make_method
 from models import build_model
 from training.state import make_optimizer
+from common import run_cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from frame import read_summary  # noqa: E402
 
 NETS = (("lenet", 4), ("resnet18", 2))  # vgg16 pools 28x28 images down to nothing
 
@@ -38,9 +43,14 @@ def stepper(cfg, info, arch, width, x, y):
 SEEDS, METHODS, TARGETS = 2, 3, 2  # the check: 3 methods x 95/99 % x 2 seeds; AutoAttack at seed 0
 
 
-def projection(path, ratios):
-    with open(path) as f:
-        cells = [c for c in json.load(f)["cells"] if 5 in c["finding"]]
+def arena_cells(summary):
+    """The arena's cells of a sweep summary (those that serve the finding with the ``arena`` key)."""
+    from findings import FINDINGS
+    number = next(f.number for f in FINDINGS if f.key == "arena")
+    return [c for c in summary["cells"] if number in c["finding"]]
+
+
+def projection(path, cells, ratios):
     wall = {}  # pretrain, autoattack, and "cell" for the pruning cells
     for c in cells:
         wall.setdefault(c["kind"] if c["kind"] in ("pretrain", "autoattack") else "cell", []).append(c["wall_s"])
@@ -62,6 +72,13 @@ def main():
     p.add_argument("--summary", default=None)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
+    return run_cli(bench, args)
+
+
+def bench(args):
+    # the summary is read first: a missing or damaged one ends the command before the timing
+    cells = arena_cells(read_summary(args.summary, "python experiments/sweep.py --spec experiments/arena.yaml")) \
+        if args.summary else None
     cfg = load_config("configs/fashion_mnist.yaml", ["adv.steps=5", "adv.step_size=0.05"])  # the arena's attack
     info = INFO["fashion_mnist"]
     g = torch.Generator().manual_seed(0)
@@ -73,8 +90,9 @@ def main():
     for (arch, width), s in t.items():
         print(f"{arch + ' w=' + str(width):14} {s:7.3f} {s / base:13.2f}")
     if args.summary:
-        projection(args.summary, {n: t[n] / base for n in NETS[1:]})
+        projection(args.summary, cells, {n: t[n] / base for n in NETS[1:]})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """ADMM, progressive ADMM, one-shot and gradual magnitude pruning on the bundled digits, at the
-same number of epochs after one shared pretrained model (issue 10's new-user comparison).
+same number of epochs after one shared pretrained model (the new-user comparison).
 
 Natural training (``main.py``), LeNet w=4, every layer pruned: conv1 / conv2 / fc1 / fc2 at
 0.8 / 0.97 / 0.99 / 0.9 (98.8 % of the weights). Each cell starts from the same ``pretrain.pt``
@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from common import UserError, run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
 from sweep import method_sets  # noqa: E402
 
@@ -58,6 +59,17 @@ def main(argv=None):
     p.add_argument("--rho-growth", default="1.5")
     p.add_argument("--markdown", help="also write the table to this file")
     a = p.parse_args(argv)
+    return run_cli(run_all, a)
+
+
+def run_all(a):
+    """Every cell of ``a.budgets`` x ``a.seeds``; a budget that does not split is refused first."""
+    admm = [f"prune.rho={a.rho}", f"prune.rho_growth={a.rho_growth}"]
+    for budget in a.budgets:
+        try:
+            cells(budget, admm)
+        except ValueError as e:
+            raise UserError(f"--budgets {budget}: {e}")
     base = ["--config", "configs/demo.yaml", *[x for n, r in RATIOS.items() for x in ("--set", f"prune.prune_ratios.{n}={r}")]]
     rows = []
     os.makedirs(a.out, exist_ok=True)
@@ -68,7 +80,7 @@ def main(argv=None):
             run([sys.executable, "main.py", *base, "--out", pre, "--stage", "pretrain", "--overwrite",
                  *[x for s in sets for x in ("--set", s)]], os.path.join(a.out, "log.txt"))
         for budget in a.budgets:
-            for name, extra in cells(budget, [f"prune.rho={a.rho}", f"prune.rho_growth={a.rho_growth}"]).items():
+            for name, extra in cells(budget, admm).items():
                 out = os.path.join(a.out, f"{name}-e{budget}-s{seed}")
                 if not os.path.isfile(os.path.join(out, "eval.json")):
                     os.makedirs(out, exist_ok=True)
@@ -95,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Finding 5, the robust-pruning arena (``arena.yaml``, issue 20): tables, answers and plot.
+"""Finding 5, the robust-pruning arena (``arena.yaml``): its cells, tables, answers and plot.
 
     python experiments/methods_report.py --summary runs/experiments/arena/summary.json --out docs
 
@@ -15,22 +15,114 @@ Rules, fixed in ``arena.yaml`` before the numbers were seen:
   AutoAttack on 500 (seed 0); where the two order two methods differently, AutoAttack decides.
 - Paired differences against one-shot at the fixed allocation, per seed: mean and sign count.
 """
-import argparse
 import json
 import os
 import statistics
+import sys
 
 import matplotlib
 
-from sweep import ARENA  # the methods' own allocations
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from cells import ROOT, pre  # noqa: E402
+from frame import Finding, Section, Table, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
+
+sys.path.insert(0, ROOT)
+from config import load_config  # noqa: E402
+from pruning.stages import stage_names  # noqa: E402
 
 METHODS = {"oneshot": "one-shot", "gradual": "gradual", "admm": "ADMM", "progressive": "progressive ADMM",
            "hydra": "HYDRA", "harp": "HARP", "admm_harp": "ADMM at HARP's rates"}
 ADMM_FAMILY = ("admm", "progressive", "admm_harp")
 NOT_CONVERGED = 0.05  # largest per-layer pruned energy above which an ADMM-family seed is dropped
+
+
+# The arena's methods: the --set overrides that pick each, and the allocation it prunes
+# at when it does not take the spec's fixed one ("learned": HARP's own; "harp": a HARP cell's). A
+# method with a pruning phase splits the epochs after pretraining (pruning stage, masked
+# fine-tuning) by the spec's split; progressive ADMM splits them evenly over its rounds.
+ARENA = {
+    "oneshot": {"sets": {"prune.method": "oneshot"}},      # magnitude prune, then fine-tuning throughout
+    "gradual": {"sets": {"prune.method": "gradual"}},      # Zhu & Gupta's cubic schedule, then fine-tuning
+    "admm": {"sets": {"prune.method": "admm"}},
+    "progressive": {"sets": {"prune.method": "admm"}},     # with the target's prune.rate_rounds
+    "hydra": {"sets": {"prune.method": "hydra"}},          # scores under the adversarial loss, then fine-tuning
+    "harp": {"sets": {"prune.method": "harp"}, "allocation": "learned"},  # scores and per-layer rates
+    "admm_harp": {"sets": {"prune.method": "admm", "prune.allocation": "from_checkpoint"}, "allocation": "harp"},
+}
+
+
+def arena_sets(method, budget, split, rates=()):
+    """--set overrides that give arena ``method`` ``budget`` epochs after pretraining, split
+    (pruning phase, fine-tuning) in the ratio ``split``; ``rates``: progressive ADMM's rounds."""
+    sets = [f"{k}={v}" for k, v in ARENA[method]["sets"].items()]
+    if method == "oneshot":
+        return sets + [f"retrain.epochs={budget}"]
+    n = len(rates) if method == "progressive" else 1
+    prune, tune = (budget * s // sum(split) // n for s in split)
+    if n * (prune + tune) != budget or not prune or not tune:
+        raise ValueError(f"arena: {budget} epochs do not split {split[0]}:{split[1]} into {n} round(s) of whole epochs")
+    sets += [f"admm.epochs={prune}", f"retrain.epochs={tune}"]
+    return sets + ([f"prune.rate_rounds={list(rates)}"] if method == "progressive" else [])
+
+
+def plan(spec, cells):
+    """The robust-pruning arena's cells: every method of ``arena.methods`` at each
+    overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
+    after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
+    learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
+    repeat some methods' rows (``methods``, ``uniform``; the main ones by default) at some targets
+    and seeds with another schedule or split."""
+    A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
+    w, budget = A["width"], A["budget"]
+    runs = [{"name": "main", "seeds": spec["seeds"], "targets": A["targets"], "split": A["split"], "sets": [],
+             "methods": A["methods"], "uniform": A.get("uniform", [])}]
+    for name, v in (A.get("variants") or {}).items():
+        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform"}
+        if unknown or not {"seeds", "targets"} <= set(v):
+            raise ValueError(f"arena.variants.{name}: keys {', '.join(sorted(v))}; a variant takes seeds and targets, "
+                             "and may take split, sets, methods, uniform")
+        runs.append({**runs[0], "name": name, "sets": [], **v})
+    for run in runs:
+        bad = [m for m in (*run["methods"], *run["uniform"]) if m not in ARENA]
+        if bad:
+            raise ValueError(f"arena ({run['name']}): unknown methods {', '.join(bad)}; choose from {', '.join(ARENA)}")
+        own = [m for m in run["uniform"] if "allocation" in ARENA[m]]
+        if own:
+            raise ValueError(f"arena ({run['name']}): uniform rows of {', '.join(own)}, which prune at their own allocation")
+        if "admm_harp" in run["methods"] and "harp" not in run["methods"]:
+            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods")
+    for seed in spec["seeds"]:
+        cells.add(pre("adv", w, seed), [FINDING.number], "pretrain", seed, {"width": w, "training": "adversarial"},
+            [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+    for run in runs:
+        variant, split, extra = run["name"], run["split"], run["sets"]
+        for seed in run["seeds"]:
+            for t in run["targets"]:
+                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in run["methods"]]
+                rows += [(m, "uniform") for m in run["uniform"]]
+                for method, alloc in rows:
+                    tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
+                    sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",
+                            *A.get("sets", []), *extra,
+                            *arena_sets(method, budget, split, A["rate_rounds"].get(t, ()))]
+                    sets += [] if alloc in ("learned", "harp") else [f"prune.allocation={alloc}"]
+                    if method == "harp":
+                        sets.append(f"prune.allocation={A['allocation']}")  # where its rates start
+                    deps = [pre("adv", w, seed)]
+                    if method == "admm_harp":
+                        harp = f"harp-learned-{tag}"
+                        sets.append(f"prune.rates_from={os.path.join('{out}', 'runs', harp, 'retrain.pt')}")
+                        deps.append(harp)
+                    names = stage_names(load_config(cfg, [*(f"{k}={v}" for k, v in spec["set"].items()), *sets]))
+                    steps = [{"script": "adv_main.py", "stage": name, "sets": sets,
+                              "init": ("cell", pre("adv", w, seed), "pretrain.pt") if i == 0 else None}
+                             for i, name in enumerate(names[1:])]
+                    cells.add(f"{method}-{alloc}-{tag}", [FINDING.number], method, seed,
+                              {"width": w, "training": "adversarial", "target": t, "budget": budget,
+                               "method": method, "allocation": alloc, "variant": variant, "split": list(split)},
+                              steps, "retrain.pt", deps)
 
 
 def largest_energy(ev):
@@ -50,7 +142,7 @@ def rows(summary):
     cells = {c["id"]: c for c in summary["cells"]}
     out = []
     for c in summary["cells"]:
-        if c["kind"] not in METHODS or 5 not in c["finding"]:
+        if c["kind"] not in METHODS or FINDING.number not in c["finding"]:
             continue
         m, ev = c["meta"], c["eval"]
         on_500 = cells.get(f"{c['id']}-aa", {}).get("eval", {}).get("accuracy", {})  # AutoAttack, PGD-20
@@ -64,39 +156,7 @@ def rows(summary):
     return out
 
 
-class Table:
-    """Rows grouped over seeds by the values of ``fields`` (a key is the tuple of them); excluded
-    seeds are left out of every figure but ``excluded``."""
-
-    def __init__(self, rows, fields=("variant", "target", "method", "allocation")):
-        self.groups = {}
-        for r in rows:
-            self.groups.setdefault(tuple(r[f] for f in fields), []).append(r)
-
-    def kept(self, key):
-        return [r for r in self.groups.get(key, []) if not r.get("excluded")]
-
-    def excluded(self, key):
-        return sum(bool(r.get("excluded")) for r in self.groups.get(key, []))
-
-    def values(self, key, metric):
-        """The kept seeds' values of ``metric`` (None, a figure a cell lacks, left out)."""
-        return [r[metric] for r in self.kept(key) if r[metric] is not None]
-
-    def mean(self, key, metric):
-        v = self.values(key, metric)
-        return statistics.fmean(v) if v else None
-
-    def spread(self, key, metric):
-        v = self.values(key, metric)
-        return (max(v) - min(v)) / 2 if v else 0.0
-
-    def cell(self, key, metric):
-        v = self.values(key, metric)
-        if not v:
-            return "-"
-        m = 100 * statistics.fmean(v)
-        return f"{m:.1f}" if len(v) == 1 else f"{m:.1f} ± {100 * self.spread(key, metric):.1f}"
+FIELDS = ("variant", "target", "method", "allocation")  # a table row: its cells over seeds
 
 
 def row_keys(T, variant, target):
@@ -189,17 +249,6 @@ def table_lines(T, variant, target, base):
     return lines + [""]
 
 
-def within_noise(T, a, b, metric, limit):
-    """Whether the means of keys ``a`` and ``b`` of ``T`` (anything with ``mean`` and ``values``)
-    differ by less than the larger half-range over seeds or the binomial standard error at 50 % on
-    ``limit`` images."""
-    ma, mb = T.mean(a, metric), T.mean(b, metric)
-    if ma is None or mb is None:
-        return False
-    spread = max(((max(v) - min(v)) / 2 for v in (T.values(a, metric), T.values(b, metric))), default=0)
-    return abs(ma - mb) < max(spread, (0.25 / limit) ** 0.5)
-
-
 def close(T, w, keys, limit):
     """The note "(within noise: ...)" naming the rows of ``keys`` whose PGD mean is within noise of
     the pick ``w``'s; else ''."""
@@ -240,8 +289,7 @@ def answers(T, A, limit):
     q4 = [f"{100 * t:g} %: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, "main", t), limit)
           for t in A["targets"] if (w := winner(T, row_keys(T, "main", t)))]
     out.append("4. Which method should a user pick? " + ("; ".join(q4) or "not run") + ".")
-    verdict = ("not decided" if not q1 else "**held**" if wins == len(q1) else "**partly held**" if wins
-               else "**did not hold**")
+    verdict = "not decided" if not q1 else tally(wins, len(q1))
     return out + ["", f"The paper's claim (ADMM beats magnitude pruning at high ratios), on equal terms. Verdict: {verdict}.", ""]
 
 
@@ -272,9 +320,9 @@ def variant_lines(T, A):
 
 def section(summary, plot_name="pruning_methods.png"):
     spec, rs = summary["spec"], rows(summary)
-    A, T = spec["arena"], Table(rs)
+    A, T = spec["arena"], Table(rs, FIELDS)
     cfg = lambda key: spec["set"].get(key, "the config's")  # noqa: E731
-    lines = ["## Finding 5: the robust-pruning arena", "",
+    lines = [f"## Finding {FINDING.number}: the robust-pruning arena", "",
              f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images), LeNet "
              f"w={A['width']}, adversarial training (PGD-{cfg('adv.steps')}, cross-entropy) at the config's eps, "
              f"an overall target of {', '.join(f'{100 * t:g}' for t in A['targets'])} % of the prunable weights. "
@@ -304,7 +352,7 @@ def section(summary, plot_name="pruning_methods.png"):
 def plot(summary, path):
     """Robust accuracy against sparsity, one line per row of the main table: AutoAttack (seed 0)
     on the left, PGD-20 (mean over the kept seeds, half-range bars) on the right."""
-    A, T = summary["spec"]["arena"], Table(rows(summary))
+    A, T = summary["spec"]["arena"], Table(rows(summary), FIELDS)
     names = sorted({k[2:] for k in T.groups if k[0] == "main"}, key=lambda k: (list(METHODS).index(k[0]), k[1]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     xs = list(range(len(A["targets"])))
@@ -323,25 +371,11 @@ def plot(summary, path):
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle("Finding 5: robust accuracy vs sparsity (dotted: uniform allocation)", fontsize=10)
+    fig.suptitle(f"Finding {FINDING.number}: robust accuracy vs sparsity (dotted: uniform allocation)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(summary, out, stem, plot_fn, section_fn):
-    """Write ``<out>/<stem>.png`` (``plot_fn``), the section ``<out>/results/<stem>.md`` and its rows
-    ``<out>/results/<stem>.json`` (``section_fn``); return the section's text. Shared by the
-    reports of the findings that have their own sweep."""
-    os.makedirs(os.path.join(out, "results"), exist_ok=True)
-    plot_fn(summary, os.path.join(out, f"{stem}.png"))
-    text, rs = section_fn(summary, f"{stem}.png")
-    with open(os.path.join(out, "results", f"{stem}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results", f"{stem}.json"), "w") as f:
-        json.dump(rs, f, indent=1)
-    return text
 
 
 def write(summary, out):
@@ -349,15 +383,13 @@ def write(summary, out):
     return write_section(summary, out, "pruning_methods", plot, section)
 
 
-def cli(write_fn, stem, description, argv=None):
-    """``--summary`` (default runs/experiments/<stem>/summary.json) -> ``write_fn`` into ``--out``."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--summary", default=f"runs/experiments/{stem}/summary.json")
-    p.add_argument("--out", default="docs", help="folder for the plot; the section goes to <out>/results/")
-    a = p.parse_args(argv)
-    with open(a.summary) as f:
-        print(write_fn(json.load(f), a.out))
-    return 0
+def report_section(summary, out):
+    text = write(summary, out)
+    return Section(verdict_in(text), text.splitlines())
+
+
+FINDING = Finding(5, "ADMM beats magnitude pruning at high ratios", "arena", plan, report_section,
+                  stem="pruning_methods", sweep="arena")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Finding 6 from the quantization sweep (``quantization.yaml``): table, verdict and plot.
+"""Finding 6, the quantization sweep (``quantization.yaml``): its cells, table, verdict and plot.
 
     python experiments/quant_report.py --summary runs/experiments/quantization/summary.json --out docs
 
@@ -9,7 +9,7 @@ model's storage in bits (``storage_bits``: what ``export.py`` writes, without fi
 the energy each layer's hard quantization moved (``convergence.quantize.quantized_energy``). A cell
 is ``mean ± half-range`` over its seeds.
 
-Rules, fixed before the numbers were seen (issue 13):
+Rules, fixed before the numbers were seen:
 - The claim tested (Ye, Feng et al., arXiv:1903.09769): ADMM quantization keeps the pruned
   model's accuracy at low bit widths better than quantizing it directly. Under adversarial
   training the accuracy that decides is PGD accuracy.
@@ -25,12 +25,48 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from methods_report import Table, cli, write_section  # noqa: E402 - seeds' mean ± half-range; shared writer
+from cells import pre  # noqa: E402
+from frame import NOISY, Finding, Section, Table, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
 
 METHODS = {"admm": "ADMM quantization", "rtn": "round-to-nearest"}
 REFERENCES = {"dense": "dense float32", "pruned": "pruned, float32 (sparse)"}
 COLORS = {"admm": "C0", "rtn": "C3", "dense": "k", "pruned": "C7"}
 NOT_CONVERGED = 0.05  # largest per-layer energy moved by the hard quantization above which ADMM did not converge
+
+
+QUANT_METHODS = ("admm", "rtn")  # ADMM quantization; round-to-nearest (the quantize stage with 0 epochs)
+
+
+def plan(spec, cells):
+    """The cells: one pruned model per seed (the config's ratios, ADMM + masked retraining after
+    pretraining), then its weights quantized to each of ``bits`` by ADMM quantization (the quantize
+    stage, ``epochs`` epochs) and by round-to-nearest (the same stage with 0 epochs: no training).
+    The dense (pretrain) and pruned float models are the cells the references come from."""
+    q = spec["quantization"]
+    w, mode = q["width"], q["training"]
+    unknown = [m for m in q["methods"] if m not in QUANT_METHODS]
+    if mode not in ("adv", "nat") or unknown:
+        raise ValueError(f"quantization: training must be adv or nat and methods among {', '.join(QUANT_METHODS)}; "
+                         f"got {mode!r}, {q['methods']!r}")
+    script, training = ("adv_main.py", "adversarial") if mode == "adv" else ("main.py", "natural")
+    for seed in spec["seeds"]:
+        dense, pruned = pre(mode, w, seed), f"pruned-{mode}-w{w}-s{seed}"
+        cells.add(dense, [FINDING.number], "pretrain", seed, {"width": w, "training": training},
+                  [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+        cells.add(pruned, [FINDING.number], "pruned", seed, {"width": w, "training": training},
+                  [{"script": script, "stage": "admm", "init": ("cell", dense, "pretrain.pt"),
+                    "sets": [f"model.width={w}"]},
+                   {"script": script, "stage": "retrain", "init": None, "sets": [f"model.width={w}"]}],
+                  "retrain.pt", [dense])
+        for bits in q["bits"]:
+            for method in q["methods"]:
+                epochs = q["epochs"] if method == "admm" else 0
+                sets = [f"model.width={w}", f"quant.bits.*={bits}", f"quantize.epochs={epochs}"]
+                cells.add(f"quant-{method}-{mode}-b{bits}-s{seed}", [FINDING.number], "quantize", seed,
+                          {"width": w, "training": training, "bits": bits, "method": method, "epochs": epochs},
+                          [{"script": script, "stage": "quantize", "init": ("cell", pruned, "retrain.pt"),
+                            "sets": sets}],
+                          "quantize.pt", [pruned])
 
 
 def moved_energy(ev):
@@ -44,7 +80,7 @@ def rows(summary):
     and pruned), bits, seed, accuracies, size in bits and the largest moved energy."""
     out = []
     for c in summary["cells"]:
-        if 6 not in c["finding"] or c["kind"] not in ("pretrain", "pruned", "quantize"):
+        if FINDING.number not in c["finding"] or c["kind"] not in ("pretrain", "pruned", "quantize"):
             continue
         ev, m = c["eval"], c["meta"]
         sb = ev.get("storage_bits") or {}
@@ -71,7 +107,7 @@ def section(summary, plot_name="quantization.png"):
     q, T = spec["quantization"], Table(rs, ("method", "bits"))
     cfg = lambda key: spec["set"].get(key, "the config's")  # noqa: E731
     bits, limit = q["bits"], spec["eval"]["limit"]
-    lines = ["## Finding 6: ADMM quantization vs round-to-nearest, on a pruned robust model", "",
+    lines = [f"## Finding {FINDING.number}: ADMM quantization vs round-to-nearest, on a pruned robust model", "",
              f"{spec.get('dataset', 'fashion_mnist')} (the first {cfg('data.train_limit')} training images and "
              f"{limit:,} test images), LeNet w={q['width']}, {q['training']} training (PGD-{cfg('adv.steps')}) at "
              f"every stage. Per seed: pretraining ({cfg('pretrain.epochs')} epochs), ADMM pruning "
@@ -105,8 +141,7 @@ def section(summary, plot_name="quantization.png"):
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {kbits(T, ('admm', b))} / {kbits(T, ('rtn', b))} | {seeds} |")
         a, r = T.mean(("admm", b), "pgd"), T.mean(("rtn", b), "pgd")
         if a is not None and r is not None and converged(T, ("admm", b)):
-            noise = max(T.spread(("admm", b), "pgd"), T.spread(("rtn", b), "pgd"), (0.25 / limit) ** 0.5)
-            decided.append((b, a, r, abs(a - r) < noise, paired(T, b)))
+            decided.append((b, a, r, within_noise(T, ("admm", b), ("rtn", b), "pgd", limit), paired(T, b)))
     lines += [""] + verdict_lines(decided, T) + [f"![accuracy vs size]({plot_name})", ""] + cost_lines(rs)
     return "\n".join(lines), rs
 
@@ -121,11 +156,10 @@ def paired(T, b):
 
 def verdict_lines(decided, T):
     n, wins = len(decided), sum(a >= r for _, a, r, _, _ in decided)
-    verdict = ("not decided (no bit width where ADMM converged)" if not n else
-               "**held**" if wins == n else "**partly held**" if wins else "**did not hold**")
+    verdict = "not decided (no bit width where ADMM converged)" if not n else tally(wins, n)
     noisy = [f"{b} bits" for b, _, _, w, _ in decided if w]
     if noisy:
-        verdict += " by the means, but some margins are within noise"
+        verdict += NOISY
     pruned = T.mean(("pruned", 32), "pgd")
     lines = [f"Rule: at each bit width ADMM quantization wins when its mean PGD accuracy is at least "
              f"round-to-nearest's. It won {wins} of the {n} bit widths where it converged. Verdict: {verdict}."]
@@ -184,7 +218,7 @@ def plot(summary, path):
         ax.set_ylabel(f"{'PGD' if metric == 'pgd' else 'natural'} accuracy (%)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Finding 6: accuracy vs size of a pruned robust LeNet, by quantization method", fontsize=10)
+    fig.suptitle(f"Finding {FINDING.number}: accuracy vs size of a pruned robust LeNet, by quantization method", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,6 +227,15 @@ def plot(summary, path):
 def write(summary, out):
     """Write Finding 6's plot, section and rows under ``out``; return the section's text."""
     return write_section(summary, out, "quantization", plot, section)
+
+
+def report_section(summary, out):
+    text = write(summary, out)
+    return Section(verdict_in(text), text.splitlines())
+
+
+FINDING = Finding(6, "ADMM quantization keeps a pruned robust model's accuracy better than round-to-nearest",
+                  "quantization", plan, report_section, stem="quantization", sweep="quantization")
 
 
 if __name__ == "__main__":

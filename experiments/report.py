@@ -3,11 +3,11 @@
     python experiments/report.py                       # runs/experiments/paper_findings -> docs/
     python experiments/report.py --summary S --out D [--methods M] [--quantization Q]
 
-Findings 1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared) and 6
-(ADMM quantization vs round-to-nearest) have their own sweeps (``arena.yaml``,
-``quantization.yaml``): each comes from its sweep's summary (``--methods``, ``--quantization``, or
-the same summary when its spec has the section) through ``methods_report.py`` /
-``quant_report.py``, or else from the section that last wrote (``results/<sweep name>.md``).
+The findings are those of ``findings.py``, each a module that writes its own section. Findings
+1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared) and 6 (ADMM
+quantization vs round-to-nearest) have their own sweeps (``arena.yaml``, ``quantization.yaml``):
+each comes from its sweep's summary (``--methods``, ``--quantization``, or the same summary when
+its spec has the section), or else from the section that last wrote (``results/<stem>.md``).
 
 Every number comes from the cells' ``eval.py`` reports. Over seeds a cell is shown as
 ``mean ± half-range`` (for two seeds: the distance of each seed from the mean), with the number
@@ -20,7 +20,7 @@ import os
 import re
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import matplotlib
 
@@ -30,280 +30,70 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from sweep import weight_counts  # noqa: E402
-import methods_report  # noqa: E402
-import quant_report  # noqa: E402
+import capacity  # noqa: E402
+import paper  # noqa: E402
+import schemes  # noqa: E402
+from cells import total_weights  # noqa: E402
+from common import run_cli  # noqa: E402
+from findings import FINDINGS  # noqa: E402
+from frame import Section, read_summary, verdict_in  # noqa: E402
 
 
-# --------------------------------------------------------------------------- numbers
+# --------------------------------------------------------------------------- sections
 
-def total_weights(width):
-    """Weights of the dense LeNet of ``width`` (conv and linear layers)."""
-    return sum(weight_counts("lenet", width).values())
+PAPER = {f.number for f in FINDINGS if f.key == paper.KEY}  # the findings of paper_findings.yaml
 
 
-class Results:
-    """Cells grouped over seeds: ``get(key, metric)`` -> list of per-seed values."""
-
-    def __init__(self, summary):
-        self.summary, self.spec = summary, summary["spec"]
-        self.by_key = defaultdict(list)
-        for c in summary["cells"]:
-            base = c["id"][:-3] if c["id"].endswith("-aa") else c["id"]  # AutoAttack cells: <id>-aa
-            key = ("aa-" if base != c["id"] else "") + base.rsplit("-s", 1)[0]
-            self.by_key[key].append(c)
-
-    def values(self, key, metric):
-        out = []
-        for c in self.by_key.get(key, []):
-            acc = c["eval"]["accuracy"]
-            if metric == "nonzero":
-                out.append(sum(L["nonzero"] for L in c["eval"]["sparsity"]["layers"]))
-            elif metric == "worst_case":
-                out.append(c["eval"]["worst_case"])
-            elif metric in acc:
-                out.append(acc[metric])
-        return out
-
-    def mean(self, key, metric):
-        v = self.values(key, metric)
-        return statistics.fmean(v) if v else None
-
-    def cell(self, key, metric, pct=True):
-        v = self.values(key, metric)
-        if not v:
-            return "-"
-        scale = 100 if pct else 1
-        m = statistics.fmean(v) * scale
-        if len(v) == 1 or not pct and max(v) == min(v):
-            return f"{m:.1f}" if pct else f"{m:,.0f}"
-        half = (max(v) - min(v)) / 2 * scale
-        return f"{m:.1f} ± {half:.1f}" if pct else f"{m:,.0f} ± {half:,.0f}"
-
-    def seeds(self, key):
-        return len(self.by_key.get(key, []))
-
-
-HEADLINE = {}  # finding -> its key numbers, for the summary at the top
-NAMES = {1: "capacity: robust accuracy needs width", 2: "pruning a wide model beats training the small one",
-         3: "irregular >= column >= filter", 4: "natural pruning loses robustness, adversarial ADMM keeps it",
-         5: "ADMM beats magnitude pruning at high ratios",
-         6: "ADMM quantization keeps a pruned robust model's accuracy better than round-to-nearest"}
-
-
-def noise_note(R, comparisons):
-    """A sentence naming the comparisons ((label, a, b, metric)) that are within noise, or ''."""
-    limit = R.spec["eval"]["limit"]
-    weak = [label for label, a, b, metric in comparisons if methods_report.within_noise(R, a, b, metric, limit)]
-    return (" Within noise (difference smaller than the seed spread or the binomial standard error): "
-            + "; ".join(weak) + ".") if weak else ""
-
-
-def pct(x):
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def diff(a, b):
-    return None if a is None or b is None else a - b
-
-
-# --------------------------------------------------------------------------- tables and verdicts
-
-def finding1(R, lines):
-    widths = R.spec["widths"]
-    lines += ["## Finding 1: capacity", "",
-              "Dense LeNet of width w (conv 2w, conv 4w, fc 64w), trained naturally (`main.py`) or with "
-              "PGD (`adv_main.py`). Accuracy in % on the evaluation subset.", "",
-              "| w | weights | natural training: natural | natural training: PGD | adversarial training: natural "
-              "| adversarial training: FGSM | adversarial training: PGD | seeds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for w in widths:
-        n, a = f"pre-nat-w{w}", f"pre-adv-w{w}"
-        lines.append(f"| {w} | {total_weights(w):,} | {R.cell(n, 'natural')} | {R.cell(n, 'pgd')} "
-                     f"| {R.cell(a, 'natural')} | {R.cell(a, 'fgsm')} | {R.cell(a, 'pgd')} | {R.seeds(a)} |")
-    lo, hi = f"w{min(widths)}", f"w{max(widths)}"
-    d_rob = diff(R.mean(f"pre-adv-{hi}", "pgd"), R.mean(f"pre-adv-{lo}", "pgd"))
-    d_nat = diff(R.mean(f"pre-nat-{hi}", "natural"), R.mean(f"pre-nat-{lo}", "natural"))
-    d_nat_adv = diff(R.mean(f"pre-adv-{hi}", "natural"), R.mean(f"pre-adv-{lo}", "natural"))
-    if d_rob is None or d_nat is None:
-        verdict = "not decided (cells missing)"
-    elif d_rob >= 2 * max(d_nat, 0):
-        verdict = "**held**"
-    elif d_rob > d_nat:
-        verdict = "**partly held** (robust accuracy rose more, but less than twice as much)"
-    else:
-        verdict = "**did not hold**"
-    if verdict == "**held**" and d_nat_adv is not None and d_nat_adv >= d_rob / 2:
-        verdict += (" for the rule as stated; but under adversarial training natural accuracy rose about as much "
-                    "as robust accuracy, so capacity helps adversarial training as a whole, not robustness alone")
-    HEADLINE[1] = (f"w={min(widths)} -> w={max(widths)}: adversarially trained PGD accuracy {pct(R.mean(f'pre-adv-{lo}', 'pgd'))} -> "
-                   f"{pct(R.mean(f'pre-adv-{hi}', 'pgd'))} (+{pct(d_rob)}), naturally trained natural accuracy "
-                   f"{pct(R.mean(f'pre-nat-{lo}', 'natural'))} -> {pct(R.mean(f'pre-nat-{hi}', 'natural'))} (+{pct(d_nat)})")
-    lines += ["", f"From w={min(widths)} to w={max(widths)}: PGD accuracy of the adversarially trained models "
-              f"rose by {pct(d_rob)} points; natural accuracy of the naturally trained models by {pct(d_nat)} "
-              f"points (of the adversarially trained ones by {pct(d_nat_adv)}). Rule: held if the robust gain is "
-              f"at least twice the natural gain. Verdict: {verdict}.", ""]
-    return verdict
-
-
-def finding2(R, lines):
-    L, S = R.spec["large_width"], R.spec["small_width"]
-    rows = [(f"dense w={L}, adversarial training (the model that is pruned)", f"pre-adv-w{L}"),
-            (f"w={L} pruned to w={S}'s weight count: adversarial ADMM, irregular", f"admm-irregular-w{S}count"),
-            (f"dense w={S}, adversarial training from scratch", f"pre-adv-w{S}"),
-            (f"dense w={S}, inherited initialization from w={L}, then adversarial training", f"inherit-w{S}-from-w{L}")]
-    has_aa = any(R.values("aa-" + k, "autoattack") for _, k in rows)
-    lines += ["## Finding 2: pruning beats training the small model", "",
-              "| model | nonzero weights | natural | PGD | " + (f"AutoAttack ({R.spec['autoattack']['limit']} images, seed {', '.join(map(str, R.spec['autoattack']['seeds']))}) | " if has_aa else "") + "seeds |",
-              "| --- | --- | --- | --- | " + ("--- | " if has_aa else "") + "--- |"]
-    for name, k in rows:
-        aa = f"{R.cell('aa-' + k, 'autoattack')} (PGD {R.cell('aa-' + k, 'pgd')}) | " if has_aa else ""
-        lines.append(f"| {name} | {R.cell(k, 'nonzero', pct=False)} | {R.cell(k, 'natural')} | {R.cell(k, 'pgd')} | "
-                     f"{aa}{R.seeds(k)} |")
-    p, s, i = rows[1][1], rows[2][1], rows[3][1]
-    m = {k: (R.mean(k, "natural"), R.mean(k, "pgd")) for k in (p, s, i)}
-    if any(v is None for t in m.values() for v in t):
-        verdict = "not decided (cells missing)"
-    else:
-        wins = [m[p][j] > m[o][j] for o in (s, i) for j in (0, 1)]
-        verdict = "**held**" if all(wins) else ("**partly held**" if any(wins) else "**did not hold**")
-    note = noise_note(R, [("pruned vs scratch, natural", p, s, "natural"), ("pruned vs scratch, PGD", p, s, "pgd"),
-                          ("pruned vs inherited, natural", p, i, "natural"), ("pruned vs inherited, PGD", p, i, "pgd")])
-    if note and verdict.startswith("**"):
-        verdict += " by the means, but some margins are within noise"
-    HEADLINE[2] = (f"PGD accuracy: pruned {pct(m[p][1])}, from scratch {pct(m[s][1])}, inherited {pct(m[i][1])}; "
-                   f"natural: {pct(m[p][0])}, {pct(m[s][0])}, {pct(m[i][0])}")
-    aa = [R.mean("aa-" + k, "autoattack") for k in (p, s, i)]
-    if None not in aa:
-        note += (f" Under AutoAttack ({R.spec['autoattack']['limit']} images, seed "
-                 f"{', '.join(map(str, R.spec['autoattack']['seeds']))}): pruned {pct(aa[0])}, from scratch "
-                 f"{pct(aa[1])}, inherited {pct(aa[2])}.")
-        HEADLINE[2] += f"; AutoAttack (100 images): {pct(aa[0])}, {pct(aa[1])}, {pct(aa[2])}"
-    lines += ["", f"Pruned vs from scratch: natural {pct(diff(m[p][0], m[s][0]))}, PGD {pct(diff(m[p][1], m[s][1]))} "
-              f"points; pruned vs inherited: natural {pct(diff(m[p][0], m[i][0]))}, PGD "
-              f"{pct(diff(m[p][1], m[i][1]))} points. Rule: held if the pruned model's mean is higher than both "
-              f"on both natural and PGD accuracy. Verdict: {verdict}." + note, "",
-              f"The pruned model keeps w={L}'s biases ({70 * L + 10} vs {70 * S + 10} for w={S}) and a dense "
-              "output layer (see Finding 3); its weight count is matched exactly. The pruned and inherited models "
-              f"get {R.spec['admm_epochs'] + R.spec['retrain_epochs']} epochs of fine-tuning on top of w={L}'s "
-              f"{R.spec['set'].get('pretrain.epochs', '?')} pretraining epochs; the small model from scratch gets "
-              f"{R.spec['set'].get('pretrain.epochs', '?')} epochs.", ""]
-    return verdict
-
-
-def compression(R, key):
-    """Total weights of the large model / nonzero weights of ``key``'s models (mean over seeds)."""
-    nz = R.mean(key, "nonzero")
-    return None if not nz else total_weights(R.spec["large_width"]) / nz
-
-
-def finding3(R, lines):
-    L, schemes = R.spec["large_width"], R.spec["schemes"]
-    lines += ["## Finding 3: pruning schemes at the same ratio", "",
-              f"w={L} (adversarially trained) pruned by adversarial ADMM + masked adversarial retraining to the "
-              "weight count of a dense smaller width; conv1 and conv2 get that width's layer sizes, fc2 stays "
-              "dense (filter pruning must not remove classes), fc1 takes up the rest, the same ratios for every "
-              "scheme.", "",
-              "| target | compression | scheme | natural | PGD | seeds |", "| --- | --- | --- | --- | --- | --- |"]
-    verdicts, first_best, pairs = [], [], []
-    for m in R.spec["prune_to_widths"]:
-        for sch in schemes:
-            k = f"admm-{sch}-w{m}count"
-            c = compression(R, k)
-            lines.append(f"| w={m} weights | {'-' if c is None else f'{c:.1f}x'} | {sch} | {R.cell(k, 'natural')} | "
-                         f"{R.cell(k, 'pgd')} | {R.seeds(k)} |")
-        d = f"dense w={m}, adversarial training"
-        lines.append(f"| w={m} weights | {total_weights(L) / total_weights(m):.1f}x "
-                     f"| ({d}) | {R.cell(f'pre-adv-w{m}', 'natural')} | {R.cell(f'pre-adv-w{m}', 'pgd')} | "
-                     f"{R.seeds(f'pre-adv-w{m}')} |")
-        rob = [R.mean(f"admm-{sch}-w{m}count", "pgd") for sch in schemes]
-        if None not in rob:
-            verdicts.append(all(a >= b for a, b in zip(rob, rob[1:])))
-            first_best.append(rob[0] >= max(rob[1:]))
-            pairs.append(", ".join(f"{x} {'>=' if a >= b else '<'} {y} ({100 * a:.1f} vs {100 * b:.1f})"
-                                   for x, y, a, b in zip(schemes, schemes[1:], rob, rob[1:])) + f" at w={m}'s count")
-    if not verdicts:
-        verdict = "not decided (cells missing)"
-    elif all(verdicts):
-        verdict = "**held**"
-    elif all(first_best):
-        verdict = f"**partly held** ({schemes[0]} was best at every target, but the order of the others was not as claimed)"
-    else:
-        verdict = "**did not hold**"
-    HEADLINE[3] = "PGD " + "; ".join(pairs)
-    lines += ["", f"Mean PGD accuracy: {'; '.join(pairs)}. Rule: held if it is ordered {' >= '.join(schemes)} at "
-              f"every target: {sum(verdicts)} of {len(verdicts)}. Verdict: {verdict}. "
-              "See also `accuracy_vs_compression.png`.", ""]
-    return verdict
-
-
-def finding4(R, lines):
-    L, S = R.spec["large_width"], R.spec["small_width"]
-    a, n = f"admm-irregular-w{S}count", f"natadmm-irregular-w{S}count"
-    lines += ["## Finding 4: adversarial training is needed while pruning", "",
-              f"The same adversarially trained w={L} model, pruned (irregular) to w={S}'s weight count.", "",
-              "| pruning | natural | FGSM | PGD | seeds |", "| --- | --- | --- | --- | --- |",
-              f"| none (dense w={L}, adversarial training) | {R.cell(f'pre-adv-w{L}', 'natural')} | "
-              f"{R.cell(f'pre-adv-w{L}', 'fgsm')} | {R.cell(f'pre-adv-w{L}', 'pgd')} | {R.seeds(f'pre-adv-w{L}')} |",
-              f"| adversarial ADMM + adversarial retraining (`adv_main.py`) | {R.cell(a, 'natural')} | "
-              f"{R.cell(a, 'fgsm')} | {R.cell(a, 'pgd')} | {R.seeds(a)} |",
-              f"| natural ADMM + natural retraining (`main.py`) | {R.cell(n, 'natural')} | {R.cell(n, 'fgsm')} | "
-              f"{R.cell(n, 'pgd')} | {R.seeds(n)} |"]
-    dense, adv, nat = R.mean(f"pre-adv-w{L}", "pgd"), R.mean(a, "pgd"), R.mean(n, "pgd")
-    if None in (dense, adv, nat):
-        verdict = "not decided (cells missing)"
-    else:
-        lost, kept = dense - nat, dense - adv
-        verdict = "**held**" if lost >= 0.10 and kept < lost / 2 else "**did not hold**"
-    HEADLINE[4] = (f"PGD accuracy: dense {pct(dense)}, adversarial ADMM {pct(adv)}, natural ADMM + retraining {pct(nat)}")
-    lines += ["", f"PGD accuracy lost against the dense model: natural pruning {pct(diff(dense, nat))} points, "
-              f"adversarial pruning {pct(diff(dense, adv))} points. Rule: held if natural pruning loses at least "
-              f"10 points and adversarial pruning less than half of that. Verdict: {verdict}.", ""]
-    return verdict
-
-
-def own_sweep_finding(n, title, key, writer, stem, summary, sweep_path, out):
-    """(verdict, section) of Finding ``n``, which has its own sweep (a spec with section ``key``):
-    from ``summary`` when its spec has that section, else from the sweep's summary at
-    ``sweep_path``, else the section stored by the last run (``<out>/results/<stem>.md``). The
-    reading of the numbers, written by hand, follows it from ``results/<stem>_notes.md``."""
-    stored = os.path.join(out, "results", f"{stem}.md")
-    if key not in summary["spec"] and os.path.isfile(sweep_path):
-        with open(sweep_path) as f:
-            summary = json.load(f)
-    if key in summary["spec"]:
-        text = writer.write(summary, out)
-    elif os.path.isfile(stored):
-        with open(stored) as f:
+def finding_section(finding, summary, sweeps, out):
+    """The ``Section`` of ``finding``: from ``summary`` when its spec has the finding's key, else
+    from its own sweep's summary (``sweeps[finding.sweep]``) when that exists, else the section
+    stored by the last run (``<out>/results/<stem>.md``). The reading of the numbers, written by
+    hand, follows a finding with its own sweep, from ``results/<stem>_notes.md``."""
+    path = sweeps.get(finding.sweep)
+    if finding.key not in summary["spec"] and path and os.path.isfile(path):
+        summary = read_summary(path, f"python experiments/sweep.py --spec experiments/{finding.sweep}.yaml")
+    if finding.key in summary["spec"]:
+        sec = finding.section(summary, out)
+    elif finding.stem and os.path.isfile(os.path.join(out, "results", f"{finding.stem}.md")):
+        with open(os.path.join(out, "results", f"{finding.stem}.md")) as f:
             text = f.read()
+        sec = Section(verdict_in(text), text.splitlines())
     else:
-        return "not run", f"## Finding {n}: {title}\n\nNot run: python experiments/sweep.py --spec experiments/{stem}.yaml\n"
-    notes = os.path.join(out, "results", f"{stem}_notes.md")
-    if os.path.isfile(notes):
+        spec = finding.sweep or "paper_findings"
+        return Section("not run", [f"## Finding {finding.number}: {finding.title}", "",
+                                   f"Not run: python experiments/sweep.py --spec experiments/{spec}.yaml"])
+    notes = os.path.join(out, "results", f"{finding.stem}_notes.md") if finding.stem else None
+    if notes and os.path.isfile(notes):
         with open(notes) as f:
-            text = text.rstrip() + "\n\n" + f.read()
-    verdict = next((line.split("Verdict: ", 1)[1].rstrip(".") for line in text.splitlines() if "Verdict: " in line),
-                   "see the section")
-    return verdict, text
+            text = "\n".join(sec.lines).rstrip() + "\n\n" + f.read()
+        sec = Section(sec.verdict, text.splitlines(), sec.headline)
+    return sec
+
+
+def seeds_per_cell(summary):
+    """The largest number of seeds that ran one cell (same kind and settings)."""
+    cells = Counter((c["kind"], json.dumps({k: v for k, v in c["meta"].items() if k != "of"}, sort_keys=True))
+                    for c in summary["cells"])
+    return max(cells.values(), default=0)
 
 
 # --------------------------------------------------------------------------- plots
 
-def _err(R, key, metric):
-    v = R.values(key, metric)
+def _err(T, key, metric):
+    v = T.values(key, metric)
     if not v:
         return None, None
     return 100 * statistics.fmean(v), 100 * (max(v) - min(v)) / 2
 
 
-def plot_width(R, path):
-    widths = R.spec["widths"]
+def plot_width(summary, path):
+    T, widths = paper.table(summary), summary["spec"]["widths"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for mode, metric, style, label in (("adv", "pgd", "o-", "adversarial training: PGD"),
-                                       ("adv", "natural", "o--", "adversarial training: natural"),
-                                       ("nat", "natural", "s--", "natural training: natural"),
-                                       ("nat", "pgd", "s-", "natural training: PGD")):
-        pts = [(w, *_err(R, f"pre-{mode}-w{w}", metric)) for w in widths]
+    for training, metric, style, label in (("adversarial", "pgd", "o-", "adversarial training: PGD"),
+                                           ("adversarial", "natural", "o--", "adversarial training: natural"),
+                                           ("natural", "natural", "s--", "natural training: natural"),
+                                           ("natural", "pgd", "s-", "natural training: PGD")):
+        pts = [(w, *_err(T, paper.dense(T, training, w), metric)) for w in widths]
         pts = [p for p in pts if p[1] is not None]
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
@@ -312,7 +102,7 @@ def plot_width(R, path):
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel("LeNet width w")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Finding 1: accuracy vs width")
+    ax.set_title(f"Finding {capacity.FINDING.number}: accuracy vs width")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -320,25 +110,26 @@ def plot_width(R, path):
     plt.close(fig)
 
 
-def plot_compression(R, path):
-    L = R.spec["large_width"]
+def plot_compression(summary, path):
+    T, spec = paper.table(summary), summary["spec"]
+    L = spec["large_width"]
     total = total_weights(L)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, metric in zip(axes, ("natural", "pgd")):
-        dense = _err(R, f"pre-adv-w{L}", metric)
-        for sch, mk in zip(R.spec["schemes"], "o^s"):
+        dense = _err(T, paper.dense(T, "adversarial", L), metric)
+        for sch, mk in zip(spec["schemes"], "o^s"):
             pts = [(1.0, *dense)] if dense[0] is not None else []
-            for m in R.spec["prune_to_widths"]:
-                k = f"admm-{sch}-w{m}count"
-                c, (y, e) = compression(R, k), _err(R, k, metric)
+            for m in spec["prune_to_widths"]:
+                k = paper.pruned(T, spec, sch, m)
+                c, (y, e) = schemes.compression(T, spec, k), _err(T, k, metric)
                 if c is not None:
                     pts.append((c, y, e))
             pts.sort()
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=mk + "-",
                             capsize=3, label=f"w={L} pruned: {sch}")
-        ws = [w for w in R.spec["widths"] if w <= L]
-        pts = [(total / total_weights(w), *_err(R, f"pre-adv-w{w}", metric), w) for w in ws]
+        ws = [w for w in spec["widths"] if w <= L]
+        pts = [(total / total_weights(w), *_err(T, paper.dense(T, "adversarial", w), metric), w) for w in ws]
         pts = [p for p in pts if p[1] is not None]
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="k*", ms=11,
@@ -353,7 +144,7 @@ def plot_compression(R, path):
         ax.set_ylabel(f"{'natural' if metric == 'natural' else 'PGD'} accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Findings 2-3: accuracy vs compression, per scheme (adversarial ADMM)")
+    fig.suptitle(f"Findings {min(PAPER) + 1}-{schemes.FINDING.number}: accuracy vs compression, per scheme (adversarial ADMM)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -361,10 +152,10 @@ def plot_compression(R, path):
 
 # --------------------------------------------------------------------------- the document
 
-def setup_section(R, summary_path):
-    s, e = R.spec, R.spec["eval"]
+def setup_section(summary, summary_path):
+    s, e = summary["spec"], summary["spec"]["eval"]
     st = s["set"]
-    cells = R.summary["cells"]
+    cells = summary["cells"]
     an = next((c["eval"]["attack"] for c in cells if c["kind"] != "autoattack"), None)
     lines = ["## Setup", "",
              f"- Base config `{s['config']}`; every training run adds "
@@ -396,8 +187,8 @@ def setup_section(R, summary_path):
     return lines
 
 
-def cost_section(R):
-    cells = [c for c in R.summary["cells"]]
+def cost_section(summary):
+    cells = summary["cells"]
     by_kind = defaultdict(list)
     for c in cells:
         by_kind[(c["kind"], c["meta"].get("width"), c["meta"].get("training"))].append(c)
@@ -409,7 +200,7 @@ def cost_section(R):
     for (kind, w, tr), cs in sorted(by_kind.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2] or "")):
         lines.append(f"| {kind} | {w} | {tr} | {len(cs)} | {statistics.fmean(c['wall_s'] for c in cs):.0f} | "
                      f"{statistics.fmean(c.get('train_wall_s', 0) for c in cs):.0f} |")
-    s = R.summary
+    s = summary
     lines += ["", f"Cells done: {len(s['done'])} of {len(s['planned'])}; failed: {len(s['failed'])}; "
               f"sum of cell wall times {sum(c['wall_s'] for c in cells) / 60:.1f} min; wall time of the last "
               f"sweep invocation {s['wall_s_this_invocation'] / 60:.1f} min"
@@ -453,7 +244,7 @@ def admm_residuals(summary):
     out = {}
     for c in summary["cells"]:
         rd = os.path.join(summary["out"], "runs", c["id"])
-        if c["kind"] != "admm" or 5 in c["finding"]:  # findings 2-4; Finding 5 reports its own
+        if c["kind"] != "admm" or not PAPER & set(c["finding"]):  # a finding with its own sweep reports its own
             continue
         worst = []
         if os.path.isfile(os.path.join(rd, "metrics.jsonl")):
@@ -509,50 +300,56 @@ def main(argv=None):
     p.add_argument("--quantization", default=os.path.join(ROOT, "runs", "experiments", "quantization", "summary.json"),
                    help="summary.json of the quantization sweep (Finding 6), if it exists")
     a = p.parse_args(argv)
-    with open(a.summary) as f:
-        summary = json.load(f)
-    R = Results(summary)
-    os.makedirs(a.out, exist_ok=True)
-    plot_width(R, os.path.join(a.out, "robust_vs_width.png"))
-    plot_compression(R, os.path.join(a.out, "accuracy_vs_compression.png"))
-    os.makedirs(os.path.join(a.out, "results"), exist_ok=True)
-    with open(os.path.join(a.out, "results", f"{R.spec['name']}.json"), "w") as f:
-        json.dump(compact(summary), f, indent=1)
+    return run_cli(write, a)
 
-    body, verdicts = [], {}
-    for n, fn in enumerate((finding1, finding2, finding3, finding4), 1):
-        verdicts[n] = fn(R, body)
-    for n, key, writer, stem, path in ((5, "arena", methods_report, "pruning_methods", a.methods),
-                                       (6, "quantization", quant_report, "quantization", a.quantization)):
-        verdicts[n], text = own_sweep_finding(n, NAMES[n], key, writer, stem, summary, path, a.out)
-        body += text.splitlines()
-    n_seeds = max((R.seeds(k) for k in R.by_key), default=0)
-    head = [f"# Results: the paper's findings at small scale ({R.spec['name']})", "",
+
+def write(a):
+    """RESULTS.md, its plots and the compact rows under ``a.out``, from the summaries ``a`` names."""
+    summary = read_summary(a.summary, f"python experiments/sweep.py --spec {a.spec_path}")
+    spec = summary["spec"]
+    os.makedirs(os.path.join(a.out, "results"), exist_ok=True)
+    plot_width(summary, os.path.join(a.out, "robust_vs_width.png"))
+    plot_compression(summary, os.path.join(a.out, "accuracy_vs_compression.png"))
+    with open(os.path.join(a.out, "results", f"{spec['name']}.json"), "w") as f:
+        json.dump(compact(summary), f, indent=1)
+    sweeps = {"arena": a.methods, "quantization": a.quantization}
+    sections = [(f, finding_section(f, summary, sweeps, a.out)) for f in FINDINGS]
+    n_seeds = seeds_per_cell(summary)
+    head = [f"# Results: the paper's findings at small scale ({spec['name']})", "",
             "Ye et al., *Adversarial Robustness vs. Model Compression, or Both?* (ICCV 2019), tested on "
             "Fashion-MNIST with LeNet on a 2-core CPU. All numbers below were produced by the commands in "
             "*Regenerate*; accuracies are % on the evaluation subset, shown as mean ± half-range over "
             f"{'seeds' if n_seeds > 1 else '1 seed (no spread)'} (the seeds column says how many).", "",
             "## Summary", ""]
-    head += [f"{n}. {NAMES[n]}: {verdicts[n]}." + (f" {HEADLINE[n]}." if n in HEADLINE else "") for n in NAMES] + [""]
-    regen = ["## Regenerate", "", "```",
+    head += [f"{f.number}. {f.title}: {sec.verdict}." + (f" {sec.headline}." if sec.headline else "")
+             for f, sec in sections] + [""]
+    body = [line for _, sec in sections for line in sec.lines]
+    figs = ["## Plots", "", "![robust accuracy vs width](robust_vs_width.png)", "",
+            "![accuracy vs compression](accuracy_vs_compression.png)", ""]  # Finding 5's plot is in its section
+    notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(spec, summary)] + [""]
+    # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
+    extra = os.path.join(a.out, "results", "demo_methods.md")
+    more = [open(extra).read()] if os.path.isfile(extra) else []
+    text = "\n".join(head + setup_section(summary, a.summary) + body + figs + notes + cost_section(summary)
+                     + regenerate(summary, a) + more)
+    with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
+        f.write(text)
+    print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and its plots ({len(summary['cells'])} cells)")
+    return 0
+
+
+def regenerate(summary, a):
+    """The Regenerate section: the commands, and those of one cell (Finding 2's pruned model)."""
+    lines = ["## Regenerate", "", "```",
              "# Fashion-MNIST from Debian (dataset-fashion-mnist) is unpacked by the driver; otherwise torchvision downloads it",
              f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue",
              f"python experiments/report.py --summary {os.path.relpath(a.summary, ROOT)} --out docs",
              "python experiments/sweep.py --spec " + a.spec_path + " --dry-run   # every command of every cell",
              "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0):", "", "```"]
-    ex = next((c for c in summary["cells"] if c["id"].startswith(f"admm-irregular-w{R.spec['small_width']}count")), None)
-    regen += ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
-    figs = ["## Plots", "", "![robust accuracy vs width](robust_vs_width.png)", "",
-            "![accuracy vs compression](accuracy_vs_compression.png)", ""]  # Finding 5's plot is in its section
-    notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(R.spec, summary)] + [""]
-    # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
-    extra = os.path.join(a.out, "results", "demo_methods.md")
-    more = [open(extra).read()] if os.path.isfile(extra) else []
-    text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R) + regen + more)
-    with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
-        f.write(text)
-    print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and its plots ({len(summary['cells'])} cells)")
-    return 0
+    S, m = summary["spec"]["small_width"], lambda c: c["meta"]  # noqa: E731
+    ex = next((c for c in summary["cells"] if c["kind"] == "admm" and m(c).get("scheme") == "irregular"
+               and m(c).get("matched_width") == S and m(c).get("training") == "adversarial"), None)
+    return lines + ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Run the sweep that tests the paper's five findings, one cell at a time, with the real scripts.
+"""Run a sweep that tests the findings of ``findings.py``, one cell at a time, with the real scripts.
 
     python experiments/sweep.py                                   # experiments/paper_findings.yaml
     python experiments/sweep.py --quick --out /tmp/quick          # tiny end-to-end version (~2 min)
     python experiments/sweep.py --dry-run                         # print the cells and commands
 
-A spec (YAML, see ``paper_findings.yaml``) names a base config, seeds and the sizes of each
-finding; ``plan`` expands it into cells. A cell is a short list of commands (``adv_main.py`` /
-``main.py`` stages, the inherited-init builder) followed by ``eval.py --json``; it depends on
-the cells whose checkpoints it starts from. Every command runs as a subprocess with
-``OMP_NUM_THREADS=1``; ``parallel`` cells run at once.
+A spec (YAML, see ``paper_findings.yaml``; checked by ``spec.py``) names a base config, seeds
+and the sizes of each finding; ``plan`` asks each finding whose section the spec has for its
+cells. A cell is a short list of commands (``adv_main.py`` / ``main.py`` stages, the
+inherited-init builder) followed by ``eval.py --json``; it depends on the cells whose checkpoints
+it starts from. Every command runs as a subprocess with ``OMP_NUM_THREADS=1``; ``parallel``
+cells run at once.
 
-Resumable: a cell whose ``cells/<id>.json`` exists is skipped; inside a cell a stage whose
-checkpoint exists is skipped and a stage that was cut off continues with ``--resume``. After
+Resumable: a cell whose ``cells/<id>.json`` holds its record is skipped (an empty or damaged one
+runs again); inside a cell a stage whose checkpoint exists is skipped and a stage that was cut
+off continues with ``--resume``. After
 every cell ``summary.json`` is rewritten (all finished cells, the plan, what failed), so the
 report can be made from a sweep that is still running.
 
@@ -19,6 +21,7 @@ Output folder (default ``runs/experiments/<spec name>``): ``cells/<id>.json``, `
 ``sweep.log``, and one run folder per cell under ``runs/<id>/`` (checkpoints, logs).
 """
 import argparse
+import difflib
 import fnmatch
 import json
 import os
@@ -27,7 +30,6 @@ import subprocess
 import sys
 import time
 
-import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,124 +37,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)  # launch.py, also when this module is imported (tests)
-import admm  # noqa: E402
-import data  # noqa: E402
-from models import build_model  # noqa: E402
-from common import run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
+<<<<<<< HEAD
 from config import load_config  # noqa: E402
 from pruning.plan import stage_names# noqa: E402
+=======
+>>>>>>> exp
 from launch import make_launcher  # noqa: E402
-
-
-# --------------------------------------------------------------------------- pruning targets
-
-def weight_counts(arch, width, dataset="mnist"):
-    """{prunable weight name: number of weights} of ``arch`` at ``width`` on ``dataset``'s images
-    and classes (the default's 1 x 28 x 28 and 10 classes are what both specs' datasets have)."""
-    info = data.INFO[dataset]
-    with torch.device("meta"):  # shapes only: no memory, no random initialization
-        model = build_model(arch, width, info.num_classes, info.in_channels, info.image_size)
-    return {name: w.numel() for name, w in admm.prunable_weights(model).items()}
-
-
-def matched_ratios(large, small, dense=("fc2.weight",), fill="fc1.weight"):
-    """Prune ratios that take LeNet(large) to exactly LeNet(small)'s total number of weights.
-
-    Each layer is cut to the small model's size of that layer, except the ``dense`` layers (kept
-    whole: filter pruning must not prune the output layer, and the comparison of schemes uses the
-    same ratios for all) and ``fill``, which absorbs the difference so the totals match.
-    """
-    L, S = weight_counts("lenet", large), weight_counts("lenet", small)
-    ratios = {n: 1 - S[n] / L[n] for n in L if n not in dense and n != fill}
-    ratios.update({n: 0.0 for n in dense})
-    kept_elsewhere = sum(L[n] * (1 - r) for n, r in ratios.items())
-    ratios[fill] = 1 - (sum(S.values()) - kept_elsewhere) / L[fill]
-    return {n: round(r, 6) for n, r in ratios.items()}
-
-
-def ratio_sets(ratios):
-    return [f"prune.prune_ratios.{n}={r}" for n, r in ratios.items()]
+from cells import matched_ratios, weight_counts  # noqa: E402,F401 - the plan's helpers, also used from here
+from findings import FINDINGS  # noqa: E402
+from frame import Cells  # noqa: E402
+from spec import load_spec  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the plan
 
 def plan(spec):
-    """The cells of ``spec``, in its priority order: findings 1-4 of the paper (``widths`` and
-    the keys after it) and the comparison of pruning methods (``methods``), whichever it has.
+    """The cells of ``spec``, in its priority order: those of every finding (``findings.py``)
+    whose section the spec has (findings 1-4: ``widths`` and the keys after it; 5: ``arena``; 6:
+    ``quantization``).
 
     A cell: {id, finding, kind, seed, meta, steps, ckpt, deps}. A step is either a training
     stage {script, stage, init (None = the run folder's previous stage), sets} or
     {inherit: source ckpt, width}."""
-    cells = []
-
-    def add(cid, finding, kind, seed, meta, steps, ckpt, deps=()):
-        same = next((c for c in cells if c["id"] == cid), None)
-        if same:  # a cell that several findings share (a pretrained model) runs once
-            same["finding"] += [f for f in finding if f not in same["finding"]]
-        else:
-            cells.append({"id": cid, "finding": list(finding), "kind": kind, "seed": seed, "meta": meta,
-                          "steps": steps, "ckpt": ckpt, "deps": list(deps)})
-
-    if "widths" in spec:
-        paper_cells(spec, add)
-    if "arena" in spec:
-        arena_cells(spec, add)
-    if "quantization" in spec:
-        quant_cells(spec, add)
-    return _finish_plan(spec, cells)
-
-
-def pre(mode, w, seed):
-    """The id of the dense (pretrained) cell: ``mode`` adv or nat, LeNet width ``w``."""
-    return f"pre-{mode}-w{w}-s{seed}"
-
-
-def paper_cells(spec, add):
-    """Findings 1-4: dense widths, pruning vs the small model, schemes, adversarial pruning."""
-    L, S = spec["large_width"], spec["small_width"]
-    widths, tune = spec["widths"], spec["admm_epochs"] + spec["retrain_epochs"]
-
-    def pruned(cid, finding, seed, script, scheme, ratios, meta):
-        base = [f"model.width={L}", f"prune.sparsity_type={scheme}", *ratio_sets(ratios)]
-        steps = [{"script": script, "stage": "admm", "init": ("cell", pre("adv", L, seed), "pretrain.pt"),
-                  "sets": base},
-                 {"script": script, "stage": "retrain", "init": None, "sets": base}]
-        add(cid, finding, "admm", seed, {"width": L, "scheme": scheme, "ratios": ratios,
-                                         "training": "adversarial" if script == "adv_main.py" else "natural", **meta},
-            steps, "retrain.pt", [pre("adv", L, seed)])
-
-    for seed in spec["seeds"]:
-        # Finding 1 (and the start of 2-5): dense models, adversarial and natural, all widths.
-        # The large adversarial model first: every pruning cell starts from it.
-        order = [L] + [w for w in widths if w != L]
-        for mode in ("adv", "nat"):
-            for w in order:
-                script = "adv_main.py" if mode == "adv" else "main.py"
-                add(pre(mode, w, seed), [1], "pretrain", seed,
-                    {"width": w, "training": "adversarial" if mode == "adv" else "natural"},
-                    [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}],
-                    "pretrain.pt")
-            if mode == "adv":
-                # Finding 2: prune w=L to w=S's weight count (adversarial ADMM) vs w=S from scratch
-                # (pre-adv-wS) vs w=S inherited from w=L and then trained adversarially.
-                ratios = matched_ratios(L, S)
-                pruned(f"admm-irregular-w{S}count-s{seed}", [2, 3, 4], seed, "adv_main.py", "irregular", ratios,
-                       {"matched_width": S})
-                add(f"inherit-w{S}-from-w{L}-s{seed}", [2], "inherited", seed,
-                    {"width": S, "source_width": L, "training": "adversarial"},
-                    [{"inherit": ("cell", pre("adv", L, seed), "pretrain.pt"), "width": S},
-                     {"script": "adv_main.py", "stage": "pretrain", "init": ("self", "inherited.pt"),
-                      "sets": [f"model.width={S}", f"pretrain.epochs={tune}"]}],
-                    "pretrain.pt", [pre("adv", L, seed)])
-                # Finding 4: the same model and ratios, natural ADMM + natural retraining.
-                pruned(f"natadmm-irregular-w{S}count-s{seed}", [4], seed, "main.py", "irregular", ratios,
-                       {"matched_width": S})
-        # Finding 3: the three schemes at the weight counts of the smaller dense widths.
-        for m in spec["prune_to_widths"]:
-            for scheme in spec["schemes"]:
-                pruned(f"admm-{scheme}-w{m}count-s{seed}", [3], seed, "adv_main.py", scheme, matched_ratios(L, m),
-                       {"matched_width": m})
+    cells = Cells()
+    for finding in FINDINGS:
+        if finding.key in spec:
+            finding.plan(spec, cells)
+    return _finish_plan(spec, cells.cells)
 
 
 def method_sets(method, budget, rounds):
@@ -170,124 +83,6 @@ def method_sets(method, budget, rounds):
     sets = [f"prune.method={'gradual' if method == 'gradual' else 'admm'}", f"admm.epochs={per_round - tail}",
             f"retrain.epochs={tail}"]
     return sets + ([f"prune.rounds={list(rounds)}"] if method == "progressive" else [])
-
-
-# The arena's methods (issue 20): the --set overrides that pick each, and the allocation it prunes
-# at when it does not take the spec's fixed one ("learned": HARP's own; "harp": a HARP cell's). A
-# method with a pruning phase splits the epochs after pretraining (pruning stage, masked
-# fine-tuning) by the spec's split; progressive ADMM splits them evenly over its rounds.
-ARENA = {
-    "oneshot": {"sets": {"prune.method": "oneshot"}},      # magnitude prune, then fine-tuning throughout
-    "gradual": {"sets": {"prune.method": "gradual"}},      # Zhu & Gupta's cubic schedule, then fine-tuning
-    "admm": {"sets": {"prune.method": "admm"}},
-    "progressive": {"sets": {"prune.method": "admm"}},     # with the target's prune.rate_rounds
-    "hydra": {"sets": {"prune.method": "hydra"}},          # scores under the adversarial loss, then fine-tuning
-    "harp": {"sets": {"prune.method": "harp"}, "allocation": "learned"},  # scores and per-layer rates
-    "admm_harp": {"sets": {"prune.method": "admm", "prune.allocation": "from_checkpoint"}, "allocation": "harp"},
-}
-
-
-def arena_sets(method, budget, split, rates=()):
-    """--set overrides that give arena ``method`` ``budget`` epochs after pretraining, split
-    (pruning phase, fine-tuning) in the ratio ``split``; ``rates``: progressive ADMM's rounds."""
-    sets = [f"{k}={v}" for k, v in ARENA[method]["sets"].items()]
-    if method == "oneshot":
-        return sets + [f"retrain.epochs={budget}"]
-    n = len(rates) if method == "progressive" else 1
-    prune, tune = (budget * s // sum(split) // n for s in split)
-    if n * (prune + tune) != budget or not prune or not tune:
-        raise ValueError(f"arena: {budget} epochs do not split {split[0]}:{split[1]} into {n} round(s) of whole epochs")
-    sets += [f"admm.epochs={prune}", f"retrain.epochs={tune}"]
-    return sets + ([f"prune.rate_rounds={list(rates)}"] if method == "progressive" else [])
-
-
-def arena_cells(spec, add):
-    """Finding 5, the robust-pruning arena (issue 20): every method of ``arena.methods`` at each
-    overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
-    after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
-    learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
-    repeat some methods' rows (``methods``, ``uniform``; the main ones by default) at some targets
-    and seeds with another schedule or split."""
-    A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
-    w, budget = A["width"], A["budget"]
-    runs = [{"name": "main", "seeds": spec["seeds"], "targets": A["targets"], "split": A["split"], "sets": [],
-             "methods": A["methods"], "uniform": A.get("uniform", [])}]
-    for name, v in (A.get("variants") or {}).items():
-        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform"}
-        if unknown or not {"seeds", "targets"} <= set(v):
-            raise ValueError(f"arena.variants.{name}: keys {', '.join(sorted(v))}; a variant takes seeds and targets, "
-                             "and may take split, sets, methods, uniform")
-        runs.append({**runs[0], "name": name, "sets": [], **v})
-    for run in runs:
-        bad = [m for m in (*run["methods"], *run["uniform"]) if m not in ARENA]
-        if bad:
-            raise ValueError(f"arena ({run['name']}): unknown methods {', '.join(bad)}; choose from {', '.join(ARENA)}")
-        own = [m for m in run["uniform"] if "allocation" in ARENA[m]]
-        if own:
-            raise ValueError(f"arena ({run['name']}): uniform rows of {', '.join(own)}, which prune at their own allocation")
-        if "admm_harp" in run["methods"] and "harp" not in run["methods"]:
-            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods")
-    for seed in spec["seeds"]:
-        add(pre("adv", w, seed), [5], "pretrain", seed, {"width": w, "training": "adversarial"},
-            [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
-    for run in runs:
-        variant, split, extra = run["name"], run["split"], run["sets"]
-        for seed in run["seeds"]:
-            for t in run["targets"]:
-                rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in run["methods"]]
-                rows += [(m, "uniform") for m in run["uniform"]]
-                for method, alloc in rows:
-                    tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
-                    sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",
-                            *A.get("sets", []), *extra,
-                            *arena_sets(method, budget, split, A["rate_rounds"].get(t, ()))]
-                    sets += [] if alloc in ("learned", "harp") else [f"prune.allocation={alloc}"]
-                    if method == "harp":
-                        sets.append(f"prune.allocation={A['allocation']}")  # where its rates start
-                    deps = [pre("adv", w, seed)]
-                    if method == "admm_harp":
-                        harp = f"harp-learned-{tag}"
-                        sets.append(f"prune.rates_from={os.path.join('{out}', 'runs', harp, 'retrain.pt')}")
-                        deps.append(harp)
-                    names = stage_names(load_config(cfg, [*(f"{k}={v}" for k, v in spec["set"].items()), *sets]))
-                    steps = [{"script": "adv_main.py", "stage": name, "sets": sets,
-                              "init": ("cell", pre("adv", w, seed), "pretrain.pt") if i == 0 else None}
-                             for i, name in enumerate(names[1:])]
-                    add(f"{method}-{alloc}-{tag}", [5], method, seed,
-                        {"width": w, "training": "adversarial", "target": t, "budget": budget, "method": method,
-                         "allocation": alloc, "variant": variant, "split": list(split)}, steps, "retrain.pt", deps)
-
-
-QUANT_METHODS = ("admm", "rtn")  # ADMM quantization; round-to-nearest (the quantize stage with 0 epochs)
-
-
-def quant_cells(spec, add):
-    """Finding 6: one pruned model per seed (the config's ratios, ADMM + masked retraining after
-    pretraining), then its weights quantized to each of ``bits`` by ADMM quantization (the quantize
-    stage, ``epochs`` epochs) and by round-to-nearest (the same stage with 0 epochs: no training).
-    The dense (pretrain) and pruned float models are the cells the references come from."""
-    q = spec["quantization"]
-    w, mode = q["width"], q["training"]
-    unknown = [m for m in q["methods"] if m not in QUANT_METHODS]
-    if mode not in ("adv", "nat") or unknown:
-        raise ValueError(f"quantization: training must be adv or nat and methods among {', '.join(QUANT_METHODS)}; "
-                         f"got {mode!r}, {q['methods']!r}")
-    script, training = ("adv_main.py", "adversarial") if mode == "adv" else ("main.py", "natural")
-    for seed in spec["seeds"]:
-        dense, pruned = pre(mode, w, seed), f"pruned-{mode}-w{w}-s{seed}"
-        add(dense, [6], "pretrain", seed, {"width": w, "training": training},
-            [{"script": script, "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
-        add(pruned, [6], "pruned", seed, {"width": w, "training": training},
-            [{"script": script, "stage": "admm", "init": ("cell", dense, "pretrain.pt"), "sets": [f"model.width={w}"]},
-             {"script": script, "stage": "retrain", "init": None, "sets": [f"model.width={w}"]}], "retrain.pt", [dense])
-        for bits in q["bits"]:
-            for method in q["methods"]:
-                epochs = q["epochs"] if method == "admm" else 0
-                sets = [f"model.width={w}", f"quant.bits.*={bits}", f"quantize.epochs={epochs}"]
-                add(f"quant-{method}-{mode}-b{bits}-s{seed}", [6], "quantize", seed,
-                    {"width": w, "training": training, "bits": bits, "method": method, "epochs": epochs},
-                    [{"script": script, "stage": "quantize", "init": ("cell", pruned, "retrain.pt"), "sets": sets}],
-                    "quantize.pt", [pruned])
 
 
 def _finish_plan(spec, cells):
@@ -452,19 +247,29 @@ def autoattack_available():
     return True
 
 
+def read_cell(path):
+    """The record ``cells/<id>.json`` of a finished cell, or None when it is missing, empty or
+    damaged (such a cell is not done: it runs again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("eval"), dict) and "id" in r else None
+
+
 def write_summary(sweep, cells, failed, t_start, done_now):
     results = []
     for c in cells:
-        p = sweep.result(c["id"])
-        if os.path.isfile(p):
-            with open(p) as f:
-                r = json.load(f)
+        r = read_cell(sweep.result(c["id"]))
+        if r is not None:
             # what the plan says the cell serves now (a spec can gain a finding that shares a
             # cell finished before), not what it said when the cell ran
             results.append({**r, "finding": c["finding"]})
+    done = {r["id"] for r in results}
     summary = {"spec": sweep.spec, "out": sweep.out, "planned": [c["id"] for c in cells],
                "done": [r["id"] for r in results], "failed": failed,
-               "missing": [c["id"] for c in cells if not os.path.isfile(sweep.result(c["id"])) and c["id"] not in failed],
+               "missing": [c["id"] for c in cells if c["id"] not in done and c["id"] not in failed],
                "wall_s_this_invocation": round(time.time() - t_start, 1), "finished": done_now,
                "cells": results}
     tmp = os.path.join(sweep.out, "summary.json.tmp")
@@ -478,7 +283,14 @@ def select(cells, only):
     and every cell they need."""
     if not only:
         return cells
-    want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in only.split(","))}
+    prefixes = [p for p in only.split(",") if p]
+    want = {c["id"] for c in cells if any(c["id"].startswith(p) for p in prefixes)}
+    if not want:
+        ids = [c["id"] for c in cells]
+        close = sorted({i for p in prefixes for i in difflib.get_close_matches(p, ids, n=5, cutoff=0.4)})
+        raise UserError(f"--only {only}: no cell id starts with it; "
+                        + (f"close ids: {', '.join(close[:8])}" if close else f"ids look like {', '.join(ids[:3])}")
+                        + " (--dry-run lists them all)")
     grow = True
     while grow:
         need = {d for c in cells if c["id"] in want for d in c["deps"]} - want
@@ -491,9 +303,12 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
     once its inputs are done; a failed cell fails the cells that need it. Returns (done ids,
     {failed id: reason}, cells not run)."""
-    done = {c["id"] for c in cells if os.path.isfile(sweep.result(c["id"]))}
+    done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
     failed = {}
+    for c in pending:
+        if os.path.exists(sweep.result(c["id"])):
+            log(f"warning: {sweep.result(c['id'])} is empty or damaged: the cell runs again")
     log(f"spec {spec_path}: {len(cells)} cells, {len(done)} already done, {launcher.parallel} at once "
         f"({launcher.name}) -> {out}")
     running = {}
@@ -547,11 +362,16 @@ def main(argv=None):
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="a submitit parameter for the jobs, e.g. slurm_partition=gpu, timeout_min=240; repeatable")
     args = p.parse_args(argv)
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     spec_path = os.path.join(HERE, "quick.yaml") if args.quick else args.spec
-    with open(spec_path) as f:
-        spec = yaml.safe_load(f)
+    spec = load_spec(spec_path)
     out = args.out or os.path.join(ROOT, "runs", "experiments", spec["name"])
-    cells = select(plan(spec), args.only)
+    try:
+        planned = plan(spec)
+    except ValueError as e:
+        raise UserError(f"{spec_path}: {e}")
+    cells = select(planned, args.only)
     sweep = Sweep(spec, out)
     if args.dry_run:
         for c in cells:
@@ -588,7 +408,7 @@ def _param(kv):
     """``KEY=VALUE`` -> (KEY, the value read as YAML: numbers stay numbers)."""
     key, sep, value = kv.partition("=")
     if not sep:
-        raise SystemExit(f"--slurm {kv!r}: expected KEY=VALUE")
+        raise UserError(f"--slurm {kv!r}: expected KEY=VALUE")
     return key, yaml.safe_load(value)
 
 

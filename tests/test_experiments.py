@@ -184,6 +184,12 @@ def test_quick_sweep_end_to_end(tmp_path):
     # Resumable: a second run finds every cell done and runs nothing.
     again = run("experiments/sweep.py", "--quick", "--out", str(out))
     assert again.returncode == 0 and f"{len(summary['planned'])} already done" in again.stdout
+    # An empty cell record is not "done": the cell runs again (its stages are done: only its evaluation).
+    (out / "cells" / "pre-nat-w1-s0.json").write_text("")
+    again = run("experiments/sweep.py", "--quick", "--out", str(out))
+    assert again.returncode == 0 and f"{len(summary['planned']) - 1} already done" in again.stdout
+    assert "pre-nat-w1-s0.json is empty or damaged: the cell runs again" in again.stdout
+    assert json.loads((out / "cells" / "pre-nat-w1-s0.json").read_text())["id"] == "pre-nat-w1-s0"
 
     proc = run("experiments/report.py", "--summary", str(out / "summary.json"), "--out", str(docs))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -275,7 +281,8 @@ def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
     """Hand-made rows: the split check ranks one-shot by its main cell (it has no split), marked;
     the const check does not borrow it; the main rows are averaged over the variant's seeds only."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from methods_report import Table, variant_lines
+    from frame import Table
+    from methods_report import FIELDS, variant_lines
     row = lambda variant, method, seed, pgd, alloc="lamp": {  # noqa: E731
         "variant": variant, "target": 0.95, "method": method, "allocation": alloc, "seed": seed, "pgd": pgd}
     rs = [row("main", "oneshot", 0, 0.60), row("main", "oneshot", 1, 0.40), row("main", "admm", 0, 0.55),
@@ -283,7 +290,7 @@ def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
           row("const", "admm", 0, 0.50)]
     A = {"allocation": "lamp", "variants": {"split": {"seeds": [0], "targets": [0.95], "split": [10, 2]},
                                             "const": {"seeds": [0], "targets": [0.95], "sets": ["x=1"]}}}
-    lines = variant_lines(Table(rs), A)
+    lines = variant_lines(Table(rs, FIELDS), A)
     assert "- 95 %, main (seeds [0]): HARP 62.0 > one-shot (lamp) 60.0 > ADMM (lamp) 55.0" in lines
     assert "- 95 %, split (seeds [0]): ADMM (lamp) 61.0 > one-shot (lamp) (main) 60.0 > HARP 58.0" in lines
     assert "- 95 %, const (seeds [0]): ADMM (lamp) 50.0" in lines

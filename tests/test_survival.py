@@ -90,7 +90,7 @@ def test_a_sweep_folder_has_one_sweep_at_a_time(tmp_path):
     sweep = __import__("importlib").import_module("experiments.sweep")
     with RunFolder(str(tmp_path)).locked():
         with pytest.raises(UserError, match="in use by another run"):
-            sweep.main(["--quick", "--out", str(tmp_path), "--only", "nothing"])
+            sweep.main(["--quick", "--out", str(tmp_path), "--only", "pre-adv-w1"])
 
 
 # --------------------------------------------------------------------------- a disk that fills up
