@@ -30,7 +30,7 @@ from frame import Finding, Section, Table, cli, tally, verdict_in, within_noise,
 
 sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
-from pruning.stages import stage_names  # noqa: E402
+from pruning.plan import stage_names  # noqa: E402
 
 METHODS = {"oneshot": "one-shot", "gradual": "gradual", "admm": "ADMM", "progressive": "progressive ADMM",
            "hydra": "HYDRA", "harp": "HARP", "admm_harp": "ADMM at HARP's rates"}

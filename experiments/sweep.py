@@ -39,11 +39,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)  # launch.py, also when this module is imported (tests)
 from common import UserError, run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
-<<<<<<< HEAD
-from config import load_config  # noqa: E402
-from pruning.plan import stage_names# noqa: E402
-=======
->>>>>>> exp
 from launch import make_launcher  # noqa: E402
 from cells import matched_ratios, weight_counts  # noqa: E402,F401 - the plan's helpers, also used from here
 from findings import FINDINGS  # noqa: E402
