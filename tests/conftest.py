@@ -2,9 +2,10 @@
 import os
 import sys
 
-# Subprocesses (the scripts run as a user runs them) inherit this: one intra-op thread each, so
-# pytest-xdist's workers (requirements-dev.txt, -n 2 in pytest.ini) share the cores without
-# OpenMP threads spin-waiting for each other. Set before torch is imported.
+# This process's OpenMP pool, set before torch is imported: one intra-op thread, so pytest-xdist's
+# workers (requirements-dev.txt, -n 2 in pytest.ini) share the cores without OpenMP threads
+# spin-waiting for each other. The scripts a test starts do not rely on it: they get
+# helpers.script_env(), which sets their thread count explicitly, whatever the caller exported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
