@@ -34,3 +34,17 @@ def _seed():
     """Every test starts from the same global RNG state, so random tensors (and failures) reproduce."""
     torch.manual_seed(0)
     yield
+
+
+# The docs test's closing count (tests/test_docs.py, test_zz_counts), printed once at the end of
+# the session, also when the tests ran on pytest-xdist workers (the property travels with the report).
+_DOCS_COUNTS = []
+
+
+def pytest_runtest_logreport(report):
+    _DOCS_COUNTS.extend(v for k, v in report.user_properties if k == "docs_counts" and report.when == "call")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _DOCS_COUNTS:
+        terminalreporter.write_line(line)
