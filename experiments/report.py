@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 from collections import defaultdict
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from sweep import weight_counts  # noqa: E402
+from sweep import Sweep, plan, weight_counts  # noqa: E402
 import methods_report  # noqa: E402
 import quant_report  # noqa: E402
 
@@ -396,7 +398,7 @@ def setup_section(R, summary_path):
     return lines
 
 
-def cost_section(R):
+def cost_section(R, spec_path):
     cells = [c for c in R.summary["cells"]]
     by_kind = defaultdict(list)
     for c in cells:
@@ -410,7 +412,12 @@ def cost_section(R):
         lines.append(f"| {kind} | {w} | {tr} | {len(cs)} | {statistics.fmean(c['wall_s'] for c in cs):.0f} | "
                      f"{statistics.fmean(c.get('train_wall_s', 0) for c in cs):.0f} |")
     s = R.summary
-    lines += ["", f"Cells done: {len(s['done'])} of {len(s['planned'])}; failed: {len(s['failed'])}; "
+    today = [c["id"] for c in plan(today_spec(R, spec_path))]
+    changed = "" if sorted(today) == sorted(s["planned"]) else (
+        f" (the spec then planned {len(s['planned'])} cells; today it plans {len(today)}"
+        + (f", no longer {', '.join(sorted(set(s['planned']) - set(today)))}" if set(s["planned"]) - set(today) else "")
+        + (f", and {len(set(today) - set(s['planned']))} new" if set(today) - set(s["planned"]) else "") + ")")
+    lines += ["", f"Cells done: {len(s['done'])} of {len(s['planned'])}{changed}; failed: {len(s['failed'])}; "
               f"sum of cell wall times {sum(c['wall_s'] for c in cells) / 60:.1f} min; wall time of the last "
               f"sweep invocation {s['wall_s_this_invocation'] / 60:.1f} min"
               + (" (still running when this report was made)" if not s.get("finished") else "") + ".", ""]
@@ -422,6 +429,31 @@ def cost_section(R):
         lines += ["Missing cells: " + (", ".join(s["missing"]) or "none") + ". Failed: "
                   + (", ".join(f"{k} ({v})" for k, v in s["failed"].items()) or "none") + ".", ""]
     return lines
+
+
+def today_spec(R, spec_path):
+    """The spec at ``spec_path`` as it is now, if it is the summary's sweep; else the summary's own."""
+    path = os.path.join(ROOT, spec_path)
+    if os.path.isfile(path):
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+        if spec.get("name") == R.spec["name"]:
+            return spec
+    return R.spec
+
+
+def example_commands(R, spec_path):
+    """The commands of one cell (finding 2's pruned model, seed 0) as ``sweep.py --dry-run`` prints
+    them for the spec today: with its config defaults as they are now, which the recorded commands
+    of an older sweep do not pin (a default that changed since, e.g. admm.lr, would run another
+    experiment)."""
+    spec = today_spec(R, spec_path)
+    cell = next((c for c in plan(spec) if c["id"].startswith(f"admm-irregular-w{spec['small_width']}count")
+                 and c["seed"] == 0), None)
+    if cell is None:
+        return ["(no such cell in the spec)"]
+    sweep = Sweep(spec, os.path.join(ROOT, "runs", "experiments", spec["name"]))
+    return ["# needs: internet (Fashion-MNIST)"] + [readable(shlex.join(c)) for c in sweep.commands(cell)]
 
 
 def readable(cmd):
@@ -536,19 +568,26 @@ def main(argv=None):
     head += [f"{n}. {NAMES[n]}: {verdicts[n]}." + (f" {HEADLINE[n]}." if n in HEADLINE else "") for n in NAMES] + [""]
     regen = ["## Regenerate", "", "```",
              "# Fashion-MNIST from Debian (dataset-fashion-mnist) is unpacked by the driver; otherwise torchvision downloads it",
-             f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue",
+             f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue; needs: internet",
              f"python experiments/report.py --summary {os.path.relpath(a.summary, ROOT)} --out docs",
              "python experiments/sweep.py --spec " + a.spec_path + " --dry-run   # every command of every cell",
-             "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0):", "", "```"]
-    ex = next((c for c in summary["cells"] if c["id"].startswith(f"admm-irregular-w{R.spec['small_width']}count")), None)
-    regen += ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
+             "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0), as the dry run prints "
+             "them for the spec today:", "", "```"]
+    regen += example_commands(R, a.spec_path) + ["```", ""]
+    regen += ["Finding 5 comes from its own spec, the robust-pruning arena (139 cells, 2.5 h of sweep wall time",
+              "on this machine, most of it AutoAttack). The Finding 5 it replaced, whose methods trained on",
+              "unequal lr schedules, is in git history before issue 20:", "", "```",
+              "python experiments/sweep.py --spec experiments/arena.yaml          # resumable: rerun to continue; "
+              "needs: internet",
+              "python experiments/methods_report.py --summary runs/experiments/arena/summary.json --out docs",
+              "```", ""]
     figs = ["## Plots", "", "![robust accuracy vs width](robust_vs_width.png)", "",
             "![accuracy vs compression](accuracy_vs_compression.png)", ""]  # Finding 5's plot is in its section
     notes = ["## Caveats", ""] + [f"- {c}" for c in caveats(R.spec, summary)] + [""]
     # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
     extra = os.path.join(a.out, "results", "demo_methods.md")
     more = [open(extra).read()] if os.path.isfile(extra) else []
-    text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R) + regen + more)
+    text = "\n".join(head + setup_section(R, a.summary) + body + figs + notes + cost_section(R, a.spec_path) + regen + more)
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print(f"wrote {os.path.join(a.out, 'RESULTS.md')} and its plots ({len(summary['cells'])} cells)")
