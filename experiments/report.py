@@ -453,7 +453,8 @@ def example_commands(R, spec_path):
     if cell is None:
         return ["(no such cell in the spec)"]
     sweep = Sweep(spec, os.path.join(ROOT, "runs", "experiments", spec["name"]))
-    return ["# needs: internet (Fashion-MNIST)"] + [readable(shlex.join(c)) for c in sweep.commands(cell)]
+    mark = ["# needs: internet (Fashion-MNIST)"] if "fashion" in spec["config"] else []  # the bundled digits need none
+    return mark + [readable(shlex.join(c)) for c in sweep.commands(cell)]
 
 
 def readable(cmd):
