@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 from collections import Counter, defaultdict
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,6 +39,7 @@ from cells import total_weights  # noqa: E402
 from common import run_cli  # noqa: E402
 from findings import FINDINGS  # noqa: E402
 from frame import Section, read_summary, verdict_in  # noqa: E402
+from sweep import Sweep, plan  # noqa: E402
 
 
 # --------------------------------------------------------------------------- sections
@@ -187,7 +190,7 @@ def setup_section(summary, summary_path):
     return lines
 
 
-def cost_section(summary):
+def cost_section(summary, spec_path):
     cells = summary["cells"]
     by_kind = defaultdict(list)
     for c in cells:
@@ -201,7 +204,12 @@ def cost_section(summary):
         lines.append(f"| {kind} | {w} | {tr} | {len(cs)} | {statistics.fmean(c['wall_s'] for c in cs):.0f} | "
                      f"{statistics.fmean(c.get('train_wall_s', 0) for c in cs):.0f} |")
     s = summary
-    lines += ["", f"Cells done: {len(s['done'])} of {len(s['planned'])}; failed: {len(s['failed'])}; "
+    today = [c["id"] for c in plan(today_spec(summary, spec_path))]
+    changed = "" if sorted(today) == sorted(s["planned"]) else (
+        f" (the spec then planned {len(s['planned'])} cells; today it plans {len(today)}"
+        + (f", no longer {', '.join(sorted(set(s['planned']) - set(today)))}" if set(s["planned"]) - set(today) else "")
+        + (f", and {len(set(today) - set(s['planned']))} new" if set(today) - set(s["planned"]) else "") + ")")
+    lines += ["", f"Cells done: {len(s['done'])} of {len(s['planned'])}{changed}; failed: {len(s['failed'])}; "
               f"sum of cell wall times {sum(c['wall_s'] for c in cells) / 60:.1f} min; wall time of the last "
               f"sweep invocation {s['wall_s_this_invocation'] / 60:.1f} min"
               + (" (still running when this report was made)" if not s.get("finished") else "") + ".", ""]
@@ -213,6 +221,31 @@ def cost_section(summary):
         lines += ["Missing cells: " + (", ".join(s["missing"]) or "none") + ". Failed: "
                   + (", ".join(f"{k} ({v})" for k, v in s["failed"].items()) or "none") + ".", ""]
     return lines
+
+
+def today_spec(summary, spec_path):
+    """The spec at ``spec_path`` as it is now, if it is the summary's sweep; else the summary's own."""
+    path = os.path.join(ROOT, spec_path)
+    if os.path.isfile(path):
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+        if spec.get("name") == summary["spec"]["name"]:
+            return spec
+    return summary["spec"]
+
+
+def example_commands(summary, spec_path):
+    """The commands of one cell (finding 2's pruned model, seed 0) as ``sweep.py --dry-run`` prints
+    them for the spec today: with its config defaults as they are now, which the recorded commands
+    of an older sweep do not pin (a default that changed since would run another experiment)."""
+    spec = today_spec(summary, spec_path)
+    cell = next((c for c in plan(spec) if c["id"].startswith(f"admm-irregular-w{spec['small_width']}count")
+                 and c["seed"] == 0), None)
+    if cell is None:
+        return ["(no such cell in the spec)"]
+    sweep = Sweep(spec, os.path.join(ROOT, "runs", "experiments", spec["name"]))
+    mark = ["# needs: internet (Fashion-MNIST)"] if "fashion" in spec["config"] else []  # the bundled digits need none
+    return mark + [readable(shlex.join(c)) for c in sweep.commands(cell)]
 
 
 def readable(cmd):
@@ -330,7 +363,7 @@ def write(a):
     # Findings measured outside this sweep (e.g. experiments/demo_methods.py) keep their section.
     extra = os.path.join(a.out, "results", "demo_methods.md")
     more = [open(extra).read()] if os.path.isfile(extra) else []
-    text = "\n".join(head + setup_section(summary, a.summary) + body + figs + notes + cost_section(summary)
+    text = "\n".join(head + setup_section(summary, a.summary) + body + figs + notes + cost_section(summary, a.spec_path)
                      + regenerate(summary, a) + more)
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
@@ -339,17 +372,23 @@ def write(a):
 
 
 def regenerate(summary, a):
-    """The Regenerate section: the commands, and those of one cell (Finding 2's pruned model)."""
+    """The Regenerate section: the commands, and those of one cell (Finding 2's pruned model) as the
+    dry run prints them today."""
     lines = ["## Regenerate", "", "```",
              "# Fashion-MNIST from Debian (dataset-fashion-mnist) is unpacked by the driver; otherwise torchvision downloads it",
-             f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue",
+             f"python experiments/sweep.py --spec {a.spec_path}          # resumable: rerun to continue; needs: internet",
              f"python experiments/report.py --summary {os.path.relpath(a.summary, ROOT)} --out docs",
              "python experiments/sweep.py --spec " + a.spec_path + " --dry-run   # every command of every cell",
-             "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0):", "", "```"]
-    S, m = summary["spec"]["small_width"], lambda c: c["meta"]  # noqa: E731
-    ex = next((c for c in summary["cells"] if c["kind"] == "admm" and m(c).get("scheme") == "irregular"
-               and m(c).get("matched_width") == S and m(c).get("training") == "adversarial"), None)
-    return lines + ([readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]) + ["```", ""]
+             "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0), as the dry run prints "
+             "them for the spec today:", "", "```"]
+    lines += example_commands(summary, a.spec_path) + ["```", ""]
+    return lines + ["Finding 5 comes from its own spec, the robust-pruning arena (139 cells, 2.5 h of sweep wall time",
+                    "on this machine, most of it AutoAttack). The Finding 5 it replaced, whose methods trained on",
+                    "unequal lr schedules, is in git history:", "", "```",
+                    "python experiments/sweep.py --spec experiments/arena.yaml          # resumable: rerun to continue; "
+                    "needs: internet",
+                    "python experiments/methods_report.py --summary runs/experiments/arena/summary.json --out docs",
+                    "```", ""]
 
 
 if __name__ == "__main__":

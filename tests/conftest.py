@@ -2,9 +2,10 @@
 import os
 import sys
 
-# Subprocesses (the scripts run as a user runs them) inherit this: one intra-op thread each, so
-# pytest-xdist's workers (requirements-dev.txt, -n 2 in pytest.ini) share the cores without
-# OpenMP threads spin-waiting for each other. Set before torch is imported.
+# This process's OpenMP pool, set before torch is imported: one intra-op thread, so pytest-xdist's
+# workers (requirements-dev.txt, -n 2 in pytest.ini) share the cores without OpenMP threads
+# spin-waiting for each other. The scripts a test starts do not rely on it: they get
+# helpers.script_env(), which sets their thread count explicitly, whatever the caller exported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -33,3 +34,17 @@ def _seed():
     """Every test starts from the same global RNG state, so random tensors (and failures) reproduce."""
     torch.manual_seed(0)
     yield
+
+
+# The docs test's closing count (tests/test_docs.py, test_zz_counts), printed once at the end of
+# the session, also when the tests ran on pytest-xdist workers (the property travels with the report).
+_DOCS_COUNTS = []
+
+
+def pytest_runtest_logreport(report):
+    _DOCS_COUNTS.extend(v for k, v in report.user_properties if k == "docs_counts" and report.when == "call")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _DOCS_COUNTS:
+        terminalreporter.write_line(line)

@@ -19,6 +19,18 @@ from pruning import quant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The variables that change a run's results, fixed for every script a test starts, whatever the
+# caller exported: OpenMP's thread count changes float sums (a reference run in the test process
+# uses torch.set_num_threads(1), conftest.py), cuBLAS needs a fixed workspace to be deterministic,
+# and the hash seed orders sets and dict-of-set iterations.
+SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"}
+
+
+def script_env(**extra):
+    """The environment of a script a test starts: the caller's, with ``SCRIPT_ENV`` set explicitly
+    and ``extra`` (e.g. ``ADMM_AT_TEST_SIGNAL``) on top."""
+    return {**os.environ, **SCRIPT_ENV, **extra}
+
 
 def train_lenet(split, epochs, batch_size, width=2, lr=3e-3):
     """A LeNet of ``width`` trained naturally with Adam on ``split`` (seeded by the caller), in eval mode."""

@@ -19,7 +19,7 @@ from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO, batches, load_data
 from models import model_from_config
-from helpers import ROOT, inputs, make, max_rel_diff, quantized_lenet
+from helpers import ROOT, inputs, make, max_rel_diff, quantized_lenet, script_env
 
 ONNX, SAFETENSORS = formats.FORMATS["onnx"], formats.FORMATS["safetensors"]
 
@@ -94,7 +94,8 @@ def test_export_script_onnx_checks_test_accuracy_against_an_independent_count(tm
                      "model": masked.state_dict(), "masks": None}, str(ckpt))
     js = tmp_path / "fig.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(ckpt), "--format", "onnx",
-                           "--json", str(js), "--no-latency"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--json", str(js), "--no-latency"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.isfile(tmp_path / "retrain.export.onnx")  # the default --out
     # The masked model's natural accuracy counted here, by hand, on the same 300 test digits.

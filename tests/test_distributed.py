@@ -1,11 +1,10 @@
 """DDP on CPU (gloo, 2 processes via torchrun): 2 x half batch == 1 x full batch, and the ranks'
 ADMM states agree (engine checks it at every Z/U update and logs it)."""
-import os
 import subprocess
 import sys
 
 import torch
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 # SGD, not Adam: Adam's update is ~lr * sign(grad) for tiny gradients, which turns float-rounding
 # differences (a batch of 32 vs 64 sums in another order) into differences of order lr.
@@ -17,7 +16,7 @@ SETTINGS = ["device=cpu", "data.train_limit=640", "pretrain.epochs=2", "admm.epo
 
 def _run(launcher, out, batch):
     sets = [a for o in (*SETTINGS, f"data.batch_size={batch}") for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = script_env()
     proc = subprocess.run([*launcher, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,7 +52,7 @@ def test_autocast_settings_are_a_noop_on_cpu(tmp_path):
         sets = [a for o in (*base, *extra) for a in ("--set", o)]
         proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
                               cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env=script_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         return torch.load(out / "retrain.pt", weights_only=True)["model"]
 

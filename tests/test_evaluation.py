@@ -2,7 +2,6 @@
 sanity checks on a planted masked model, the L2 threat model, the worst case, the reference
 AutoAttack and its own checks, and eval.py end to end."""
 import json
-import os
 import subprocess
 import sys
 
@@ -16,11 +15,11 @@ from attacks import PGD, AutoAttack
 from evaluation.accuracy import check_attacks, correct_per_example, standard_attacks
 from evaluation.checks import noise, sanity_warnings
 from evaluation.report import report
-from helpers import ROOT, train_lenet
+from helpers import ROOT, script_env, train_lenet
 
 # Subprocesses run on one thread, like the in-process tests (conftest.py): on a busy 2-core machine
 # torch's OpenMP threads spin-wait for a core, and an AutoAttack run took 3x longer with 2 threads.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = script_env()
 EPS = 0.1  # where the small natural model below is neither robust nor broken (PGD-10 accuracy ~0.4)
 
 

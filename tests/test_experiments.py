@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from inherit import inherit, inherited_checkpoint  # noqa: E402
@@ -161,7 +161,7 @@ def test_plan_shares_the_large_pretrained_model():
 def test_quick_sweep_end_to_end(tmp_path):
     out, docs = tmp_path / "sweep", tmp_path / "docs"
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                    timeout=600)
+                                    timeout=600, env=script_env())
     proc = run("experiments/sweep.py", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -213,7 +213,7 @@ def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
     args = ["experiments/sweep.py", "--quick", "--out", str(out), "--launcher", "submitit-local",
             "--only", "oneshot-lamp"]
     run = lambda: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                 timeout=600)
+                                 timeout=600, env=script_env())
     proc = run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "(submitit-local)" in proc.stdout

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 # A small but real run: 500 training digits, short stages, a small eps and weak PGD for speed.
@@ -17,7 +17,7 @@ FAST = ["data.train_limit=500", "pretrain.epochs=5", "pretrain.lr=0.005", "admm.
 
 def run(script, *args):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=script_env())
     return proc
 
 

@@ -105,3 +105,22 @@ def test_modules_and_functions_stay_short():
 def test_only_the_commands_and_the_papers_modules_at_the_top():
     top = sorted(f[:-3] for f in library_files() if "/" not in f)
     assert top == sorted(COMMANDS + TOP) and len(top) <= 10
+
+
+def test_every_script_a_test_starts_gets_the_fixed_environment():
+    """A test's subprocess that runs Python (``sys.executable``, not ``git`` or ``mount``) passes
+    ``env=`` (``helpers.script_env``), so ``OMP_NUM_THREADS`` and the other variables that change
+    results never come from the caller's shell."""
+    bare = []
+    for f in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if not f.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, "tests", f)).read())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("run", "Popen") and getattr(node.func.value, "id", "") == "subprocess"):
+                continue
+            first = node.args[0] if node.args else None
+            external = isinstance(first, ast.List) and first.elts and isinstance(first.elts[0], ast.Constant)
+            if not external and not any(k.arg == "env" for k in node.keywords):
+                bare.append(f"{f}:{node.lineno}")
+    assert bare == []

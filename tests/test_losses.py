@@ -2,6 +2,8 @@
 papers' definitions, their inner attacks, and which training methods they combine with."""
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from config import load_config
 from training.losses import MART, TRADES, CleanTarget
 from training.methods import AttackTraining, make_method, train_step
 from models import build_model
+from helpers import ROOT, script_env
 
 
 def tiny_batch(n=6, seed=0):
@@ -152,18 +155,14 @@ def test_bad_loss_settings_are_one_line_errors(sets, needle):
 def test_resume_mid_stage_is_bit_identical(tmp_path, loss):
     """A run killed after step 7 of 8 (its last save after step 6: epoch 2, step 2) and resumed ends with the
     uninterrupted run's weights, to the bit: the losses keep no state of their own."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sets = ["data.train_limit=256", "pretrain.epochs=2", "adv.steps=2", "eval.limit=50", "eval.steps=2",
             "checkpoint.every_steps=2", f"adv.loss={loss}"]
 
     def run(out, *extra, signal_at=None):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+        env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
         return subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
                                "--stage", "pretrain", *[a for s in sets for a in ("--set", s)], *extra],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     assert run(tmp_path / "ref").returncode == 0
     killed = run(tmp_path / "cut", signal_at="pretrain:7:SIGKILL")

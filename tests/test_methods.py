@@ -1,7 +1,6 @@
 """The fast adversarial training methods: each runs all three stages and keeps exact sparsity;
 their training steps do what the papers say."""
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import data as data_lib
 from config import load_config
 from training.methods import AttackTraining, Free, Natural, free_step, make_method, train_step
 from models import build_model
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 @pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "free"])
@@ -22,7 +21,7 @@ def test_method_runs_all_stages_with_exact_sparsity(tmp_path, method):
             "eval.steps=2", "eval.limit=100", f"adv.method={method}", "adv.free_replays=2"]
     proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path),
                            *[a for o in sets for a in ("--set", o)]], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{method} training" in proc.stdout
     if method == "free":  # 2 passes over the data = 1 loop of 2 replays per minibatch

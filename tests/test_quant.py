@@ -2,7 +2,6 @@
 the quantization projection, and the quantize stage."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from common import UserError
 from config import load_config
 from models import build_model
 from pruning.plan import make_stage, stage_names
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 def weights_of(kind, n):
@@ -327,7 +326,7 @@ def run_script(out, *sets, extra=(), signal_at=None):
     after that step (``training.SelfSignal``), a stop at a known point instead of a race."""
     args = [sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
-    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 

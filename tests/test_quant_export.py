@@ -18,7 +18,7 @@ from deploy import formats
 from pruning import quant
 from deploy import storage
 from common import save_checkpoint
-from helpers import ROOT, checkpoint, quantized_lenet
+from helpers import ROOT, checkpoint, quantized_lenet, script_env
 
 
 def inputs(n=16):
@@ -230,7 +230,8 @@ def test_round_to_nearest_baseline_is_the_quantize_stage_with_no_epochs(tmp_path
     proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--out", str(out),
                            "--stage", "quantize", "--init", str(tmp_path / "pruned.pt"),
                            "--set", "model.width=2", "--set", "quant.bits.*=3", "--set", "quantize.epochs=0",
-                           "--set", "data.train_limit=64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--set", "data.train_limit=64"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = torch.load(out / "quantize.pt", weights_only=True)
     for n, m in masks.items():

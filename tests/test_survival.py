@@ -16,7 +16,7 @@ import torch
 
 from training import command as engine
 from common import UserError, load_checkpoint, run_cli
-from helpers import ROOT, full_disk
+from helpers import ROOT, full_disk, script_env
 from training.rundir import RunFolder
 
 CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
@@ -57,7 +57,7 @@ def test_second_run_on_a_busy_folder_stops_at_once_and_touches_nothing(tmp_path)
     command, stops with one line naming the first's PID and host, and changes no byte."""
     out = tmp_path / "same"
     cmd = [sys.executable, "adv_main.py", *argv(out, extra=["--stage", "pretrain"])]
-    env = {**os.environ, "ADMM_AT_TEST_SIGNAL": "pretrain:3:SIGSTOP"}
+    env = script_env(ADMM_AT_TEST_SIGNAL="pretrain:3:SIGSTOP")
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -65,7 +65,7 @@ def test_second_run_on_a_busy_folder_stops_at_once_and_touches_nothing(tmp_path)
             assert os.WIFSTOPPED(status), "the first run ended before it paused"
             before = files(out)
             assert "pretrain.last.pt" in before and "log.txt" in before
-            second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
             assert files(out) == before  # byte for byte
         finally:
             first.send_signal(signal.SIGCONT)
@@ -154,14 +154,15 @@ def test_a_real_3mb_disk_ends_the_run_with_one_line_and_resume_finishes_it(tmp_p
     try:
         out = disk / "run"
         proc = subprocess.run([sys.executable, "adv_main.py", *argv(out)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, env=script_env())
         assert proc.returncode == 2, proc.stderr
         line, = proc.stderr.strip().splitlines()
         assert "No space left on device (ENOSPC)" in line and "is intact" in line and "Traceback" not in line
         assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
         assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0
         resume = shlex.split(line.split(" and continue with: ")[1])
-        proc = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=script_env())
         assert proc.returncode == 0, proc.stderr[-2000:]
         final = torch.load(out / "retrain.pt", weights_only=True)["model"]
         assert all(torch.equal(final[k], reference[k]) for k in reference)

@@ -12,7 +12,7 @@ import pytest
 import tblog
 from training import tensorboard
 from common import UserError
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 def test_scalars_of_rows_by_hand():
@@ -41,7 +41,7 @@ def test_training_with_tensorboard_writes_every_metrics_row(tmp_path):
              "eval.steps=1", "eval.limit=64"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "adv_main.py"), "--config", "configs/demo.yaml",
                            "--out", str(out), *[a for o in small for a in ("--set", o)], "--tensorboard"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = _events(out / "tensorboard")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -82,7 +82,7 @@ def test_training_without_tensorboard_stops_before_training_in_one_line(tmp_path
             "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code, "adv_main.py", "--config", "configs/demo.yaml",
                            "--out", str(tmp_path / "r"), "--tensorboard"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --tensorboard needs tensorboard: pip install tensorboard"]
     assert not os.path.exists(tmp_path / "r" / "pretrain.last.pt")

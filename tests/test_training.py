@@ -17,7 +17,7 @@ from models import build_model
 from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.state import EpochMeter, Schedule, TrainState, lr_at
-from helpers import ROOT
+from helpers import ROOT, script_env
 
 
 # --------------------------------------------------------------------------- schedules
@@ -59,7 +59,7 @@ def run_script(out, *sets, extra=(), script="adv_main.py", signal_at=None):
     after that step (``training.SelfSignal``), a stop at a known point instead of a race."""
     args = [sys.executable, script, "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
-    env = {**os.environ, **({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {})}
+    env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
