@@ -90,6 +90,13 @@ DEFAULTS = {
         "rate_lr": 0.0,            # harp: peak lr of the per-layer keep rates (0: admm.lr)
         "rate_gamma": 1.0,         # harp: gamma_0 of the rate loss; gamma = (e + 1) gamma_0 until the target is met
         "rate_start": 1.0,         # harp: initial keep rates = the allocation's times this (HARP starts denser)
+        "rate_init_clip": "floor", # harp: how a start rate becomes a_l = logit(u), u = (k - k_min) / (1 - k_min):
+                                   # floor (u clipped to [0.01, 0.99]) | authors (HARP's rate_init_func: u clipped
+                                   # to [-0.99, 0.99]; a start at or below k_min, u <= 0, is an error there: NaN)
+        "score_optimizer": "",     # hydra, harp: the scores' (and rates') own optimizer, sgd | adam, with the two
+                                   # keys below ("": the admm section's optimizer, momentum and weight decay)
+        "score_momentum": 0.9,     # score_optimizer=sgd (HYDRA's and HARP's code: 0.9)
+        "score_weight_decay": 0.0, # score_optimizer set (HYDRA's code: 1e-4; HARP's CIFAR config: 5e-4)
     },
     "quant": {                     # ADMM quantization after pruning (quant.py; Leng et al. 2018, arXiv:1903.09769)
         "bits": {},                # {param name or fnmatch pattern: bits, 1..16 (0: not quantized)}, or {arch: {...}};
@@ -124,13 +131,15 @@ CHOICES = {
     "adv.loss": ("ce", "trades", "mart"),
     "adv.attack_mode": ("eval", "train"),
     "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
+    "prune.score_optimizer": ("", "sgd", "adam"),
+    "prune.rate_init_clip": ("floor", "authors"),
     "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
 NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
-                "prune.score_lr", "prune.rate_lr", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
+                "prune.score_lr", "prune.rate_lr", "prune.score_momentum", "prune.score_weight_decay", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
             *(f"{s}.lr" for s in STAGE_SECTIONS))

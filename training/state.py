@@ -2,6 +2,7 @@
 (``TrainState``), one epoch's running figures (``EpochMeter``), schedules counted in passes over
 the data (``Schedule``, ``lr_at``), the optimizer, the DDP / compile wrapping, and the stop on
 SIGINT / SIGTERM."""
+import collections
 import math
 import os
 import signal
@@ -61,11 +62,76 @@ def lr_at(scfg, passes, epochs):
     return scfg["lr"]
 
 
-def make_optimizer(params, scfg):
-    """The section ``scfg``'s optimizer over ``params`` (parameters, or param groups)."""
-    if scfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=scfg["lr"], momentum=scfg["momentum"], weight_decay=scfg["weight_decay"])
-    return torch.optim.Adam(params, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+def make_optimizer(params, scfg, own=None):
+    """The section ``scfg``'s optimizer over ``params`` (parameters, or param groups). ``own``
+    ({optimizer, momentum, weight_decay}, or None): the settings of the groups marked ``"own":
+    True`` (a score stage's scores and rates under ``prune.score_optimizer``), which then get an
+    optimizer of their own, stepped with the section's as one (``Optimizers``). Without ``own``,
+    or with no group marked, every parameter takes ``scfg``'s optimizer, as before the option."""
+    params = list(params)
+    mine = [g for g in params if isinstance(g, dict) and g.get("own")] if own else []
+    if not mine:
+        return _optimizer(params, scfg)
+    rest = [g for g in params if not (isinstance(g, dict) and g.get("own"))]
+    scores = _optimizer(mine, {**scfg, **own})
+    return Optimizers([_optimizer(rest, scfg), scores]) if rest else scores
+
+
+def _optimizer(params, s):
+    if s["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    return torch.optim.Adam(params, lr=s["lr"], weight_decay=s["weight_decay"])
+
+
+def score_optimizer(pcfg):
+    """``make_optimizer``'s ``own`` settings from the ``prune`` section, or None when the scores
+    take the stage section's optimizer (``prune.score_optimizer`` empty, the default)."""
+    if not pcfg["score_optimizer"]:
+        return None
+    return {"optimizer": pcfg["score_optimizer"], "momentum": pcfg["score_momentum"],
+            "weight_decay": pcfg["score_weight_decay"]}
+
+
+class Optimizers:
+    """Several optimizers stepped as one: ``param_groups`` lists all their groups (the loop sets
+    each group's lr from it), ``step`` steps each and then runs the post-step hooks (the masks'
+    hook, ``admm.attach_masks``), ``state_dict`` holds each one's. It stands in for one
+    ``torch.optim.Optimizer`` wherever the loop, the training methods and the fp16 grad scaler
+    (which reads ``param_groups`` and calls ``step``) use one."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+        self._post_hooks = collections.OrderedDict()
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        assert closure is None, "Optimizers.step takes no closure"
+        for o in self.optimizers:
+            o.step()
+        for hook in list(self._post_hooks.values()):
+            hook(self, (), {})
+
+    def register_step_post_hook(self, hook):
+        handle = torch.utils.hooks.RemovableHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+    def __repr__(self):
+        return " + ".join(type(o).__name__ for o in self.optimizers)
 
 
 # --------------------------------------------------------------------------- one epoch's figures
@@ -136,7 +202,8 @@ class TrainState:
 
     def __init__(self, stage, model, method, cfg, device):
         self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
-        self.optimizer = make_optimizer(stage.parameters(model), cfg[stage.section])  # weights, or a stage's scores
+        self.optimizer = make_optimizer(stage.parameters(model), cfg[stage.section],  # weights, or a stage's scores
+                                        score_optimizer(cfg["prune"]))
         self.precision = Precision(cfg["perf"]["amp"], device)
         self.masks, self.metrics = {}, {}
         self.epoch = self.step = 0
