@@ -37,6 +37,9 @@ DEFAULTS = {
         "download": True,
         "synthetic": False,        # random tensors of the dataset's shape (smoke tests, benchmarks)
         "train_limit": 0,          # use the first N training examples (0 = all)
+        "val_size": 0,             # hold the last N examples of the training set out as a validation split
+                                   # (data.load_splits), before train_limit; 0: none (PGD on it: per stage's
+                                   # end, and every epoch of a stage with patience)
         "batch_size": 128,
         "test_batch_size": 500,
     },
@@ -115,7 +118,11 @@ DEFAULTS = {
     "checkpoint": {
         "every_steps": 0,          # also rewrite <stage>.last.pt every N training steps (0 = once per epoch)
     },
-    "pretrain": copy.deepcopy(_STAGE),
+    "pretrain": {**copy.deepcopy(_STAGE),
+                 "patience": 0,    # > 0: stop once PGD accuracy on the validation split (data.val_size) has not
+                                   # risen by more than min_delta for this many epochs, and keep the best epoch's
+                                   # weights (training.state.EarlyStop); epochs is then the most it runs. 0: off
+                 "min_delta": 0.0},  # a fraction of the validation split, e.g. 0.005 = half a point
     "admm": copy.deepcopy(_STAGE),
     "retrain": copy.deepcopy(_STAGE),
     "quantize": copy.deepcopy(_STAGE),  # runs after retrain when quant.bits is set
@@ -138,7 +145,7 @@ CHOICES = {
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
+NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "data.val_size", "pretrain.patience", "pretrain.min_delta", "eval.limit", "prune.rho",
                 "prune.score_lr", "prune.rate_lr", "prune.score_momentum", "prune.score_weight_decay", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
@@ -270,6 +277,8 @@ def validate(cfg):
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
             raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")
+    if cfg["pretrain"]["patience"] and not cfg["data"]["val_size"]:
+        raise UserError("pretrain.patience stops on PGD accuracy on the validation split; set data.val_size, e.g. 1000")
     from training.losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:

@@ -2,6 +2,7 @@
 inverse as its authors clip it, the validation split held out of the training set, and the
 pretraining that stops when PGD accuracy on that split stops improving."""
 import math
+import os
 
 import pytest
 import torch
@@ -136,3 +137,104 @@ def test_harp_starts_below_the_floor_only_with_the_authors_clip():
         assert float(authors.stage.k(n).detach()) == pytest.approx(start, rel=1e-4)
         assert float(floor.stage.k(n).detach()) == pytest.approx(max(start, k_min + 0.01 * (1 - k_min)), rel=1e-4)
     assert float(floor.stage.keep_rate().detach()) > 1.05 * float(authors.stage.keep_rate().detach())
+
+
+# --------------------------------------------------------------------------- data.val_size
+
+def _rows(split):
+    return {bytes(x.numpy().tobytes()) for x in split.images}
+
+
+def test_validation_split_is_held_out_of_train_and_disjoint_from_test():
+    import data as data_lib
+    full, _, test0, _ = data_lib.load_splits(load_config("configs/demo.yaml"))
+    train, val, test, _ = data_lib.load_splits(load_config("configs/demo.yaml", ["data.val_size=500"]))
+    assert (len(full.labels), len(train.labels), len(val.labels)) == (4000, 3500, 500)
+    assert torch.equal(test.images, test0.images)  # the test set is untouched
+    assert torch.equal(val.images, full.images[3500:]) and torch.equal(train.images, full.images[:3500])
+    assert not _rows(val) & _rows(test) and not _rows(val) & _rows(train)
+    limited, val2, _, _ = data_lib.load_splits(load_config("configs/demo.yaml", ["data.val_size=500",
+                                                                               "data.train_limit=3900"]))
+    assert len(limited.labels) == 3500 and torch.equal(val2.images, val.images)  # the limit never reaches val
+    assert data_lib.load_data(load_config("configs/demo.yaml"))[0].images.equal(full.images)  # default: as before
+    with pytest.raises(UserError, match="data.val_size"):
+        data_lib.load_splits(load_config("configs/demo.yaml", ["data.val_size=4000"]))
+    with pytest.raises(UserError, match="data.val_size"):
+        load_config("configs/demo.yaml", ["pretrain.patience=3"])
+
+
+# --------------------------------------------------------------------------- pretrain.patience
+
+def test_early_stop_rule_by_hand():
+    from training.state import EarlyStop
+    model = torch.nn.Linear(1, 1, bias=False)
+    stop = EarlyStop(patience=2, min_delta=0.01)
+    # epoch: 1     2     3      4     5     6
+    vals = [0.30, 0.40, 0.405, 0.41, 0.39, 0.50]
+    # best: 1 (0.30), 2 (0.40), 3 no (+0.005 <= 0.01), 4 no (+0.01 is not > 0.01): 2 epochs past 2 -> stop at 4
+    decisions = []
+    for e, v in enumerate(vals, 1):
+        with torch.no_grad():
+            model.weight.fill_(float(e))
+        decisions.append(stop.observe(e, v, model))
+        if decisions[-1]:
+            break
+    assert decisions == [False, False, False, True]
+    assert (stop.best_epoch, stop.best) == (2, 0.40)
+    stop.restore(model)
+    assert model.weight.item() == 2.0  # the best epoch's weights
+    again = EarlyStop(2, 0.01)
+    again.load_state_dict(stop.state_dict())
+    assert again.stopped and again.best_epoch == 2
+
+
+def _pretrain(tmp_path, test_split=None, extra=()):
+    import data as data_lib
+    from training.loop import RunContext, train_stage
+    from training.rundir import RunFolder
+    from models import model_from_config
+    cfg = load_config("configs/demo.yaml", ["data.train_limit=256", "data.val_size=200", "adv.steps=1", "adv.eps=0.05", "adv.step_size=0.05", "data.batch_size=16",
+                                            "eval.steps=2", "eval.limit=50", "pretrain.epochs=10", "pretrain.lr=0.003",
+                                            "pretrain.patience=1", "pretrain.schedule=constant", "adv.eps_ramp=0", *extra])
+    train, val, test, info = data_lib.load_splits(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, info, CPU)
+
+    class Never:
+        signum = None
+
+        def requested(self, step=None):
+            return False
+
+    ctx = RunContext(cfg, train, test_split or test, info, make_method(cfg, True, info, CPU), CPU,
+                     RunFolder(str(tmp_path)), Never(), "resume", val)
+    os.makedirs(tmp_path, exist_ok=True)
+    ckpt = train_stage("pretrain", model, ctx)
+    import json
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"epoch"' in line]
+    return ckpt, [r for r in rows if r.get("kind") == "epoch"]
+
+
+def test_pretraining_stops_on_the_validation_split_never_the_test_set(tmp_path):
+    import data as data_lib
+    ckpt, rows = _pretrain(tmp_path / "a")
+    assert all("val_pgd" in r for r in rows)
+    best, best_epoch, stop_at = -1.0, 0, None  # the rule, replayed on the logged validation column
+    for r in rows:
+        if r["val_pgd"] > best:
+            best, best_epoch = r["val_pgd"], r["epoch"]
+        if r["epoch"] - best_epoch >= 1:
+            stop_at = r["epoch"]
+            break
+    assert stop_at is not None and len(rows) == stop_at < 10  # stopped before its 10 epochs
+    summary = ckpt["metrics"]["early_stop"]
+    assert (summary["best_epoch"], summary["best_val_pgd"]) == (best_epoch, best)
+    # The same run with the test set replaced by other images (the labels rolled): the test
+    # figures change, every decision (when to stop, which epoch's weights) stays the same.
+    _, _, test, _ = data_lib.load_splits(load_config("configs/demo.yaml"))
+    other = data_lib.Split(test.images.flip(0), test.labels.roll(1))
+    ckpt2, rows2 = _pretrain(tmp_path / "b", other)
+    assert [r["test_pgd"] for r in rows2] != [r["test_pgd"] for r in rows]
+    assert [r["val_pgd"] for r in rows2] == [r["val_pgd"] for r in rows]
+    assert ckpt2["metrics"]["early_stop"] == summary
+    assert all(torch.equal(ckpt["model"][k], ckpt2["model"][k]) for k in ckpt["model"])

@@ -188,6 +188,49 @@ class EpochMeter:
         self.n, self.n_natural = int(state["n"] * keep), int(state["n_natural"] * keep)
 
 
+# --------------------------------------------------------------------------- early stopping
+
+class EarlyStop:
+    """Stop a stage once PGD accuracy on the validation split stops improving, and keep the best
+    epoch's weights (early stopping on held-out robust accuracy, as Rice, Wong & Kolter, ICML 2020,
+    "Overfitting in adversarially robust deep learning", do against robust overfitting).
+
+    The rule, after each epoch's validation PGD accuracy v: the epoch is the new best when
+    v > best + ``min_delta`` (the first epoch always is); the stage stops once ``patience`` epochs
+    in a row are not (epoch - best epoch >= patience), or at its ``epochs``, whichever comes
+    first. Its final model is the best epoch's weights, never the test set's choice. Everything
+    is in ``state_dict``, so a resumed run decides as an uninterrupted one. ``patience`` 0: off."""
+
+    def __init__(self, patience=0, min_delta=0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.best_epoch, self.weights, self.stopped = -math.inf, 0, None, False
+
+    def observe(self, epoch, value, model):
+        """Epoch ``epoch`` (1-based) ended with validation accuracy ``value``; returns whether to
+        stop now."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch = value, epoch
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.stopped = epoch - self.best_epoch >= self.patience
+        return self.stopped
+
+    def restore(self, model):
+        """Put the best epoch's weights into ``model``."""
+        if self.weights is not None:
+            model.load_state_dict(self.weights)
+
+    def summary(self):
+        return {"best_epoch": self.best_epoch, "best_val_pgd": self.best, "patience": self.patience,
+                "min_delta": self.min_delta, "stopped_early": self.stopped}
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.weights, "stopped": self.stopped}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.stopped = state["best"], state["best_epoch"], state["stopped"]
+        self.weights = state["weights"]
+
+
 # --------------------------------------------------------------------------- the training state
 
 class TrainState:
@@ -210,6 +253,8 @@ class TrainState:
         self.meter = EpochMeter(device)
         self.log_bytes = None  # size of metrics.jsonl when this state was saved
         self.earlier = {}  # convergence figures of the stages before this one
+        scfg = cfg[stage.section]  # early stopping on the validation split (pretrain.patience), or None
+        self.early = EarlyStop(scfg["patience"], scfg["min_delta"]) if scfg.get("patience") else None
 
     def begin(self, init):
         """A fresh start from checkpoint ``init`` (its weights already in the model), or from
@@ -237,6 +282,7 @@ class TrainState:
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
                 "free_delta": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
                 "convergence": self.convergence(),
+                **({"early_stop": self.early.state_dict()} if self.early else {}),
                 "world": dist.world(), "git": git_hash()}
 
     def load_state_dict(self, ckpt):
@@ -254,6 +300,8 @@ class TrainState:
         self.stage.figures = figures.pop(self.stage.name, {})
         self.earlier = figures
         self.meter.load_state_dict(ckpt["sums"])
+        if self.early:
+            self.early.load_state_dict(ckpt["early_stop"])
         self.log_bytes = ckpt.get("metrics_log_bytes")
         set_rng_state(ckpt["rng"])
         if ckpt.get("world", 1) != dist.world():
