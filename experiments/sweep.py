@@ -210,13 +210,15 @@ def arena_cells(spec, add):
     and seeds with another schedule or split."""
     A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
     w, budget = A["width"], A["budget"]
+    starts = {None: {"sets": []}, **(A.get("starts") or {})}
     runs = [{"name": "main", "seeds": spec["seeds"], "targets": A["targets"], "split": A["split"], "sets": [],
-             "methods": A["methods"], "uniform": A.get("uniform", [])}]
+             "methods": A["methods"], "uniform": A.get("uniform", []), "budget": budget, "target_sets": {},
+             "start": None, "harp_from": None}]
     for name, v in (A.get("variants") or {}).items():
-        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform"}
+        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform", *VARIANT_KEYS}
         if unknown or not {"seeds", "targets"} <= set(v):
             raise ValueError(f"arena.variants.{name}: keys {', '.join(sorted(v))}; a variant takes seeds and targets, "
-                             "and may take split, sets, methods, uniform")
+                             f"and may take split, sets, methods, uniform, {', '.join(VARIANT_KEYS)}")
         runs.append({**runs[0], "name": name, "sets": [], **v})
     for run in runs:
         bad = [m for m in (*run["methods"], *run["uniform"]) if m not in ARENA]
@@ -225,37 +227,65 @@ def arena_cells(spec, add):
         own = [m for m in run["uniform"] if "allocation" in ARENA[m]]
         if own:
             raise ValueError(f"arena ({run['name']}): uniform rows of {', '.join(own)}, which prune at their own allocation")
-        if "admm_harp" in run["methods"] and "harp" not in run["methods"]:
-            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods")
-    for seed in spec["seeds"]:
-        add(pre("adv", w, seed), [5], "pretrain", seed, {"width": w, "training": "adversarial"},
-            [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+        if "admm_harp" in run["methods"] and "harp" not in run["methods"] and not run["harp_from"]:
+            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods "
+                             "(or name the variant whose harp cells it reads in harp_from)")
+        if run["start"] not in starts:
+            raise ValueError(f"arena ({run['name']}): start {run['start']!r} is not in arena.starts")
+    for run in runs:  # the pretrained models the rows start from, one per seed and start
+        for seed in run["seeds"] if run["start"] else spec["seeds"]:
+            st = starts[run["start"]]
+            add(pre_id(w, seed, run["start"], st), [5], "pretrain", seed,
+                {"width": st.get("width", w), "training": "adversarial", "start": run["start"] or "spec",
+                 "arch": st.get("arch", "config")},
+                [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": start_sets(w, st)}], "pretrain.pt")
     for run in runs:
-        variant, split, extra = run["name"], run["split"], run["sets"]
+        variant, split, extra, budget, st = run["name"], run["split"], run["sets"], run["budget"], starts[run["start"]]
         for seed in run["seeds"]:
             for t in run["targets"]:
                 rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in run["methods"]]
                 rows += [(m, "uniform") for m in run["uniform"]]
                 for method, alloc in rows:
                     tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
-                    sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",
+                    sets = [*start_sets(w, st), "prune.sparsity_type=irregular", f"prune.target={t}",
                             *A.get("sets", []), *extra,
                             *arena_sets(method, budget, split, A["rate_rounds"].get(t, ()))]
                     sets += [] if alloc in ("learned", "harp") else [f"prune.allocation={alloc}"]
                     if method == "harp":
                         sets.append(f"prune.allocation={A['allocation']}")  # where its rates start
-                    deps = [pre("adv", w, seed)]
+                    sets += run["target_sets"].get(t, [])  # last: they may change even that
+                    pre_cell = pre_id(w, seed, run["start"], st)
+                    deps = [pre_cell]
                     if method == "admm_harp":
-                        harp = f"harp-learned-{tag}"
+                        harp = f"harp-learned-t{round(t * 100, 2):g}-{run['harp_from'] or variant}-s{seed}"
                         sets.append(f"prune.rates_from={os.path.join('{out}', 'runs', harp, 'retrain.pt')}")
                         deps.append(harp)
                     names = stage_names(load_config(cfg, [*(f"{k}={v}" for k, v in spec["set"].items()), *sets]))
                     steps = [{"script": "adv_main.py", "stage": name, "sets": sets,
-                              "init": ("cell", pre("adv", w, seed), "pretrain.pt") if i == 0 else None}
+                              "init": ("cell", pre_cell, "pretrain.pt") if i == 0 else None}
                              for i, name in enumerate(names[1:])]
-                    add(f"{method}-{alloc}-{tag}", [5], method, seed,
-                        {"width": w, "training": "adversarial", "target": t, "budget": budget, "method": method,
-                         "allocation": alloc, "variant": variant, "split": list(split)}, steps, "retrain.pt", deps)
+                    meta = {"width": st.get("width", w), "training": "adversarial", "target": t, "budget": budget,
+                            "method": method, "allocation": alloc, "variant": variant, "split": list(split)}
+                    meta.update({k: v for k, v in (("start", run["start"]), ("arch", st.get("arch"))) if v})
+                    add(f"{method}-{alloc}-{tag}", [5], method, seed, meta, steps, "retrain.pt", deps)
+
+
+# The keys a variant of the fair arena (issue 28) may add to an arena variant's: its own budget,
+# --set overrides per target ({target: [...]}, after all others), the pretrained model it starts
+# from (a name in arena.starts: {name: {sets, arch, width}}; default the spec's pretraining), and
+# the variant whose HARP cells its admm_harp rows read (default its own).
+VARIANT_KEYS = ("budget", "target_sets", "start", "harp_from")
+
+
+def pre_id(w, seed, start=None, st=None):
+    """The id of an arena row's pretrained cell: the spec's own (``pre``), or start ``start``'s."""
+    st = st or {}
+    return pre("adv", st.get("width", w), seed) + (f"-{start}" if start else "")
+
+
+def start_sets(w, st):
+    """--set overrides of a pretrained start ``st`` ({sets, arch, width}) and of the rows from it."""
+    return ([f"model.arch={st['arch']}"] if "arch" in st else []) + [f"model.width={st.get('width', w)}", *st["sets"]]
 
 
 QUANT_METHODS = ("admm", "rtn")  # ADMM quantization; round-to-nearest (the quantize stage with 0 epochs)
@@ -398,12 +428,31 @@ class Sweep:
         res = {k: cell[k] for k in ("id", "finding", "kind", "seed", "meta", "deps")}
         res.update({"commands": [shlex.join(c) for c in ran + [ev]], "wall_s": round(time.time() - t0, 1),
                     "train_wall_s": _train_time(rd), "eval": rep})
+        val = _validation(rd)
+        if val:  # runs with a validation split (data.val_size): what choices between cells read
+            res["val"] = val
         os.makedirs(os.path.dirname(self.result(cell["id"])), exist_ok=True)
         tmp = self.result(cell["id"]) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
         os.replace(tmp, self.result(cell["id"]))
         return res
+
+
+def _validation(rd):
+    """The run folder's validation figures (data.val_size): {natural, pgd, stage, epoch} of the last
+    epoch row that has them (the final model's, measured at the last stage's end), and the
+    pretraining curve [[epoch, val_pgd], ...] when it stopped on them; {} without a split."""
+    path, rows = os.path.join(rd, "metrics.jsonl"), []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if r.get("kind") == "epoch" and "val_pgd" in r]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out = {"natural": last["val_natural"], "pgd": last["val_pgd"], "stage": last["stage"], "epoch": last["epoch"]}
+    curve = [[r["epoch"], r["val_pgd"]] for r in rows if r["stage"] == "pretrain"]
+    return {**out, "pretrain_curve": curve} if len(curve) > 1 else out
 
 
 def _train_time(rd):

@@ -238,3 +238,53 @@ def test_pretraining_stops_on_the_validation_split_never_the_test_set(tmp_path):
     assert [r["val_pgd"] for r in rows2] == [r["val_pgd"] for r in rows]
     assert ckpt2["metrics"]["early_stop"] == summary
     assert all(torch.equal(ckpt["model"][k], ckpt2["model"][k]) for k in ckpt["model"])
+
+
+# --------------------------------------------------------------------------- the fair arena's plan
+
+def test_fair_arena_plan_budgets_starts_and_per_target_sets():
+    import sys
+    import yaml
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from sweep import plan
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                           "arena_fair.yaml")) as f:
+        spec = yaml.safe_load(f)
+    cells = {c["id"]: c for c in plan(spec)}
+
+    def value(cell, key, step=0):  # the last --set of ``key`` wins
+        return [s.split("=", 1)[1] for s in cells[cell]["steps"][step]["sets"] if s.startswith(key + "=")][-1]
+
+    # starts: the spec's converged one per seed, today's 10 epochs for the check row, ResNet's own
+    assert {i for i, c in cells.items() if c["kind"] == "pretrain"} == {
+        "pre-adv-w4-s0", "pre-adv-w4-s1", "pre-adv-w4-s2", "pre-adv-w4-s0-e10", "pre-adv-w2-s0-r18", "pre-adv-w2-s1-r18"}
+    assert (value("pre-adv-w4-s1", "pretrain.patience"), value("pre-adv-w4-s1", "data.val_size")) == ("5", "1000")
+    assert (value("pre-adv-w4-s0-e10", "pretrain.epochs"), value("pre-adv-w4-s0-e10", "pretrain.patience")) == ("10", "0")
+    assert (value("pre-adv-w2-s0-r18", "model.arch"), value("pre-adv-w2-s0-r18", "model.width")) == ("resnet18", "2")
+    assert cells["oneshot-lamp-t95-check10-s0"]["deps"] == ["pre-adv-w4-s0-e10"]
+    # budgets and splits: (a) 8 + 4 and 24 + 12; HYDRA (b) 2 + 10 and 6 + 30; progressive 2 x (12 + 6)
+    assert (value("hydra-lamp-t99-main-s2", "admm.epochs"), value("hydra-lamp-t99-main-s2", "retrain.epochs")) == ("8", "4")
+    assert (value("hydra-lamp-t95-a36-s1", "admm.epochs"), value("hydra-lamp-t95-a36-s1", "retrain.epochs")) == ("24", "12")
+    assert (value("hydra-lamp-t99-b12-h1-s0", "admm.epochs"), value("hydra-lamp-t99-b12-h1-s0", "retrain.epochs")) == ("2", "10")
+    assert (value("hydra-lamp-t99-b36-h1-s1", "admm.epochs"), value("hydra-lamp-t99-b36-h1-s1", "retrain.epochs")) == ("6", "30")
+    assert value("progressive-lamp-t99-a36-s0", "admm.epochs") == "12"
+    assert value("hydra-lamp-t99-b12-h1-s0", "prune.score_optimizer") == "sgd"
+    assert value("hydra-lamp-t99-b12-h1-s0", "lr_span") == "stage" and value("hydra-lamp-t99-main-s0", "lr_span") == "run"
+    # HARP's authors' start: 10 % kept per layer, uniform x 2 at 95 %, x 10 at 99 %, after its LAMP default
+    assert (value("harp-learned-t95-b12-r1-s1", "prune.allocation"), value("harp-learned-t95-b12-r1-s1", "prune.rate_start"),
+            value("harp-learned-t99-b12-r1-s1", "prune.rate_start")) == ("uniform", "2", "10")
+    assert value("harp-learned-t99-b12-r2-s1", "prune.allocation") == "lamp"
+    # ADMM at HARP's rates under (b) reads the (a) HARP cell of its budget
+    assert "harp-learned-t99-main-s1" in cells["admm_harp-harp-t99-b12-x1-s1"]["deps"]
+    assert "harp-learned-t95-a36-s0" in cells["admm_harp-harp-t95-b36-x2-s0"]["deps"]
+    # every (b) method has 2 settings per budget; seeds 3 at 12 epochs, 2 at 36
+    b12 = [c for c in cells.values() if c["meta"].get("variant", "").startswith("b12-")]
+    b36 = [c for c in cells.values() if c["meta"].get("variant", "").startswith("b36-")]
+    assert len(b12) == 7 * 2 * 2 * 3 and len(b36) == 7 * 2 * 2 * 2
+    assert {c["meta"]["budget"] for c in b36} == {36}
+    # the config each cell's stages load is valid (every key known, every value in range)
+    for c in list(cells.values())[::7]:
+        for st in c["steps"]:
+            if "script" in st:
+                load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), spec["config"]),
+                            [s.replace("{out}", "/tmp") for s in st["sets"]])
