@@ -188,7 +188,7 @@ def test_early_stop_rule_by_hand():
     assert again.stopped and again.best_epoch == 2
 
 
-def _pretrain(tmp_path, test_split=None, extra=()):
+def _pretrain(tmp_path, test_split=None, extra=(), stop=None, resume=None):
     import data as data_lib
     from training.loop import RunContext, train_stage
     from training.rundir import RunFolder
@@ -207,9 +207,11 @@ def _pretrain(tmp_path, test_split=None, extra=()):
             return False
 
     ctx = RunContext(cfg, train, test_split or test, info, make_method(cfg, True, info, CPU), CPU,
-                     RunFolder(str(tmp_path)), Never(), "resume", val)
+                     RunFolder(str(tmp_path)), stop or Never(), "resume", val)
     os.makedirs(tmp_path, exist_ok=True)
-    ckpt = train_stage("pretrain", model, ctx)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    ckpt = train_stage("pretrain", model, ctx, resume=resume)
     import json
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"epoch"' in line]
     return ckpt, [r for r in rows if r.get("kind") == "epoch"]
@@ -288,3 +290,30 @@ def test_fair_arena_plan_budgets_starts_and_per_target_sets():
             if "script" in st:
                 load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), spec["config"]),
                             [s.replace("{out}", "/tmp") for s in st["sets"]])
+
+
+def test_early_stopping_resumes_to_the_same_decision_and_weights(tmp_path):
+    # 16 steps per epoch: stopped at step 4 of epoch 9, after the best (8) was seen and kept
+    from common import load_checkpoint
+    from training.state import Interrupted
+
+    class StopAt:
+        signum = 15
+
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def requested(self, step=None):
+            if step is None:
+                return False
+            self.calls += 1
+            return self.calls == self.n
+
+    whole, _ = _pretrain(tmp_path / "a")
+    with pytest.raises(Interrupted):
+        _pretrain(tmp_path / "b", stop=StopAt(8 * 16 + 4))
+    last = load_checkpoint(str(tmp_path / "b" / "pretrain.last.pt"))
+    assert last["epoch"] == 8 and last["early_stop"]["best_epoch"] == 8
+    resumed, rows = _pretrain(tmp_path / "b", resume=last)
+    assert resumed["metrics"]["early_stop"] == whole["metrics"]["early_stop"]
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
