@@ -1,6 +1,8 @@
 """The loop that runs one stage (``train_stage``): epochs of minibatches through the training
 method's step, the stage's periodic updates, a test evaluation, a row per epoch in the log and in
 metrics.jsonl, and a checkpoint after every epoch (and every ``checkpoint.every_steps`` steps).
+With a validation split (``data.val_size``) it is evaluated too, and a stage with ``patience``
+(pretraining) stops on it and keeps its best epoch (``training.state.EarlyStop``).
 What differs between stages is a ``pruning.stages.Stage`` object, and what differs between
 training methods is a ``training.methods`` object; the loop never asks which one it runs."""
 import itertools
