@@ -115,11 +115,11 @@ def load_splits(cfg):
     dcfg = cfg["data"]
     info = INFO[dcfg["dataset"]]
     if dcfg["synthetic"]:
-        n = (dcfg["train_limit"] or 512) + dcfg["val_size"]
+        n = (dcfg["train_limit"] or 512) + dcfg.get("val_size", 0)
         train, test = _synthetic(info, n, cfg["seed"]), _synthetic(info, max(n // 4, 64), cfg["seed"] + 1)
     else:
         train, test = LOADERS[dcfg["dataset"]](cfg)
-    n_val = dcfg["val_size"]
+    n_val = dcfg.get("val_size", 0)  # a config saved before the key (an older checkpoint's): none
     if n_val >= len(train.labels):
         raise UserError(f"data.val_size: {n_val} leaves no training examples of the {len(train.labels)} in "
                         f"{dcfg['dataset']}; hold out fewer")

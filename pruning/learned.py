@@ -291,7 +291,7 @@ class HARP(Hydra):
         with torch.no_grad():
             for n, a in self.a.items():
                 a.fill_(start_logit(min(1.0, self.start[n] * self.pcfg["rate_start"]), self.k_min,
-                                    self.pcfg["rate_init_clip"], n))
+                                    self.pcfg.get("rate_init_clip", "floor"), n))
         self.gamma, self.frozen = self.pcfg["rate_gamma"], False
         return super().begin(masks)
 

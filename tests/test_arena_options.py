@@ -317,3 +317,15 @@ def test_early_stopping_resumes_to_the_same_decision_and_weights(tmp_path):
     resumed, rows = _pretrain(tmp_path / "b", resume=last)
     assert resumed["metrics"]["early_stop"] == whole["metrics"]["early_stop"]
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+def test_a_config_saved_before_the_new_keys_still_loads_its_data_and_stages():
+    # eval.py and export.py read the config inside a checkpoint: one written before data.val_size,
+    # prune.score_optimizer and prune.rate_init_clip lacks them and means none / the old behaviour
+    import data as data_lib
+    cfg = load_config("configs/demo.yaml")
+    del cfg["data"]["val_size"], cfg["prune"]["score_optimizer"], cfg["prune"]["rate_init_clip"]
+    train, val, _, _ = data_lib.load_splits(cfg)
+    assert len(train.labels) == 4000 and len(val.labels) == 0
+    from training.state import score_optimizer
+    assert score_optimizer(cfg["prune"]) is None

@@ -86,7 +86,7 @@ def _optimizer(params, s):
 def score_optimizer(pcfg):
     """``make_optimizer``'s ``own`` settings from the ``prune`` section, or None when the scores
     take the stage section's optimizer (``prune.score_optimizer`` empty, the default)."""
-    if not pcfg["score_optimizer"]:
+    if not pcfg.get("score_optimizer"):  # also a config saved before the key
         return None
     return {"optimizer": pcfg["score_optimizer"], "momentum": pcfg["score_momentum"],
             "weight_decay": pcfg["score_weight_decay"]}
