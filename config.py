@@ -37,6 +37,9 @@ DEFAULTS = {
         "download": True,
         "synthetic": False,        # random tensors of the dataset's shape (smoke tests, benchmarks)
         "train_limit": 0,          # use the first N training examples (0 = all)
+        "val_size": 0,             # hold the last N examples of the training set out as a validation split
+                                   # (data.load_splits), before train_limit; 0: none (PGD on it: per stage's
+                                   # end, and every epoch of a stage with patience)
         "batch_size": 128,
         "test_batch_size": 500,
     },
@@ -90,6 +93,13 @@ DEFAULTS = {
         "rate_lr": 0.0,            # harp: peak lr of the per-layer keep rates (0: admm.lr)
         "rate_gamma": 1.0,         # harp: gamma_0 of the rate loss; gamma = (e + 1) gamma_0 until the target is met
         "rate_start": 1.0,         # harp: initial keep rates = the allocation's times this (HARP starts denser)
+        "rate_init_clip": "floor", # harp: how a start rate becomes a_l = logit(u), u = (k - k_min) / (1 - k_min):
+                                   # floor (u clipped to [0.01, 0.99]) | authors (HARP's rate_init_func: u clipped
+                                   # to [-0.99, 0.99]; a start at or below k_min, u <= 0, is an error there: NaN)
+        "score_optimizer": "",     # hydra, harp: the scores' (and rates') own optimizer, sgd | adam, with the two
+                                   # keys below ("": the admm section's optimizer, momentum and weight decay)
+        "score_momentum": 0.9,     # score_optimizer=sgd (HYDRA's and HARP's code: 0.9)
+        "score_weight_decay": 0.0, # score_optimizer set (HYDRA's code: 1e-4; HARP's CIFAR config: 5e-4)
     },
     "quant": {                     # ADMM quantization after pruning (quant.py; Leng et al. 2018, arXiv:1903.09769)
         "bits": {},                # {param name or fnmatch pattern: bits, 1..16 (0: not quantized)}, or {arch: {...}};
@@ -108,7 +118,11 @@ DEFAULTS = {
     "checkpoint": {
         "every_steps": 0,          # also rewrite <stage>.last.pt every N training steps (0 = once per epoch)
     },
-    "pretrain": copy.deepcopy(_STAGE),
+    "pretrain": {**copy.deepcopy(_STAGE),
+                 "patience": 0,    # > 0: stop once PGD accuracy on the validation split (data.val_size) has not
+                                   # risen by more than min_delta for this many epochs, and keep the best epoch's
+                                   # weights (training.state.EarlyStop); epochs is then the most it runs. 0: off
+                 "min_delta": 0.0},  # a fraction of the validation split, e.g. 0.005 = half a point
     "admm": copy.deepcopy(_STAGE),
     "retrain": copy.deepcopy(_STAGE),
     "quantize": copy.deepcopy(_STAGE),  # runs after retrain when quant.bits is set
@@ -124,13 +138,15 @@ CHOICES = {
     "adv.loss": ("ce", "trades", "mart"),
     "adv.attack_mode": ("eval", "train"),
     "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
+    "prune.score_optimizer": ("", "sgd", "adam"),
+    "prune.rate_init_clip": ("floor", "authors"),
     "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
-                "prune.score_lr", "prune.rate_lr", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
+NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "data.val_size", "pretrain.patience", "pretrain.min_delta", "eval.limit", "prune.rho",
+                "prune.score_lr", "prune.rate_lr", "prune.score_momentum", "prune.score_weight_decay", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
 POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
             "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
             *(f"{s}.lr" for s in STAGE_SECTIONS))
@@ -261,6 +277,8 @@ def validate(cfg):
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
             raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")
+    if cfg["pretrain"]["patience"] and not cfg["data"]["val_size"]:
+        raise UserError("pretrain.patience stops on PGD accuracy on the validation split; set data.val_size, e.g. 1000")
     from training.losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:

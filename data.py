@@ -100,17 +100,35 @@ def _synthetic(info, n, seed):
 
 
 def load_data(cfg):
-    """(train Split, test Split, DatasetInfo) for ``cfg["data"]``."""
+    """(train Split, test Split, DatasetInfo) for ``cfg["data"]`` (the validation split, if any,
+    already held out of train: ``load_splits``)."""
+    train, _, test, info = load_splits(cfg)
+    return train, test, info
+
+
+def load_splits(cfg):
+    """(train, val, test Split, DatasetInfo) for ``cfg["data"]``. The validation split is the last
+    ``data.val_size`` examples of the dataset's training set, held out of it before
+    ``data.train_limit`` takes the first N of the rest; so it is disjoint from the training
+    examples and, being training-set images, from the test set. ``val_size`` 0 (the default):
+    an empty validation split and the training set exactly as before the option."""
     dcfg = cfg["data"]
     info = INFO[dcfg["dataset"]]
     if dcfg["synthetic"]:
-        n = dcfg["train_limit"] or 512
+        n = (dcfg["train_limit"] or 512) + dcfg.get("val_size", 0)
         train, test = _synthetic(info, n, cfg["seed"]), _synthetic(info, max(n // 4, 64), cfg["seed"] + 1)
     else:
         train, test = LOADERS[dcfg["dataset"]](cfg)
+    n_val = dcfg.get("val_size", 0)  # a config saved before the key (an older checkpoint's): none
+    if n_val >= len(train.labels):
+        raise UserError(f"data.val_size: {n_val} leaves no training examples of the {len(train.labels)} in "
+                        f"{dcfg['dataset']}; hold out fewer")
+    cut = len(train.labels) - n_val
+    val = Split(train.images[cut:], train.labels[cut:])
+    train = Split(train.images[:cut], train.labels[:cut])
     if dcfg["train_limit"]:
         train = Split(train.images[: dcfg["train_limit"]], train.labels[: dcfg["train_limit"]])
-    return train, test, info
+    return train, val, test, info
 
 
 def _augment(x, generator):

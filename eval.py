@@ -58,6 +58,9 @@ def parse(argv=None):
     p.add_argument("--no-checks", action="store_true",
                    help="skip the three extra PGD runs of the sanity checks (eps/2, eps=1, 2x steps + 1 restart)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test examples (default: all)")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="evaluate on the test set (default) or on the validation split the run held out of its "
+                        "training set (its data.val_size): what choices between runs read")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
@@ -101,9 +104,15 @@ def main(argv=None):
     model, cfg, meta = formats.load_model(args.ckpt)  # a training checkpoint or an export.py file
     device = get_device(args.device or cfg["device"])
     attacks, checks, sweep = attacks_of(args, cfg)
-    _, test, info = data_lib.load_data(cfg)
+    _, val, test, info = data_lib.load_splits(cfg)
+    if args.split == "val":
+        if not len(val.labels):
+            raise UserError(f"--split val: {args.ckpt} was trained with no validation split (data.val_size 0)")
+        test = val  # the report's "test" examples are the held-out training images
     model.to(device)
     rep = final_report(model, cfg, test, device, attacks, meta, args.limit, args.seed, checks, sweep, path=args.ckpt)
+    if args.split == "val":
+        rep["split"] = "val"  # read by a choice between runs; the test report has no such key
     if sweep:
         plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "eps_sweep.png")
         plot_sweep(rep, plot, f"{os.path.basename(args.ckpt)}: {rep['n_examples']} test examples",

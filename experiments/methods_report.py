@@ -67,22 +67,36 @@ def arena_sets(method, budget, split, rates=()):
     return sets + ([f"prune.rate_rounds={list(rates)}"] if method == "progressive" else [])
 
 
-def plan(spec, cells):
-    """The robust-pruning arena's cells: every method of ``arena.methods`` at each
-    overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
-    after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
-    learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
-    repeat some methods' rows (``methods``, ``uniform``; the main ones by default) at some targets
-    and seeds with another schedule or split."""
-    A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
-    w, budget = A["width"], A["budget"]
+# The keys a variant may add besides seeds, targets, split, sets, methods and uniform: its own
+# budget, --set overrides per target ({target: [...]}, after all others), the pretrained model it
+# starts from (a name in arena.starts: {name: {sets, arch, width}}; default the spec's pretraining),
+# and the variant whose HARP cells its admm_harp rows read (default its own).
+VARIANT_KEYS = ("budget", "target_sets", "start", "harp_from")
+
+
+def pre_id(w, seed, start=None, st=None):
+    """The id of an arena row's pretrained cell: the spec's own (``pre``), or start ``start``'s."""
+    st = st or {}
+    return pre("adv", st.get("width", w), seed) + (f"-{start}" if start else "")
+
+
+def start_sets(w, st):
+    """--set overrides of a pretrained start ``st`` ({sets, arch, width}) and of the rows from it."""
+    return ([f"model.arch={st['arch']}"] if "arch" in st else []) + [f"model.width={st.get('width', w)}", *st["sets"]]
+
+
+def arena_runs(A, spec):
+    """The main rows and each variant of ``arena`` ``A``, checked: [{name, seeds, targets, split,
+    sets, methods, uniform, budget, target_sets, start, harp_from}]."""
+    starts = {None: {"sets": []}, **(A.get("starts") or {})}
     runs = [{"name": "main", "seeds": spec["seeds"], "targets": A["targets"], "split": A["split"], "sets": [],
-             "methods": A["methods"], "uniform": A.get("uniform", [])}]
+             "methods": A["methods"], "uniform": A.get("uniform", []), "budget": A["budget"], "target_sets": {},
+             "start": None, "harp_from": None}]
     for name, v in (A.get("variants") or {}).items():
-        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform"}
+        unknown = set(v) - {"seeds", "targets", "split", "sets", "methods", "uniform", *VARIANT_KEYS}
         if unknown or not {"seeds", "targets"} <= set(v):
             raise ValueError(f"arena.variants.{name}: keys {', '.join(sorted(v))}; a variant takes seeds and targets, "
-                             "and may take split, sets, methods, uniform")
+                             f"and may take split, sets, methods, uniform, {', '.join(VARIANT_KEYS)}")
         runs.append({**runs[0], "name": name, "sets": [], **v})
     for run in runs:
         bad = [m for m in (*run["methods"], *run["uniform"]) if m not in ARENA]
@@ -91,38 +105,62 @@ def plan(spec, cells):
         own = [m for m in run["uniform"] if "allocation" in ARENA[m]]
         if own:
             raise ValueError(f"arena ({run['name']}): uniform rows of {', '.join(own)}, which prune at their own allocation")
-        if "admm_harp" in run["methods"] and "harp" not in run["methods"]:
-            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods")
-    for seed in spec["seeds"]:
-        cells.add(pre("adv", w, seed), [FINDING.number], "pretrain", seed, {"width": w, "training": "adversarial"},
-            [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": [f"model.width={w}"]}], "pretrain.pt")
+        if "admm_harp" in run["methods"] and "harp" not in run["methods"] and not run["harp_from"]:
+            raise ValueError(f"arena ({run['name']}): admm_harp reads its rates from harp's cells; add harp to its methods "
+                             "(or name the variant whose harp cells it reads in harp_from)")
+        if run["start"] not in starts:
+            raise ValueError(f"arena ({run['name']}): start {run['start']!r} is not in arena.starts")
+    return runs, starts
+
+
+def plan(spec, cells):
+    """The robust-pruning arena's cells: every method of ``arena.methods`` at each
+    overall target, from its seed's pretrained model, with the same epochs and lr at every epoch
+    after it (``lr_span: run`` in the spec's ``set``); the fixed allocation for all but HARP (which
+    learns its own) and, for ``arena.uniform``'s methods, uniform rows too. ``arena.variants``
+    repeat some methods' rows (``methods``, ``uniform``; the main ones by default) at some targets
+    and seeds with another schedule, split, budget or pretrained start."""
+    A, cfg = spec["arena"], os.path.join(ROOT, spec["config"])
+    w = A["width"]
+    runs, starts = arena_runs(A, spec)
+    for run in runs:  # the pretrained models the rows start from, one per seed and start
+        for seed in run["seeds"] if run["start"] else spec["seeds"]:
+            st = starts[run["start"]]
+            cells.add(pre_id(w, seed, run["start"], st), [FINDING.number], "pretrain", seed,
+                      {"width": st.get("width", w), "training": "adversarial", "start": run["start"] or "spec",
+                       "arch": st.get("arch", "config")},
+                      [{"script": "adv_main.py", "stage": "pretrain", "init": None, "sets": start_sets(w, st)}],
+                      "pretrain.pt")
     for run in runs:
-        variant, split, extra = run["name"], run["split"], run["sets"]
+        variant, split, extra, budget, st = run["name"], run["split"], run["sets"], run["budget"], starts[run["start"]]
         for seed in run["seeds"]:
             for t in run["targets"]:
                 rows = [(m, ARENA[m].get("allocation", A["allocation"])) for m in run["methods"]]
                 rows += [(m, "uniform") for m in run["uniform"]]
                 for method, alloc in rows:
                     tag = f"t{round(t * 100, 2):g}-{variant}-s{seed}"
-                    sets = [f"model.width={w}", "prune.sparsity_type=irregular", f"prune.target={t}",
+                    sets = [*start_sets(w, st), "prune.sparsity_type=irregular", f"prune.target={t}",
                             *A.get("sets", []), *extra,
                             *arena_sets(method, budget, split, A["rate_rounds"].get(t, ()))]
                     sets += [] if alloc in ("learned", "harp") else [f"prune.allocation={alloc}"]
                     if method == "harp":
                         sets.append(f"prune.allocation={A['allocation']}")  # where its rates start
-                    deps = [pre("adv", w, seed)]
+                    sets += run["target_sets"].get(t, [])  # last: they may change even that
+                    pre_cell = pre_id(w, seed, run["start"], st)
+                    deps = [pre_cell]
                     if method == "admm_harp":
-                        harp = f"harp-learned-{tag}"
+                        harp = f"harp-learned-t{round(t * 100, 2):g}-{run['harp_from'] or variant}-s{seed}"
                         sets.append(f"prune.rates_from={os.path.join('{out}', 'runs', harp, 'retrain.pt')}")
                         deps.append(harp)
                     names = stage_names(load_config(cfg, [*(f"{k}={v}" for k, v in spec["set"].items()), *sets]))
                     steps = [{"script": "adv_main.py", "stage": name, "sets": sets,
-                              "init": ("cell", pre("adv", w, seed), "pretrain.pt") if i == 0 else None}
+                              "init": ("cell", pre_cell, "pretrain.pt") if i == 0 else None}
                              for i, name in enumerate(names[1:])]
-                    cells.add(f"{method}-{alloc}-{tag}", [FINDING.number], method, seed,
-                              {"width": w, "training": "adversarial", "target": t, "budget": budget,
-                               "method": method, "allocation": alloc, "variant": variant, "split": list(split)},
-                              steps, "retrain.pt", deps)
+                    meta = {"width": st.get("width", w), "training": "adversarial", "target": t, "budget": budget,
+                            "method": method, "allocation": alloc, "variant": variant, "split": list(split)}
+                    meta.update({k: v for k, v in (("start", run["start"]), ("arch", st.get("arch"))) if v})
+                    cells.add(f"{method}-{alloc}-{tag}", [FINDING.number], method, seed, meta, steps, "retrain.pt",
+                              deps)
 
 
 def largest_energy(ev):

@@ -188,12 +188,31 @@ class Sweep:
         res = {k: cell[k] for k in ("id", "finding", "kind", "seed", "meta", "deps")}
         res.update({"commands": [shlex.join(c) for c in ran + [ev]], "wall_s": round(time.time() - t0, 1),
                     "train_wall_s": _train_time(rd), "eval": rep})
+        val = _validation(rd)
+        if val:  # runs with a validation split (data.val_size): what choices between cells read
+            res["val"] = val
         os.makedirs(os.path.dirname(self.result(cell["id"])), exist_ok=True)
         tmp = self.result(cell["id"]) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
         os.replace(tmp, self.result(cell["id"]))
         return res
+
+
+def _validation(rd):
+    """The run folder's validation figures (data.val_size): {natural, pgd, stage, epoch} of the last
+    epoch row that has them (the final model's, measured at the last stage's end), and the
+    pretraining curve [[epoch, val_pgd], ...] when it stopped on them; {} without a split."""
+    path, rows = os.path.join(rd, "metrics.jsonl"), []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if r.get("kind") == "epoch" and "val_pgd" in r]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out = {"natural": last["val_natural"], "pgd": last["val_pgd"], "stage": last["stage"], "epoch": last["epoch"]}
+    curve = [[r["epoch"], r["val_pgd"]] for r in rows if r["stage"] == "pretrain"]
+    return {**out, "pretrain_curve": curve} if len(curve) > 1 else out
 
 
 def _train_time(rd):

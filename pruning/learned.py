@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import admm as admm_lib
-from common import LOG
+from common import LOG, UserError
 from pruning import allocation as allocation_lib
 from pruning.stages import Stage
 
@@ -86,7 +86,10 @@ class Hydra(Stage):
     Scores start at HYDRA's scaled magnitude. The conv / linear weights and biases are frozen;
     other parameters (BatchNorm's) train as HYDRA's code trains them. The optimizer, epochs and
     lr schedule are the ``admm`` section's (the same budget as ADMM); the scores' peak lr is
-    ``prune.score_lr`` (0: ``admm.lr``). At the end the top-k masks are applied (W = W * m) and
+    ``prune.score_lr`` (0: ``admm.lr``). With ``prune.score_optimizer`` (sgd | adam) the scores
+    (and HARP's rates) get an optimizer of their own instead, with ``prune.score_momentum`` and
+    ``prune.score_weight_decay`` (HYDRA's code: SGD, lr 0.1, momentum 0.9, weight decay 1e-4),
+    still on the admm section's schedule; BatchNorm's parameters keep the admm section's. At the end the top-k masks are applied (W = W * m) and
     held from then on: masked fine-tuning is the ``retrain`` stage.
 
     Every pass over the data, ``update`` logs the share of each layer's mask that changed since
@@ -110,7 +113,8 @@ class Hydra(Stage):
         frozen = {id(p) for p in self._frozen}
         rest = [p for p in model.parameters() if id(p) not in frozen]
         scale = (self.settings["score_lr"] or self.scfg["lr"]) / self.scfg["lr"]
-        return ([{"params": rest}] if rest else []) + [{"params": self.learned(), "lr_scale": scale}]
+        # "own": stepped by the scores' own optimizer when prune.score_optimizer is set (state.make_optimizer)
+        return ([{"params": rest}] if rest else []) + [{"params": self.learned(), "lr_scale": scale, "own": True}]
 
     def network(self, model):
         for p in self._frozen:  # no weight gradients: cheaper, and DDP expects none
@@ -198,6 +202,27 @@ class Hydra(Stage):
         return f", HYDRA scores for {len(self.scores)} layers (weights frozen)"
 
 
+def start_logit(k, k_min, clip="floor", name="layer"):
+    """a_l such that k_min + (1 - k_min) sigmoid(a_l) is the start keep rate ``k``: logit(u) with
+    u = (k - k_min) / (1 - k_min), u clipped first, as ``prune.rate_init_clip`` says:
+
+    floor    u in [0.01, 0.99] (this project's: a start below k_min + 0.01 (1 - k_min) is raised
+             to it, e.g. at a 99 % target, k_min = 0.001, every start below 1.1 % kept)
+    authors  u in [-0.99, 0.99], HARP's ``utils.rate_init_func`` (intellisec/harp): only the top is
+             clipped in effect; u <= 0 (a start at or below k_min) gives log of 0 or of a negative
+             there (-inf or NaN), so here it is an error naming the layer."""
+    u = (k - k_min) / (1 - k_min)
+    if clip == "authors":
+        u = min(max(u, -0.99), 0.99)
+        if u <= 0:
+            raise UserError(f"prune.rate_init_clip=authors: {name} starts at keep rate {k:.5f}, at or below k_min "
+                            f"{k_min:.5f}, where HARP's inverse is undefined; raise prune.rate_start or use "
+                            f"prune.rate_init_clip=floor")
+    else:
+        u = min(max(u, 1e-2), 1 - 1e-2)
+    return math.log(u / (1 - u))
+
+
 class HARP(Hydra):
     """HARP (Zhao & Wressnegger, ICLR 2023): HYDRA's scores plus one learned keep rate per layer,
 
@@ -210,7 +235,8 @@ class HARP(Hydra):
 
     gamma = (e + 1) gamma_0 in pass e, frozen from the first pass after which the rate loss is 0
     (HARP's code: rounded to 4 decimals). a_l starts at the rates of the allocation times
-    ``prune.rate_start`` (HARP's code starts from a uniform strategy denser than the target);
+    ``prune.rate_start`` (HARP's code starts from a uniform strategy denser than the target),
+    inverted as ``prune.rate_init_clip`` says (``start_logit``);
     its peak lr is ``prune.rate_lr`` (0: the section's lr). Layers ``prune.prune_ratios`` fixes
     keep their count and enter the sum as constants. At the end the learned rates are rounded to
     counts that meet the overall target exactly (largest remainder, ``allocation.apportion``):
@@ -235,7 +261,8 @@ class HARP(Hydra):
     def parameters(self, model):
         groups = super().parameters(model)
         groups[-1]["params"] = list(self.scores.values())
-        return groups + [{"params": list(self.a.values()), "lr_scale": (self.settings["rate_lr"] or self.scfg["lr"]) / self.scfg["lr"]}]
+        return groups + [{"params": list(self.a.values()), "lr_scale": (self.settings["rate_lr"] or self.scfg["lr"]) / self.scfg["lr"],
+                          "own": True}]  # HARP's code steps the rates with the scores' optimizer
 
     def k(self, n):
         """Layer ``n``'s keep rate k_l (a differentiable 0-dim tensor)."""
@@ -262,10 +289,9 @@ class HARP(Hydra):
 
     def begin(self, masks):
         with torch.no_grad():
-            for n, a in self.a.items():  # invert k_l for the start rate, inside sigmoid's range
-                u = (min(1.0, self.start[n] * self.settings["rate_start"]) - self.k_min) / (1 - self.k_min)
-                u = min(max(u, 1e-2), 1 - 1e-2)
-                a.fill_(math.log(u / (1 - u)))
+            for n, a in self.a.items():
+                a.fill_(start_logit(min(1.0, self.start[n] * self.settings["rate_start"]), self.k_min,
+                                    self.settings.get("rate_init_clip", "floor"), n))
         self.gamma, self.frozen = self.settings["rate_gamma"], False
         return super().begin(masks)
 

@@ -130,7 +130,7 @@ def _run(args, adversarial):
 def _run_stages(args, adversarial, cfg, folder, stages, device):
     out, names = folder.path, stage_names(cfg)
     # Everything that can be checked is checked before any work: names, files, folder.
-    train, test, info = data_lib.load_data(cfg)
+    train, val, test, info = data_lib.load_splits(cfg)
     seed_everything(cfg["seed"])  # the initial weights depend on the seed only
     model = model_from_config(cfg, info, device)
     _check_pruning(cfg, model, stages)
@@ -141,7 +141,8 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
     setup_logging(folder.file("log.txt") if dist.is_main() else None, enabled=dist.is_main())
     LOG.info(f"{'adv_main' if adversarial else 'main'}: config {args.config} -> {out} on {device}; "
              f"{cfg['model']['arch']} w={cfg['model']['width']}, {cfg['data']['dataset']} "
-             f"({len(train.labels)} train / {len(test.labels)} test)"
+             f"({len(train.labels)} train / {len(test.labels)} test"
+             + (f" / {len(val.labels)} validation, held out of train)" if len(val.labels) else ")")
              + (f"; {dist.world()} processes x batch {cfg['data']['batch_size']}" if dist.launched() else ""))
     if changed:
         LOG.warning(f"resuming with a config that differs from the run's in: {', '.join(changed)}")
@@ -152,7 +153,8 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
         LOG.info(f"training attack ({method.name}): {method.attack!r}")
 
     with GracefulStop(device) as stop:
-        ctx = RunContext(cfg, train, test, info, method, device, folder, stop, _resume_command(args, out, adversarial))
+        ctx = RunContext(cfg, train, test, info, method, device, folder, stop, _resume_command(args, out, adversarial),
+                         val)
         for stage in todo:
             init = train_stage(stage, model, ctx, init, resume if stage == todo[0] else None)
 

@@ -1,6 +1,8 @@
 """The loop that runs one stage (``train_stage``): epochs of minibatches through the training
 method's step, the stage's periodic updates, a test evaluation, a row per epoch in the log and in
 metrics.jsonl, and a checkpoint after every epoch (and every ``checkpoint.every_steps`` steps).
+With a validation split (``data.val_size``) it is evaluated too, and a stage with ``patience``
+(pretraining) stops on it and keeps its best epoch (``training.state.EarlyStop``).
 What differs between stages is a ``pruning.stages.Stage`` object, and what differs between
 training methods is a ``training.methods`` object; the loop never asks which one it runs."""
 import itertools
@@ -40,6 +42,7 @@ class RunContext:
     folder: RunFolder
     stop: GracefulStop
     resume_command: str
+    val: data_lib.Split = None  # the validation split (data.val_size), or None / empty
 
 
 # --------------------------------------------------------------------------- the loop
@@ -80,21 +83,34 @@ def train_stage(name, model, run, init=None, resume=None):
              f"{'te_nat':>6} {'te_pgd':>6} {'gap':>6} {'time':>6}")
     eval_attacks = {"natural": None, "pgd": standard_attacks(cfg, ["pgd"])["pgd"]}
     for epoch in range(state.epoch, sched.loops):
+        if state.early and state.early.stopped:  # stopped early before a resume
+            break
         t0 = time.time()
         train = run_epoch(state, nets, sched, run)
         test = {"natural": math.nan, "pgd": math.nan}
-        if sched.loop_reaches(cfg["eval"]["every"], epoch) or epoch + 1 == sched.loops:
+        due = sched.loop_reaches(cfg["eval"]["every"], epoch) or epoch + 1 == sched.loops
+        if due:
             test, _ = evaluate(view, run.test, eval_attacks, cfg["data"]["test_batch_size"], run.device,
                                cfg["eval"]["limit"], desc="test")
-        state.metrics = epoch_metrics(state, sched, epoch, train, test, time.time() - t0)
+        val = validate(view, run, eval_attacks) if due or state.early else {}
+        stopping = bool(state.early) and state.early.observe(epoch + 1, val["val_pgd"], model)  # the val split only
+        state.metrics = {**epoch_metrics(state, sched, epoch, train, test, time.time() - t0), **val}
         log_epoch(state.metrics, run.folder)
         state.epoch, state.step = epoch + 1, 0
         state.meter.reset()
         save(state, run.folder, run.folder.last(name))
         if run.stop.requested():
             stop(state, run)
+        if stopping:
+            break
     if hook:
         hook.remove()
+    if state.early:  # the best epoch's weights are the stage's model
+        state.early.restore(model)
+        state.early.weights = None  # the final checkpoint's model holds them
+        state.metrics["early_stop"] = state.early.summary()
+        LOG.info(f"   {name}: best validation PGD accuracy {state.early.best:.4f} at epoch {state.early.best_epoch} "
+                 f"of {state.epoch} ({'stopped early' if state.early.stopped else 'max epochs'}); its weights kept")
     stage.finish(state.masks)  # quantize: hard quantization; hydra, harp: the learned masks applied
     state.metrics["convergence"] = state.convergence()  # with the figures of finish
     ckpt = save(state, run.folder, run.folder.final(name))
@@ -165,6 +181,16 @@ def epoch_metrics(state, sched, epoch, train, test, seconds):
             "test_natural": test["natural"], "test_pgd": test["pgd"], "best_test_pgd": best,
             "stage_gap": stage.largest_gap() if sched.loop_reaches(stage.update_every, epoch) else math.nan,
             "time": seconds, "convergence": state.convergence()}
+
+
+def validate(view, run, attacks):
+    """{val_natural, val_pgd} of ``view`` on the whole validation split (the ``eval`` section's
+    PGD), logged; {} when there is none (``data.val_size`` 0)."""
+    if run.val is None or not len(run.val.labels):
+        return {}
+    acc, n = evaluate(view, run.val, attacks, run.cfg["data"]["test_batch_size"], run.device, 0, desc="val")
+    LOG.info(f"   validation ({n} held-out training images): natural {acc['natural']:.4f}, pgd {acc['pgd']:.4f}")
+    return {"val_natural": acc["natural"], "val_pgd": acc["pgd"]}
 
 
 def sampled_natural_correct(model, attack_model, x, y, step):

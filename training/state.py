@@ -2,6 +2,7 @@
 (``TrainState``), one epoch's running figures (``EpochMeter``), schedules counted in passes over
 the data (``Schedule``, ``lr_at``), the optimizer, the DDP / compile wrapping, and the stop on
 SIGINT / SIGTERM."""
+import collections
 import math
 import os
 import signal
@@ -61,11 +62,76 @@ def lr_at(scfg, passes, epochs):
     return scfg["lr"]
 
 
-def make_optimizer(params, scfg):
-    """The section ``scfg``'s optimizer over ``params`` (parameters, or param groups)."""
-    if scfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=scfg["lr"], momentum=scfg["momentum"], weight_decay=scfg["weight_decay"])
-    return torch.optim.Adam(params, lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+def make_optimizer(params, scfg, own=None):
+    """The section ``scfg``'s optimizer over ``params`` (parameters, or param groups). ``own``
+    ({optimizer, momentum, weight_decay}, or None): the settings of the groups marked ``"own":
+    True`` (a score stage's scores and rates under ``prune.score_optimizer``), which then get an
+    optimizer of their own, stepped with the section's as one (``Optimizers``). Without ``own``,
+    or with no group marked, every parameter takes ``scfg``'s optimizer, as before the option."""
+    params = list(params)
+    mine = [g for g in params if isinstance(g, dict) and g.get("own")] if own else []
+    if not mine:
+        return _optimizer(params, scfg)
+    rest = [g for g in params if not (isinstance(g, dict) and g.get("own"))]
+    scores = _optimizer(mine, {**scfg, **own})
+    return Optimizers([_optimizer(rest, scfg), scores]) if rest else scores
+
+
+def _optimizer(params, s):
+    if s["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    return torch.optim.Adam(params, lr=s["lr"], weight_decay=s["weight_decay"])
+
+
+def score_optimizer(pcfg):
+    """``make_optimizer``'s ``own`` settings from the ``prune`` section, or None when the scores
+    take the stage section's optimizer (``prune.score_optimizer`` empty, the default)."""
+    if not pcfg.get("score_optimizer"):  # also a config saved before the key
+        return None
+    return {"optimizer": pcfg["score_optimizer"], "momentum": pcfg["score_momentum"],
+            "weight_decay": pcfg["score_weight_decay"]}
+
+
+class Optimizers:
+    """Several optimizers stepped as one: ``param_groups`` lists all their groups (the loop sets
+    each group's lr from it), ``step`` steps each and then runs the post-step hooks (the masks'
+    hook, ``admm.attach_masks``), ``state_dict`` holds each one's. It stands in for one
+    ``torch.optim.Optimizer`` wherever the loop, the training methods and the fp16 grad scaler
+    (which reads ``param_groups`` and calls ``step``) use one."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+        self._post_hooks = collections.OrderedDict()
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        assert closure is None, "Optimizers.step takes no closure"
+        for o in self.optimizers:
+            o.step()
+        for hook in list(self._post_hooks.values()):
+            hook(self, (), {})
+
+    def register_step_post_hook(self, hook):
+        handle = torch.utils.hooks.RemovableHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+    def __repr__(self):
+        return " + ".join(type(o).__name__ for o in self.optimizers)
 
 
 # --------------------------------------------------------------------------- one epoch's figures
@@ -122,6 +188,49 @@ class EpochMeter:
         self.n, self.n_natural = int(state["n"] * keep), int(state["n_natural"] * keep)
 
 
+# --------------------------------------------------------------------------- early stopping
+
+class EarlyStop:
+    """Stop a stage once PGD accuracy on the validation split stops improving, and keep the best
+    epoch's weights (early stopping on held-out robust accuracy, as Rice, Wong & Kolter, ICML 2020,
+    "Overfitting in adversarially robust deep learning", do against robust overfitting).
+
+    The rule, after each epoch's validation PGD accuracy v: the epoch is the new best when
+    v > best + ``min_delta`` (the first epoch always is); the stage stops once ``patience`` epochs
+    in a row are not (epoch - best epoch >= patience), or at its ``epochs``, whichever comes
+    first. Its final model is the best epoch's weights, never the test set's choice. Everything
+    is in ``state_dict``, so a resumed run decides as an uninterrupted one. ``patience`` 0: off."""
+
+    def __init__(self, patience=0, min_delta=0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.best_epoch, self.weights, self.stopped = -math.inf, 0, None, False
+
+    def observe(self, epoch, value, model):
+        """Epoch ``epoch`` (1-based) ended with validation accuracy ``value``; returns whether to
+        stop now."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch = value, epoch
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.stopped = epoch - self.best_epoch >= self.patience
+        return self.stopped
+
+    def restore(self, model):
+        """Put the best epoch's weights into ``model``."""
+        if self.weights is not None:
+            model.load_state_dict(self.weights)
+
+    def summary(self):
+        return {"best_epoch": self.best_epoch, "best_val_pgd": self.best, "patience": self.patience,
+                "min_delta": self.min_delta, "stopped_early": self.stopped}
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.weights, "stopped": self.stopped}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.stopped = state["best"], state["best_epoch"], state["stopped"]
+        self.weights = state["weights"]
+
+
 # --------------------------------------------------------------------------- the training state
 
 # Checkpoint keys renamed since the format began, (new, old): read under either name, written
@@ -141,13 +250,16 @@ class TrainState:
 
     def __init__(self, stage, model, method, cfg, device):
         self.stage, self.model, self.method, self.cfg, self.device = stage, model, method, cfg, device
-        self.optimizer = make_optimizer(stage.parameters(model), cfg[stage.section])  # weights, or a stage's scores
+        self.optimizer = make_optimizer(stage.parameters(model), cfg[stage.section],  # weights, or a stage's scores
+                                        score_optimizer(cfg["prune"]))
         self.precision = Precision(cfg["perf"]["amp"], device)
         self.masks, self.metrics = {}, {}
         self.epoch = self.step = 0
         self.meter = EpochMeter(device)
         self.log_bytes = None  # size of metrics.jsonl when this state was saved
         self.earlier = {}  # convergence figures of the stages before this one
+        scfg = cfg[stage.section]  # early stopping on the validation split (pretrain.patience), or None
+        self.early = EarlyStop(scfg["patience"], scfg["min_delta"]) if scfg.get("patience") else None
 
     def begin(self, init):
         """A fresh start from checkpoint ``init`` (its weights already in the model), or from
@@ -175,6 +287,7 @@ class TrainState:
                 "metrics": self.metrics, "rng": rng_state(), "sums": self.meter.state_dict(),
                 "method_state": self.method.state_dict(), "metrics_log_bytes": self.log_bytes,
                 "convergence": self.convergence(),
+                **({"early_stop": self.early.state_dict()} if self.early else {}),
                 "world": dist.world(), "git": git_hash()}
 
     def load_state_dict(self, ckpt):
@@ -193,6 +306,8 @@ class TrainState:
         self.stage.figures = figures.pop(self.stage.name, {})
         self.earlier = figures
         self.meter.load_state_dict(ckpt["sums"])
+        if self.early:
+            self.early.load_state_dict(ckpt["early_stop"])
         self.log_bytes = ckpt.get("metrics_log_bytes")
         set_rng_state(ckpt["rng"])
         if ckpt.get("world", 1) != dist.world():
