@@ -25,7 +25,8 @@ SPEC = {
     # finding 5
     "arena": ({"width": (int, True), "budget": (int, True), "split": (list, True), "targets": (list, True),
                "allocation": (str, True), "methods": (list, True), "uniform": (list, False),
-               "rate_rounds": (dict, True), "variants": (dict, False), "sets": (list, False)}, False),
+               "rate_rounds": (dict, True), "variants": (dict, False), "sets": (list, False),
+               "starts": (dict, False)}, False),
     # finding 6
     "quantization": ({"width": (int, True), "training": (str, True), "bits": (list, True),
                       "methods": (list, True), "epochs": (int, True)}, False),
@@ -35,16 +36,20 @@ TOGETHER = {"widths": ("large_width", "small_width", "prune_to_widths", "schemes
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (a key
+    that a merge ``<<: *anchor`` brings in may be written again: that is what merging is for)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys give way to the ones written here
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise UserError(f"{self.name}: duplicate key {key!r} on lines {seen[key]} and {line}; keep one")
             seen[key] = line
+        self.flatten_mapping(node)  # merge keys first, the mapping's own after them (they win)
         return super().construct_mapping(node, deep)
 
 
