@@ -81,7 +81,10 @@ def _exported_model(fmt, obj, path, cfg):
     if fmt.name == "pt2":
         model = fmt.model(path)
         outside.refuse_nonfinite(model.state_dict(), path)
-        return model, obj["config"]
+        # A program has no Conv2d / Linear modules to resolve the prune ratios on; its sparsity is
+        # the one the export recorded (meta["sparsity"]).
+        cfg = obj["config"]
+        return model, {**cfg, "prune": {**cfg["prune"], "prune_ratios": {}, "target": 0.0}}
     model, cfg = model_from_export(obj, path)
     outside.refuse_nonfinite(model.state_dict(), path)
     return model, cfg

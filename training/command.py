@@ -25,7 +25,8 @@ import data as data_lib
 from training import distributed as dist
 from pruning import quant
 from training import tensorboard
-from common import LOG, UserError, get_device, load_checkpoint, seed_everything, setup_logging, write_json
+from common import (LOG, UserError, get_device, load_checkpoint, seed_everything, set_deterministic, setup_logging,
+                    write_json)
 from config import TABLES, load_config
 from evaluation.accuracy import standard_attacks
 from evaluation.report import format_report, report
@@ -133,6 +134,7 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
     out, names = folder.path, stage_names(cfg)
     # Everything that can be checked is checked before any work: names, files, folder.
     train, test, info = data_lib.load_data(cfg)
+    set_deterministic(cfg["deterministic"])
     seed_everything(cfg["seed"])  # the initial weights depend on the seed only
     model = model_from_config(cfg, info, device)
     _check_pruning(cfg, model, stages)
