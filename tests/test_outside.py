@@ -248,3 +248,14 @@ def test_a_truncated_file_is_one_line(tmp_path, lenet):
     st.write_bytes(st.read_bytes()[:-20])
     with pytest.raises(UserError, match="not a valid safetensors file"):
         logits(st)
+
+
+def test_a_folder_as_rates_from_or_init_is_called_a_folder(tmp_path):
+    for extra in (["--set", "prune.allocation=from_checkpoint", "--set", "prune.target=0.5",
+                   "--set", f"prune.rates_from={tmp_path}"], ["--init", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--set", "model.width=1",
+                               "--stage", "admm", "--out", str(tmp_path / "run"), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        line, = proc.stderr.strip().splitlines()
+        assert "is a folder" in line and "does not exist" not in line, line
