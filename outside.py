@@ -31,8 +31,8 @@ def find_state_dict(obj, path):
             break
         obj = inner
     keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
-    raise UserError(f"{path} holds no state dict (name -> tensor) at its top or under "
-                    f"{', '.join(NESTED)}; it has: {keys}")
+    raise UserError(f"{path} is neither a checkpoint nor an export of this project, and holds no state dict "
+                    f"(name -> tensor) at its top or under {', '.join(NESTED)}; it has: {keys}")
 
 
 def _is_state_dict(obj):

@@ -104,6 +104,7 @@ def checkpoint_of(obj, path, cfg=None, model=None, run_config=False):
             outside.refuse_nonfinite(obj["model"], path)
         return obj
     if cfg is None:
+        outside.find_state_dict(obj, path)  # weights at all?
         raise UserError(f"{path} holds weights without a config of this project: name the model with "
                         f"--config FILE and --set model.arch=ARCH --set model.width=W (docs/bring_your_own_model.md)")
     if model is None:
@@ -194,11 +195,14 @@ class SafetensorsFile(TorchFile):
         return exp
 
     def is_export(self, path):
-        """Whether the safetensors file at ``path`` is an export of this project (its header says so)."""
+        """Whether the safetensors file at ``path`` says it is an export of this project: its JSON
+        header, read alone, names the format (so a damaged export is still called one)."""
         try:
-            with require("safetensors", f"reading {path}", "safetensors").safe_open(path, framework="pt") as f:
-                return (f.metadata() or {}).get("format") == FORMAT
-        except Exception:  # noqa: BLE001 - not readable: read_plain() will say why
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(min(n, 1 << 26)))
+            return header.get("__metadata__", {}).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):  # not readable: read_plain() will say why
             return False
 
     def read_plain(self, path):
