@@ -89,6 +89,20 @@ def get_device(name):
     return dev
 
 
+def set_deterministic(on):
+    """``deterministic: true``: reproducible GPU runs. Torch's deterministic algorithms (an op
+    without one is an error naming it), cuDNN's deterministic kernels without autotuning, and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS needs for reproducible matmuls (set here,
+    before the first CUDA call, unless the user set it). Slower on GPU (docs/training.md); on CPU
+    runs are reproducible anyway. Off: torch's defaults, left as they are."""
+    import torch
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
 def seed_everything(seed):
     import numpy as np
     import torch

@@ -28,6 +28,8 @@ _STAGE = {
 DEFAULTS = {
     "seed": 0,
     "device": "auto",              # auto | cpu | cuda | cuda:N
+    "deterministic": False,        # reproducible GPU runs: torch's deterministic algorithms, cuDNN without
+                                   # autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower: docs/training.md)
     "lr_span": "stage",            # stage: each stage its own lr schedule | run: one schedule over every stage
                                    # after pretraining, continuing across stage boundaries (each stage's section
                                    # gives lr, schedule, milestones, gamma; set them alike for one curve)
@@ -42,6 +44,8 @@ DEFAULTS = {
                                    # end, and every epoch of a stage with patience)
         "batch_size": 128,
         "test_batch_size": 500,
+        "mean": [],                # per-channel normalization inside the model ([]: the dataset's); a model trained
+        "std": [],                 # on inputs in [0, 1] with no normalization needs [0, 0, 0] and [1, 1, 1]
     },
     "model": {"arch": "lenet", "width": 4},
     "adv": {                       # the training adversary (L-inf); eps is also the evaluation eps
@@ -109,6 +113,10 @@ DEFAULTS = {
         "update_every": 1,         # passes over the data between Z/U updates
         "rescale_dual": True,      # as prune.rescale_dual
         "restart_lr": True,        # as prune.restart_lr, for the quantize stage's schedule
+    },
+    "subnet": {                    # HYDRA / HARP checkpoints (SubnetConv/SubnetLinear with popup_scores) read as masks
+        "k": 0.0,                  # their --k: fraction of weights kept (HYDRA: in every layer; HARP: the target)
+        "alpha": 0.1,              # HARP's --alpha: a layer keeps at least k * alpha (its rates' floor)
     },
     "perf": {                      # GPU fast paths; no-ops on CPU
         "amp": "off",              # off | bf16 | fp16 (autocast; fp16 adds a grad scaler)
@@ -208,7 +216,7 @@ def _coerce(key, value, default):
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
-    if key in ("prune.rounds", "prune.rate_rounds"):
+    if key in ("prune.rounds", "prune.rate_rounds", "data.mean", "data.std"):
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise UserError(f"{key}: expected a list of numbers such as [0.8, 0.9, 1.0], got {value!r}")
         return [float(v) for v in value]

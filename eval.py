@@ -14,8 +14,9 @@ import os
 import data as data_lib
 from deploy import formats
 from deploy import measure
+from models import outside
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
-from config import parse_float
+from config import load_config, parse_float
 from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
 from evaluation.report import final_report, format_report
 
@@ -44,7 +45,11 @@ def parse(argv=None):
     sorted radii of ``--eps-sweep`` and ``names`` the attacks. A bad flag is a one-line
     ``UserError`` naming it."""
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py, an export, or outside "
+                                                 "weights (a state dict in .pt or .safetensors; HYDRA, HARP, RobustBench)")
+    p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of --config; repeatable (e.g. --set model.arch=wrn --set model.width=10)")
     p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
     p.add_argument("--eps", help="L-inf radius in [0,1] pixel units, e.g. 0.3 or 8/255 (default: config adv.eps)")
     p.add_argument("--steps", type=int, help="PGD steps (default: config eval.steps)")
@@ -89,6 +94,11 @@ def parse(argv=None):
     return args
 
 
+def user_config(args):
+    """The config of ``--config`` and ``--set`` (None when neither is given)."""
+    return load_config(args.config, args.overrides) if args.config or args.overrides else None
+
+
 def attacks_of(args, cfg):
     """(attacks, checks, sweep) that ``parse``'s ``args`` ask for, with ``cfg``'s defaults (see
     ``evaluation.report``)."""
@@ -101,7 +111,7 @@ def attacks_of(args, cfg):
 
 def main(argv=None):
     args = parse(argv)
-    model, cfg, meta = formats.load_model(args.ckpt)  # a training checkpoint or an export.py file
+    model, cfg, meta = formats.load_model(args.ckpt, cfg=user_config(args))  # a checkpoint, outside weights or an export
     device = get_device(args.device or cfg["device"])
     attacks, checks, sweep = attacks_of(args, cfg)
     _, val, test, info = data_lib.load_splits(cfg)
@@ -120,6 +130,8 @@ def main(argv=None):
         rep["eps_sweep"]["plot"] = plot
     print(f"{args.ckpt}: {meta['stage']} stage, {cfg['model']['arch']} w={cfg['model']['width']}, "
           f"{cfg['data']['dataset']}")
+    if meta.get("masks"):  # HYDRA's or HARP's scores, read as masks
+        print(outside.describe_masks(meta["masks"]))
     print(format_report(rep))
     if meta["compression"] is None:
         print(f"compact figures skipped: {cfg['model']['arch']} declares no channel groups (models/: channel_groups)")

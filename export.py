@@ -1,11 +1,13 @@
 """Export a pruned checkpoint as a deployable model: pruned channels removed, sparse weights stored sparse.
 
-    python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|onnx]
+    python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|pt2|onnx]
                      [--storage compact|sparse] [--json FILE] [--overwrite] [--no-latency] [--threads N]
+                     [--config FILE --set KEY=VALUE ...]   (outside weights: docs/bring_your_own_model.md)
 
 The file format (``formats.FORMATS``): ``torch`` (the default, or from --out's suffix
 ``.safetensors`` / ``.onnx``) and ``safetensors`` hold the export dict, read back by
-``formats.load_exported`` and ``formats.load_model`` (which ``eval.py`` uses); ``onnx`` is
+``formats.load_exported`` and ``formats.load_model`` (which ``eval.py`` uses); ``pt2`` is the
+compact model as a ``torch.export`` program (``torch.export.load`` alone runs it); ``onnx`` is
 the compact model as a graph for onnxruntime. A checkpoint of the quantize stage is exported with
 its quantized layers as packed integer codes plus one float32 scale per layer
 (``storage.encode_quantized``; ONNX: dequantized); the report then also gives the size against
@@ -22,7 +24,8 @@ import data as data_lib
 from deploy import exportfile
 from deploy import formats
 from deploy import measure
-from common import UserError, load_checkpoint, reading, run_cli, write_json
+from common import UserError, reading, run_cli, write_json
+from config import load_config
 from evaluation.report import format_storage
 
 
@@ -57,12 +60,17 @@ def test_accuracy(models, cfg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py, or outside weights "
+                                                 "(a state dict in .pt or .safetensors; HYDRA, HARP, RobustBench)")
+    p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of --config; repeatable (e.g. --set model.arch=wrn --set model.width=10)")
     p.add_argument("--out", help="file to write (default: the checkpoint's path with .export.pt, "
-                                 ".export.safetensors or .export.onnx)")
+                                 ".export.safetensors, .export.pt2 or .export.onnx)")
     p.add_argument("--format", type=file_format, metavar="|".join(formats.FORMATS),
                    help="torch: torch.save of the export (default); safetensors: tensors + JSON header, loads "
-                        "without running code; onnx: the compact model as an ONNX graph (default: from --out's suffix)")
+                        "without running code; pt2: the compact model as a torch.export program; onnx: the compact "
+                        "model as an ONNX graph (default: from --out's suffix)")
     p.add_argument("--storage", choices=exportfile.STORAGES,
                    help="compact: dense tensors of the smaller model; sparse: conv/linear weights as values + "
                         "bitmask or index (default: sparse for irregular pruning, compact for filter/column)")
@@ -83,7 +91,8 @@ def main(argv=None):
     if fmt.storage and args.storage not in (None, fmt.storage):
         raise UserError(f"--format {fmt.name} stores {fmt.storage} tensors only; drop --storage {args.storage}")
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.ckpt)
+    user_cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    ckpt = formats.read_checkpoint(args.ckpt, user_cfg, "export.py --ckpt")
     with reading(args.ckpt):
         exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or fmt.storage, fmt.quantized)
     fmt.write(out, exp, exportfile.model_from_export(exp, out)[0])
@@ -124,7 +133,7 @@ def main(argv=None):
         print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense (PyTorch) "
               f"{t['dense'] * 1e3:.1f} ms, compact ({fmt.runtime}) {t['compact'] * 1e3:.1f} ms, "
               f"speed-up {t['dense'] / t['compact']:.2f}x")
-    if diff > 1e-5 or accuracy_differs:
+    if not diff <= 1e-5 or accuracy_differs:  # NaN is a failure, not a pass
         os.remove(out)
         raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}"
                         + (", and its test accuracy" if accuracy_differs else "")

@@ -43,8 +43,8 @@ def channel_groups(model):
 
 def keep_channels(state, group, keep):
     """Cut ``state`` (a state dict, changed in place) down to the channels ``keep`` (index tensor)
-    of ``group``: rows of its producers (filters, biases, folded kernels, BN channels), columns of
-    its consumers (per channel a block of in_features / n columns: kh*kw, or H*W after a flatten)."""
+    of ``group``: rows of its producers (filters, biases, folded kernels, BN channels), channels of its consumer-side
+    BNs, columns of its consumers (per channel a block of in_features / n columns: kh*kw, or H*W after a flatten)."""
     n = state[f"{group.producers[0][0]}.weight"].shape[0]
     for layer, bn in group.producers:
         keys = [f"{layer}.{s}" for s in ("weight", "bias", "const_kernel")]
@@ -52,6 +52,9 @@ def keep_channels(state, group, keep):
         for k in keys:
             if k in state:
                 state[k] = state[k].index_select(0, keep).contiguous()
+    for bn in group.consumer_bns:
+        for k in (f"{bn}.{s}" for s in ("weight", "bias", "running_mean", "running_var")):
+            state[k] = state[k].index_select(0, keep).contiguous()
     for layer in group.consumers:
         w = state[f"{layer}.weight"]
         per = w.shape[1] // n

@@ -3,12 +3,11 @@ quantized layers (packed integer codes + one scale), each with its exact decoder
 A malformed entry is a ``ValueError`` naming it; ``exportfile`` turns it into a one-line error."""
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pruning import quant
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128])  # element 8k + i is bit i of byte k
 
 
 def encode_sparse(t):
@@ -22,8 +21,8 @@ def encode_sparse(t):
     if 4 * entry["values"].numel() < math.ceil(flat.numel() / 8):
         entry["index"] = nz.nonzero().flatten().to(torch.int32)
     else:
-        bits = F.pad(nz.to(torch.uint8), (0, -flat.numel() % 8)).view(-1, 8).long()
-        entry["bitmask"] = (bits * _BITS).sum(1).to(torch.uint8)
+        # Element 8k + i is bit i of byte k (the last byte zero-padded).
+        entry["bitmask"] = torch.from_numpy(np.packbits(nz.numpy(), bitorder="little"))
     return entry
 
 
@@ -37,7 +36,7 @@ def _positions(entry, n, shape):
         bm = entry["bitmask"]
         if not (isinstance(bm, torch.Tensor) and bm.dtype == torch.uint8 and bm.shape == (math.ceil(n / 8),)):
             raise ValueError(f"bitmask must be uint8 of {math.ceil(n / 8)} bytes for shape {shape}")
-        where = ((bm.long().unsqueeze(1) & _BITS) != 0).reshape(-1)
+        where = torch.from_numpy(np.unpackbits(bm.cpu().numpy(), bitorder="little")).bool()
         if where[n:].any():
             raise ValueError("bitmask sets bits past the end of the tensor")
         return where[:n].nonzero().flatten()

@@ -14,7 +14,7 @@ inherited initialization (``experiments/inherit.py``) declares its ``channel_gro
 of ``Group``s, written next to its layers because only the model knows which layers share a map.
 """
 from common import UserError
-from models import base, lenet, resnet, vgg  # noqa: F401 - importing an architecture registers it
+from models import base, lenet, resnet, vgg, wrn  # noqa: F401 - importing an architecture registers it
 from models.base import Group, Normalize, available, register  # noqa: F401 - the package's names
 
 
@@ -28,10 +28,22 @@ def build_model(arch, width, num_classes=10, in_channels=1, image_size=28, mean=
 
 
 def model_from_config(cfg, info, device):
-    """The model ``cfg["model"]`` names, for the dataset ``info`` (``data.DatasetInfo``), on ``device``."""
+    """The model ``cfg["model"]`` names, for the dataset ``info`` (``data.DatasetInfo``), on ``device``.
+    Its normalization is ``data.mean`` / ``data.std`` when set, else the dataset's."""
     m = cfg["model"]
     return build_model(m["arch"], m["width"], info.num_classes, info.in_channels, info.image_size,
-                       info.mean, info.std).to(device)
+                       *normalization(cfg, info)).to(device)
+
+
+def normalization(cfg, info):
+    """(mean, std) the model normalizes its [0, 1] inputs with: ``data.mean`` / ``data.std`` when
+    set (one value per input channel, std > 0), else the dataset's (``info``)."""
+    d = cfg["data"]
+    mean, std = tuple(d.get("mean") or info.mean), tuple(d.get("std") or info.std)
+    if len(mean) != info.in_channels or len(std) != info.in_channels or not all(s > 0 for s in std):
+        raise UserError(f"data.mean and data.std need {info.in_channels} values each (std > 0) for "
+                        f"{info.name}, got {list(mean)} and {list(std)}")
+    return mean, std
 
 
 def load_weights(model, ckpt, path, cfg):

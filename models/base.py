@@ -25,10 +25,13 @@ class Group:
     ([(conv or linear name, its BN name or None)], several when their outputs are summed into one
     map, as in a ResNet stream) and input channels of ``consumers`` ([conv or linear name]). A
     consumer reads channel c as the c-th of n equal blocks of its inputs: one for a conv, or
-    after a flatten the block of H x W columns that ``flatten(1)`` puts there."""
+    after a flatten the block of H x W columns that ``flatten(1)`` puts there. ``consumer_bns``
+    (pre-activation nets) normalize the map on its way to the consumers and lose the same channels."""
     name: str
     producers: list = field(default_factory=list)
     consumers: list = field(default_factory=list)
+    consumer_bns: list = field(default_factory=list)  # BNs that read the map before its consumers
+    # (pre-activation: BN -> ReLU -> conv); cut to the kept channels with it
 
 
 class Normalize(nn.Module):

@@ -15,6 +15,7 @@ by the sparse index, not by a code, so a pruned binary layer holds {-q, 0, q}, a
 the mask keeps is -q or q. A kept weight of a layer at b >= 2 may round to the 0 level; it is
 then zero but not pruned (its mask stays True).
 """
+import numpy as np
 import torch
 
 import admm as admm_lib
@@ -240,10 +241,10 @@ def pack_codes(codes, bits):
     if (u < 0).any() or (u > 2 * L).any() or (bits == 1 and (flat == 0).any()):
         raise ValueError(f"codes out of the {bits}-bit range [-{L}, {L}]" + (" (no 0 at 1 bit)" if bits == 1 else ""))
     u = u // _step(bits)
-    shifts = torch.arange(bits, dtype=torch.int32)
-    stream = ((u.unsqueeze(1) >> shifts) & 1).to(torch.uint8).flatten()  # n * bits bits
-    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
-    return (stream << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    # Each code's bits, least significant first, as one bit stream that fills each byte from its
+    # least significant bit: numpy's packbits with bitorder="little" (the last byte zero-padded).
+    stream = ((u.unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8).numpy()
+    return torch.from_numpy(np.packbits(stream.reshape(-1), bitorder="little"))
 
 
 @torch.no_grad()
@@ -251,8 +252,8 @@ def unpack_codes(packed, bits, n):
     """The ``n`` codes ``pack_codes`` packed into ``packed``, as a float32 1-D tensor."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-n * bits // 8):
         raise ValueError(f"codes must be {-(-n * bits // 8)} uint8 bytes for {n} codes of {bits} bits")
-    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n * bits]
-    u = (stream.view(n, bits).to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(1)
+    stream = np.unpackbits(packed.cpu().numpy(), count=n * bits, bitorder="little")
+    u = (torch.from_numpy(stream).view(n, bits).to(torch.int32) << torch.arange(bits, dtype=torch.int32)).sum(1)
     if bits > 1 and (u > 2 * top_code(bits)).any():
         raise ValueError(f"a code is out of the {bits}-bit range")
     return (u * _step(bits) - top_code(bits)).float()

@@ -1,4 +1,4 @@
-"""The options the fair arena needs (issue 28): the scores' own optimizer, HARP's start-rate
+"""The options the fair arena needs: the scores' own optimizer, HARP's start-rate
 inverse as its authors clip it, the validation split held out of the training set, and the
 pretraining that stops when PGD accuracy on that split stops improving."""
 import math

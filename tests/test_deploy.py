@@ -185,7 +185,7 @@ def test_eval_reads_a_safetensors_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("truncated", "not a valid safetensors export"), ("no format", "no 'format'"),
+    ("truncated", "not a valid safetensors export"), ("no format", "holds weights without a config"),  # plain tensors: outside weights
     ("export not JSON", "not a valid safetensors export"), ("stray tensor", "has no place"),
     ("missing tensor", "'conv2.bias'")])
 def test_malformed_safetensors_export_is_refused_with_one_line(kind, message, tmp_path):
@@ -206,7 +206,7 @@ def test_malformed_safetensors_export_is_refused_with_one_line(kind, message, tm
         elif kind == "stray tensor":
             tensors["elsewhere/x"] = torch.zeros(1)
         else:
-            del tensors["state/conv2.bias"]
+            del tensors["conv2.bias"]  # layout 2: the dense tensors under their own names
         st.save_file(tensors, path, metadata=meta)
     with pytest.raises(UserError) as e:
         formats.load_model(path)

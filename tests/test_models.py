@@ -16,8 +16,8 @@ def build(arch, width):
     return build_model(arch, width, in_channels=c, image_size=s)
 
 
-def test_registry_lists_the_three_archs():
-    assert models.available() == ["lenet", "resnet18", "vgg16"]
+def test_registry_lists_the_archs():
+    assert models.available() == ["lenet", "resnet18", "vgg16", "wrn", "wrn34"]
 
 
 @pytest.mark.parametrize("arch,width", CASES)

@@ -25,13 +25,16 @@ import data as data_lib
 from training import distributed as dist
 from pruning import quant
 from training import tensorboard
-from common import LOG, UserError, get_device, load_checkpoint, seed_everything, setup_logging, write_json
+from common import (LOG, UserError, get_device, load_checkpoint, seed_everything, set_deterministic, setup_logging,
+                    write_json)
 from config import TABLES, load_config
 from evaluation.accuracy import standard_attacks
 from evaluation.report import checkpoint_meta, final_report, format_report
 from training.methods import make_method
 from models import load_weights, model_from_config
 from training.rundir import RunFolder, default_out
+from deploy import formats
+from models import outside
 from pruning.plan import stage_names
 from training.state import GracefulStop, Interrupted
 from training.loop import RunContext, train_stage
@@ -131,6 +134,7 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
     out, names = folder.path, stage_names(cfg)
     # Everything that can be checked is checked before any work: names, files, folder.
     train, val, test, info = data_lib.load_splits(cfg)
+    set_deterministic(cfg["deterministic"])
     seed_everything(cfg["seed"])  # the initial weights depend on the seed only
     model = model_from_config(cfg, info, device)
     _check_pruning(cfg, model, stages)
@@ -181,9 +185,10 @@ def _check_pruning(cfg, model, stages):
     if not ratios and not cfg["prune"]["target"] and stages != ["pretrain"]:
         raise UserError("prune.prune_ratios prunes no layer (empty, or all ratios 0); give ratios or an overall "
                         "prune.target, or run only --stage pretrain")
-    if cfg["prune"]["allocation"] == "from_checkpoint" and not os.path.isfile(cfg["prune"]["rates_from"]):
-        raise UserError(f"prune.rates_from: {cfg['prune']['rates_from']} does not exist; give a checkpoint of a "
-                        "pruning stage (e.g. a HARP run's retrain.pt)")
+    rates_from = cfg["prune"]["rates_from"]
+    if cfg["prune"]["allocation"] == "from_checkpoint" and not os.path.isfile(rates_from):
+        raise UserError(f"prune.rates_from: {rates_from} {'is a folder' if os.path.isdir(rates_from) else 'does not exist'}"
+                        "; give a checkpoint of a pruning stage (e.g. a HARP run's retrain.pt)")
     if cfg["prune"]["target"] and stages != ["pretrain"]:
         allocation_lib.budget(model, cfg["prune"])  # a target the fixed layers leave room for
     try:
@@ -227,16 +232,31 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
     names = stage_names(cfg)
     prev = names[names.index(todo[0]) - 1] if todo[0] != "pretrain" else None
     start = args.init or (folder.final(prev) if prev else None)
-    if args.init and not os.path.isfile(args.init):
+    if args.init and not os.path.exists(args.init):
         raise UserError(f"--init {args.init} does not exist")
-    if start and not os.path.isfile(start):
+    if start and not os.path.exists(start):
         raise UserError(f"stage {todo[0]} starts from {start}, which does not exist; run --stage {prev} "
                         f"first (same --out) or pass --init CKPT")
-    init = load_checkpoint(start, map_location=device) if start else None
+    init = None
+    if args.init:  # this project's checkpoint, or outside weights (a state dict, HYDRA's, HARP's) as one
+        init = _to(formats.read_checkpoint(args.init, cfg, "--init", model, run_config=True), device)
+        if init.get("stage") == "outside":
+            LOG.info(f"--init {args.init}: outside weights" + (f"; {outside.describe_masks(init['masks'])}"
+                                                               if init["masks"] else ""))
+    elif start:
+        init = load_checkpoint(start, map_location=device)
     if init:
         load_weights(model, init, start, cfg)
         folder.complete = start
     return todo, init, None
+
+
+def _to(ckpt, device):
+    """``ckpt``'s model weights and masks on ``device``."""
+    for key in ("model", "masks"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt[key] = {n: t.to(device) for n, t in ckpt[key].items()}
+    return ckpt
 
 
 def _check_script(ckpt, path, adversarial):

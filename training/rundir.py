@@ -6,7 +6,8 @@ driver (``experiments/sweep.py``):
                         removed when ``<stage>.pt`` is written
     .tmp-<name>-*       a save of <name> in progress (atomic saves); left only by a killed save,
                         removed at start
-    .lock               held (``fcntl.flock``) by the run that owns the folder; names its PID and host
+    .lock               held (``filelock``: flock on Unix, msvcrt on Windows) by the run that owns
+                        the folder; names its PID and host
     config.yaml         the resolved config
     log.txt             the appended human-readable log
     metrics.jsonl       one JSON object per epoch ("kind": "epoch") and per stage update ("kind":
@@ -21,13 +22,13 @@ fails (a full disk) ends the run with ``write_failed``'s one line.
 import argparse
 import contextlib
 import datetime
-import fcntl
 import json
 import math
 import os
 import socket
 import sys
-import time
+
+import filelock
 
 # This module imports ``common`` (and with it torch) only inside the methods that write: the entry
 # scripts call ``exit_if_busy`` before torch is imported, which takes seconds on a busy machine,
@@ -73,41 +74,47 @@ class RunFolder:
 
     @contextlib.contextmanager
     def locked(self):
-        """Own the folder while the block runs: an exclusive ``fcntl.flock`` on ``.lock``, which
-        the OS drops when the process ends however it ends (``kill -9`` included), so a lock is
-        never stale and ``--resume`` after a crash takes it as usual. Another run holding it is a
-        ``UserError`` naming its PID and host, raised before anything in the folder is touched.
+        """Own the folder while the block runs: an exclusive OS lock on ``.lock`` (``filelock``),
+        which the OS drops when the process ends however it ends (``kill -9`` included), so a lock
+        is never stale and ``--resume`` after a crash takes it as usual. Another run holding it is
+        a ``UserError`` naming its PID and host, raised before anything in the folder is touched.
         Creates the folder."""
         from common import UserError
+        lock = filelock.FileLock(self.file(".lock"), timeout=0.2)  # a moment's grace for ``owner`` probes
         try:
             os.makedirs(self.path, exist_ok=True)
-            fd = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            lock.acquire()
+        except filelock.Timeout:
+            raise UserError(busy(self.path, _owner_line(self.file(".lock")))) from None
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.path}: {e.strerror}; choose another --out") from None
         try:
-            if not _flock(fd, tries=20):  # a moment's grace: ``owner`` probes hold it for microseconds
-                raise UserError(busy(self.path, _owner_line(fd)))
             try:  # who owns it, for the message above; best effort (a full disk must not stop the run here)
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}, since "
-                              f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+                with open(self.file(".lock"), "r+") as f:  # the lock is advisory on Unix: this fd may write
+                    f.truncate(0)
+                    f.write(f"PID {os.getpid()} on {socket.gethostname()}, since "
+                            f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
             except OSError:
                 pass
             yield self
         finally:
-            os.close(fd)  # releases the lock
+            lock.release()
 
     def owner(self):
         """Who owns the folder now ("PID 123 on host, since ..."), or None when no run does.
         Reads only; never creates the folder or its lock file."""
+        path = self.file(".lock")
+        if not os.path.isfile(path):
+            return None
+        probe = filelock.FileLock(path, timeout=0)
         try:
-            fd = os.open(self.file(".lock"), os.O_RDONLY)
+            probe.acquire()
+        except filelock.Timeout:
+            return _owner_line(path)
         except OSError:
             return None
-        try:
-            return None if _flock(fd) else _owner_line(fd)
-        finally:
-            os.close(fd)
+        probe.release()
+        return None
 
     # ----------------------------------------------------------------------- checkpoints
 
@@ -200,20 +207,12 @@ class RunFolder:
             atomic_write(self.metrics, lambda f: f.writelines(keep), binary=False)
 
 
-def _flock(fd, tries=1):
-    """Take the exclusive lock on ``fd`` (True), or find it held after ``tries`` tries 10 ms apart."""
-    for i in range(tries):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if i + 1 < tries:
-                time.sleep(0.01)
-    return False
-
-
-def _owner_line(fd):
-    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "owner unknown"
+def _owner_line(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(512).strip() or "owner unknown"
+    except OSError:  # Windows: the owner's byte-range lock keeps others from reading it
+        return "owner unknown"
 
 
 def _no_nan(v):
