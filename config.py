@@ -8,11 +8,18 @@ checkpoint and as ``config.yaml`` in the run folder.
 import copy
 import difflib
 import math
+import sys
 from fractions import Fraction
 
 import yaml
 
-from common import UserError
+import admm as admm_lib
+import data as data_lib
+from common import UserError, read_yaml, strict_yaml_loader
+from pruning import allocation as allocation_lib
+from pruning.plan import STAGES, lr_window, stage_names
+from training.losses import LOSSES, LOSSES_OF_METHOD
+from training.methods import ADVERSARIAL
 
 _STAGE = {
     "epochs": 10,          # passes over the training data in this stage (free: m of them per loop)
@@ -116,33 +123,91 @@ DEFAULTS = {
 
 STAGE_SECTIONS = ("pretrain", "admm", "retrain", "quantize")
 
+# The choices of each string key, from the registries that implement them (a new entry there is
+# a new choice here); the rest are switches inside the code that reads them.
 CHOICES = {
     "lr_span": ("stage", "run"),
-    "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
-    "prune.sparsity_type": ("irregular", "filter", "column"),
-    "adv.method": ("pgd", "fgsm_rs", "free"),
-    "adv.loss": ("ce", "trades", "mart"),
+    "data.dataset": tuple(data_lib.INFO),
+    "prune.sparsity_type": admm_lib.SCHEMES,
+    "adv.method": tuple(ADVERSARIAL),
+    "adv.loss": tuple(LOSSES),
     "adv.attack_mode": ("eval", "train"),
-    "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
-    "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
+    # a pruning stage's kind (they train with the admm section), or oneshot: retrain prunes at its start
+    "prune.method": tuple(k for k, s in STAGES.items() if s.section == "admm") + ("oneshot",),
+    "prune.allocation": allocation_lib.RULES,
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "eval.limit", "prune.rho",
-                "prune.score_lr", "prune.rate_lr", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
-POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
-            "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
-            *(f"{s}.lr" for s in STAGE_SECTIONS))
+
+MAX_WIDTH = 1024  # larger widths overflow a tensor's shape (or any memory); w=16 is the standard width
 
 
-MAX_WIDTH = 1024
+class Range:
+    """The valid values of a numeric key: ``lo`` to ``hi``, each end included unless open.
+    ``upto`` names the key whose value is the upper end (a milestone lies within its schedule);
+    ``warn_above`` names the key beyond whose value the setting never takes effect, which is a
+    warning, not an error (an interval longer than its stage). NaN lies in no range."""
+
+    def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, upto=None, warn_above=None,
+                 what=None):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.upto, self.warn_above, self.what = upto, warn_above, what
+
+    def holds(self, v, hi=None):
+        hi = self.hi if hi is None else hi
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < hi if self.hi_open else v <= hi
+        return bool(above and below)  # False for NaN: every comparison with it is False
+
+    def text(self, hi=None):
+        """The range as messages and docs/config.md write it: ``> 0``, ``>= 1``, ``in [0, 1)``,
+        ``in [1, pretrain.epochs]`` (or with ``hi``, the value of ``upto``, in its place)."""
+        def num(x):
+            return "2^32 - 1" if x == 2 ** 32 - 1 else f"{x:g}" if isinstance(x, float) else f"{x}"
+        top = hi if hi is not None else self.upto or self.hi
+        if top == math.inf:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(top)}{')' if self.hi_open else ']'}"
+
+
+_POSITIVE, _NON_NEGATIVE, _COUNT = Range(0, lo_open=True), Range(0), Range(1)
+_STAGE_RANGES = {"epochs": _NON_NEGATIVE, "lr": _POSITIVE, "momentum": Range(0, 1, hi_open=True),
+                 "weight_decay": _NON_NEGATIVE, "gamma": _POSITIVE}
+
+# Every numeric key's valid values, checked here and nowhere else (``check_ranges``) and listed in
+# docs/config.md (``reference``). ``key.*``: each entry of a list or table.
+RANGES = {
+    "seed": Range(0, 2 ** 32 - 1),
+    "data.train_limit": _NON_NEGATIVE, "data.batch_size": _COUNT, "data.test_batch_size": _COUNT,
+    "model.width": Range(1, MAX_WIDTH),
+    "adv.beta": _NON_NEGATIVE, "adv.free_replays": _COUNT,
+    "adv.eps": Range(0.0, 1.0), "adv.step_size": _POSITIVE, "adv.steps": _NON_NEGATIVE, "adv.restarts": _COUNT,
+    "adv.eps_ramp": Range(0, warn_above="pretrain.epochs", what="pretraining never reaches the full adv.eps"),
+    "eval.steps": _NON_NEGATIVE, "eval.step_size": _POSITIVE, "eval.restarts": _COUNT, "eval.limit": _NON_NEGATIVE,
+    "eval.every": _COUNT,  # beyond a stage's epochs: evaluated at the stage's end only, as documented
+    "prune.prune_ratios.*": Range(0.0, 1.0, hi_open=True),
+    "prune.rho": _POSITIVE, "prune.rho_growth": Range(1.0),
+    "prune.update_every": Range(1, warn_above="admm.epochs", what="the ADMM stage makes no Z/U update"),
+    "prune.rounds.*": Range(0.0, 1.0, lo_open=True),
+    "prune.rate_rounds.*": Range(1.0, lo_open=True),
+    "prune.target": Range(0.0, 1.0, hi_open=True),
+    "prune.score_lr": _NON_NEGATIVE, "prune.rate_lr": _NON_NEGATIVE, "prune.rate_gamma": _NON_NEGATIVE,
+    "prune.rate_start": _POSITIVE,
+    "quant.bits.*": Range(0, 16),
+    "quant.rho": _POSITIVE, "quant.rho_growth": Range(1.0),
+    "quant.update_every": Range(1, warn_above="quantize.epochs", what="the quantize stage makes no Z/U update"),
+    "checkpoint.every_steps": _NON_NEGATIVE,
+    **{f"{s}.{k}": r for s in STAGE_SECTIONS for k, r in _STAGE_RANGES.items()},
+    **{f"{s}.milestones.*": Range(1, upto=f"{s}.epochs") for s in STAGE_SECTIONS},
+}
 
 
 def parse_bits(value, key):
-    """Bits of one layer: an integer in 0..16 (0: left in float)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
-        raise UserError(f"{key}: bits must be an integer in 1..16 (0: not quantized), got {value!r}")
+    """Bits of one layer: an integer (its range, 0..16 with 0: left in float, is ``RANGES``')."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key}: bits must be an integer in {RANGES['quant.bits.*'].text()} (0: not quantized), "
+                        f"got {value!r}")
     return value
 
 
@@ -242,26 +307,17 @@ def _get(cfg, key):
 
 
 def validate(cfg):
-    """Value checks beyond types. Model-dependent checks (prune_ratios names) happen once the
-    model is built, still before any training."""
+    """Value checks beyond types: choices, ranges (``check_ranges``) and the rules that tie keys
+    together. Model-dependent checks (prune_ratios names) happen once the model is built, still
+    before any training."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise UserError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    if cfg["model"]["width"] > MAX_WIDTH:  # larger ones overflow a tensor's shape (or any memory)
-        raise UserError(f"model.width: must be at most {MAX_WIDTH} (w=16 is the standard width), "
-                        f"got {cfg['model']['width']}")
     for section in ("prune", "quant"):  # a restart at every Z/U update is not one schedule over the run
         used = cfg["prune"]["method"] == "admm" if section == "prune" else cfg["quant"]["bits"]  # who reads it
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
             raise UserError(f"lr_span=run gives the stages after pretraining one lr schedule, but {section}.restart_lr "
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")
-    from training.losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:
         raise UserError(f"adv.loss={adv['loss']} does not combine with adv.method={adv['method']} (it takes "
@@ -277,9 +333,7 @@ def validate(cfg):
                 raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
                                 f"model.arch={cfg['model']['arch']}; add one")
             cfg[section][name] = table[cfg["model"]["arch"]]
-    for name, r in cfg["prune"]["prune_ratios"].items():
-        if not 0.0 <= r < 1.0:
-            raise UserError(f"{_entry('prune.prune_ratios', name)}: ratio must be in [0, 1), got {r}")
+    check_ranges(cfg)
     rounds = cfg["prune"]["rounds"]
     if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
         raise UserError(f"prune.rounds: {rounds} must rise strictly from above 0 and end at 1.0 (the target), "
@@ -288,10 +342,64 @@ def validate(cfg):
     return cfg
 
 
+def _values(cfg, key):
+    """[(the key as a message names it, value)] of ``key`` in ``RANGES``: one, or each entry of a
+    list or table (``key.*``)."""
+    if not key.endswith(".*"):
+        return [(key, _get(cfg, key))]
+    whole = _get(cfg, key[:-2])
+    if isinstance(whole, dict):
+        return [(_entry(key[:-2], name), v) for name, v in whole.items()]
+    return [(f"{key[:-2]}[{i}]", v) for i, v in enumerate(whole)]
+
+
+def _upper(cfg, key):
+    """The value of the key that bounds ``key`` from above (``Range.upto``): a milestone's
+    schedule is its section's epochs, or with ``lr_span: run`` (after pretraining) the epochs
+    of every stage after pretraining."""
+    upto = RANGES[key].upto
+    if cfg["lr_span"] == "run" and not upto.startswith("pretrain."):
+        return lr_window(cfg, 1)[1]
+    return _get(cfg, upto)
+
+
+def check_ranges(cfg):
+    """Every value of ``RANGES`` in its range (``check_value``). The one place ranges are
+    checked: the library takes its values from here."""
+    for key, rng in RANGES.items():
+        hi = _upper(cfg, key) if rng.upto else None
+        where = None if hi is None else (rng.upto if hi == _get(cfg, rng.upto)
+                                         else "the epochs of every stage after pretraining, lr_span: run")
+        for name, v in _values(cfg, key):
+            check_value(key, v, name, hi, where)
+
+
+def check_value(key, value, name=None, hi=None, where=None):
+    """``value`` of ``RANGES[key]`` (or a flag ``name`` that sets it) in its range, else a
+    ``UserError`` naming it, the range and the value. ``hi``: the value of the range's ``upto``,
+    which ``where`` names."""
+    rng = RANGES[key]
+    if not rng.holds(value, hi):
+        raise UserError(f"{name or key}: must be {rng.text(hi)}{f' ({where})' if where else ''}, got {value}")
+    return value
+
+
+def warnings_of(cfg):
+    """The settings that are valid but will never take effect in this run (``Range.warn_above``):
+    one line each."""
+    names = stage_names(cfg)
+    runs = {"pretrain.epochs": "pretrain" in names and cfg["adv"]["eps_ramp"] > 0,
+            "admm.epochs": cfg["prune"]["method"] in ("admm", "gradual"),
+            "quantize.epochs": "quantize" in names}
+    out = []
+    for key, rng in RANGES.items():
+        if rng.warn_above and runs[rng.warn_above] and _get(cfg, key) > _get(cfg, rng.warn_above):
+            out.append(f"{key}={_get(cfg, key)} is more than {rng.warn_above}={_get(cfg, rng.warn_above)}: {rng.what}")
+    return out
+
+
 def _validate_allocation(p):
     """The overall target, its allocation, the progressive rates and the score methods."""
-    if not 0.0 <= p["target"] < 1.0:
-        raise UserError(f"prune.target: must be in [0, 1) (a fraction of all prunable weights; 0: off), got {p['target']}")
     if p["allocation"] != "uniform" and not p["target"]:
         raise UserError(f"prune.allocation={p['allocation']} splits an overall target: set prune.target, e.g. 0.95")
     if p["allocation"] == "from_checkpoint" and not p["rates_from"]:
@@ -328,8 +436,10 @@ def parse_set(item):
     if not key.strip().isprintable():
         raise UserError(f"--set {item!r}: the key holds characters no config key has")
     try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return key.strip(), yaml.load(raw, Loader=strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as e:  # a key given twice in a {...} value
+        raise UserError(f"--set {item!r}: {' '.join(str(e).split())}") from None
+    except (yaml.YAMLError, RecursionError):
         return key.strip(), raw
 
 
@@ -337,14 +447,7 @@ def load_config(path=None, overrides=()):
     """DEFAULTS <- YAML file <- ``--set`` overrides, validated. Returns a plain nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        _merge(cfg, data)
+        _merge(cfg, read_yaml(path, "config"))
     layers = {key: {} for key in TABLES}
     for item in overrides:
         key, value = parse_set(item)
@@ -366,3 +469,65 @@ def load_config(path=None, overrides=()):
                 table[name] = value
         validate(cfg)
     return cfg
+
+
+def check_stored(cfg, path):
+    """The config stored in a checkpoint or export at ``path`` (a resolved config), checked as a
+    config file would be: a value out of its range (``adv.eps: .nan``) is one line naming the
+    file and the key, before anything computes with it. Returns the checked copy."""
+    merged = copy.deepcopy(DEFAULTS)
+    try:
+        if not isinstance(cfg, dict):
+            raise UserError(f"expected a mapping, got {type(cfg).__name__}")
+        _merge(merged, cfg)
+        return validate(merged)
+    except UserError as e:
+        raise UserError(f"{path}: its stored config is not valid: {e}") from None
+
+
+def _flat_keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in TABLES:
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _valid(key):
+    """The valid values of ``key`` as docs/config.md lists them."""
+    if key in CHOICES:
+        return " \\| ".join(CHOICES[key])
+    if key == "model.arch":
+        from models import available
+        return " \\| ".join(available())
+    rng = RANGES.get(key) or RANGES.get(key + ".*")
+    if rng is None:
+        return {bool: "true \\| false", str: "a string", list: "a list"}.get(type(_get(DEFAULTS, key)), "")
+    text = rng.text() if key in RANGES else f"each {rng.text()}"
+    if rng.warn_above:
+        text += f"; more than {rng.warn_above} is a warning: {rng.what}"
+    return text
+
+
+def reference():
+    """docs/config.md: every key with its default and its valid values, from ``DEFAULTS``,
+    ``CHOICES`` and ``RANGES`` (regenerate with ``python config.py > docs/config.md``)."""
+    lines = ["# Config keys", "",
+             "Generated by `python config.py > docs/config.md` from `config.py` (`DEFAULTS`, `CHOICES`, "
+             "`RANGES`), the one place that checks them; `tests/test_config_data.py` checks that this file "
+             "is up to date. What each key does: the comments of `DEFAULTS` in `config.py`.", "",
+             "A value outside its range is an error naming the key. Floats are finite (`.nan`, `.inf` are "
+             "refused) and accept a fraction such as `8/255`. A key given twice in a file is an error. "
+             "`prune.rounds` must also rise and end at 1.0; `prune.rate_rounds` must rise and end at the "
+             "target's compression rate 1 / (1 - prune.target). Under `lr_span: run` a milestone of a stage "
+             "after pretraining lies within the epochs of every stage after pretraining.", "",
+             "| key | default | valid values |", "| --- | --- | --- |"]
+    for key in _flat_keys(DEFAULTS):
+        default = _get(DEFAULTS, key)
+        shown = "true" if default is True else "false" if default is False else f"{default!r}".replace("'", "")
+        lines.append(f"| `{key}` | `{shown}` | {_valid(key)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())
