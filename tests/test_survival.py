@@ -188,3 +188,5 @@ def test_full_disk_in_eval_and_export_is_one_line_and_leaves_no_file(script, fla
     assert line == (f"error: cannot write {tmp_path / name}: No space left on device (ENOSPC); nothing was left "
                     "half-written: free some space and run the command again")
     assert not (tmp_path / name).exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    if script == "export.py":  # a failed --json leaves no export behind: the export is written last
+        assert not (tmp_path / "e.pt").exists() and not (tmp_path / "x.export.pt").exists()
