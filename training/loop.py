@@ -39,7 +39,13 @@ class RunContext:
     device: torch.device
     folder: RunFolder
     stop: GracefulStop
-    resume_command: str
+    resume_command: str  # the command that continues the run (--resume) ...
+    rerun_command: str = ""  # ... and the one that starts it again, while the folder holds no checkpoint of
+    stages: tuple = ()       # the stages this command runs
+
+    def continue_with(self):
+        """The command to go on with after a stop: ``--resume`` only if there is something to resume."""
+        return self.resume_command if self.folder.existing(self.stages) else self.rerun_command
 
 
 # --------------------------------------------------------------------------- the loop
@@ -217,9 +223,11 @@ def check_finite(state, run):
     if dist.all_sum((bad >= 0).float()).item() > 0:
         where = f"step {bad.item() + 1}" if bad.item() >= 0 else "a step on another rank"
         name = state.stage.name
+        intact = f"The last good checkpoint, {run.folder.complete}, is intact" if run.folder.complete else \
+            "No checkpoint of this run was saved yet"
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
-                        f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
-                        f"(or {state.stage.settings}.rho) and continue with: {run.resume_command}")
+                        f"without saving this state. {intact}: lower {state.stage.section}.lr "
+                        f"(or {state.stage.settings}.rho) and go on with: {run.continue_with()}")
 
 
 def stop(state, run):
