@@ -157,6 +157,7 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
         LOG.info(f"training attack ({method.name}): {method.attack!r}")
 
     with GracefulStop(device) as stop:
+        method.attack = stop.guard(method.attack)  # a stop request ends even an endless attack
         ctx = RunContext(cfg, train, test, info, method, device, folder, stop, _resume_command(args, out, adversarial),
                          _resume_command(args, out, adversarial, resume=False), tuple(stages))
         for stage in todo:

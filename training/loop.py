@@ -20,7 +20,8 @@ from evaluation.accuracy import count_correct, evaluate, standard_attacks
 from training.methods import Method
 from training.rundir import RunFolder
 from pruning.plan import make_stage, stage_names
-from training.state import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
+from training.state import (SELF_SIGNAL, AttackStopped, GracefulStop, Interrupted, Schedule, TrainState, lr_at,
+                            set_torch_rng, torch_rng, wrap_for_training)
 
 
 # Natural training accuracy of adversarial training needs an extra clean forward: 4% of a PGD-10
@@ -123,6 +124,8 @@ def run_epoch(state, nets, sched, run):
     batches = data_lib.batches(run.train, cfg["data"]["batch_size"], run.device, shuffle=True, augment=run.info.augment,
                                seed=cfg["seed"], epoch=epoch, rank=dist.rank(), world=dist.world())
     batches = itertools.islice(batches, n_steps)  # free's last loop may be partial
+    stoppable = state.method.attack is not None and not dist.launched()  # see GracefulStop.guard
+    rng = torch_rng() if stoppable else None
     for step, (x, y) in enumerate(progress(batches, n_steps, f"{stage.name} {epoch + 1}") if dist.is_main() else batches):
         if step < state.step:  # trained before the resume; replayed to keep order and augmentation
             continue
@@ -133,7 +136,14 @@ def run_epoch(state, nets, sched, run):
         state.method.progress(stage.kind, passes)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, stage.penalty, state.precision)
+        try:
+            loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, stage.penalty,
+                                                  state.precision)
+        except AttackStopped:  # the step's attack was cut short: undo its draws and save the state before it
+            set_torch_rng(rng)
+            check_finite(state, run)
+            save(state, run.folder, run.folder.last(stage.name))
+            stop(state, run)
         correct = (logits.argmax(1) == y).sum()
         natural = correct if state.method.clean_logits else sampled_natural_correct(model, attack_model, x, y, step)
         state.meter.add(step, loss, pen, correct, len(y), natural)
@@ -152,6 +162,8 @@ def run_epoch(state, nets, sched, run):
             save(state, run.folder, run.folder.last(stage.name))
             if stopping:
                 stop(state, run)
+        if stoppable:
+            rng = torch_rng()
     check_finite(state, run)
     train = state.meter.averages()
     if state.method.clean_logits:  # natural training: no adversarial examples were seen
