@@ -145,30 +145,27 @@ MAX_WIDTH = 1024  # larger widths overflow a tensor's shape (or any memory); w=1
 
 class Range:
     """The valid values of a numeric key: ``lo`` to ``hi``, each end included unless open.
-    ``upto`` names the key whose value is the upper end (a milestone lies within its schedule);
-    ``warn_above`` names the key beyond whose value the setting never takes effect, which is a
-    warning, not an error (an interval longer than its stage). NaN lies in no range."""
+    ``warn_above`` names the key beyond whose value the setting never takes effect (an interval
+    longer than its stage, a milestone after its schedule's end): a warning, ``what``, not an
+    error, so that a run shortened with ``--set`` keeps the rest of its config. NaN lies in no
+    range."""
 
-    def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, upto=None, warn_above=None,
-                 what=None):
+    def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, warn_above=None, what=None):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-        self.upto, self.warn_above, self.what = upto, warn_above, what
+        self.warn_above, self.what = warn_above, what
 
-    def holds(self, v, hi=None):
-        hi = self.hi if hi is None else hi
+    def holds(self, v):
         above = v > self.lo if self.lo_open else v >= self.lo
-        below = v < hi if self.hi_open else v <= hi
+        below = v < self.hi if self.hi_open else v <= self.hi
         return bool(above and below)  # False for NaN: every comparison with it is False
 
-    def text(self, hi=None):
-        """The range as messages and docs/config.md write it: ``> 0``, ``>= 1``, ``in [0, 1)``,
-        ``in [1, pretrain.epochs]`` (or with ``hi``, the value of ``upto``, in its place)."""
+    def text(self):
+        """The range as messages and docs/config.md write it: ``> 0``, ``>= 1``, ``in [0, 1)``."""
         def num(x):
             return "2^32 - 1" if x == 2 ** 32 - 1 else f"{x:g}" if isinstance(x, float) else f"{x}"
-        top = hi if hi is not None else self.upto or self.hi
-        if top == math.inf:
+        if self.hi == math.inf:
             return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(top)}{')' if self.hi_open else ']'}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
 _POSITIVE, _NON_NEGATIVE, _COUNT = Range(0, lo_open=True), Range(0), Range(1)
@@ -199,7 +196,8 @@ RANGES = {
     "quant.update_every": Range(1, warn_above="quantize.epochs", what="the quantize stage makes no Z/U update"),
     "checkpoint.every_steps": _NON_NEGATIVE,
     **{f"{s}.{k}": r for s in STAGE_SECTIONS for k, r in _STAGE_RANGES.items()},
-    **{f"{s}.milestones.*": Range(1, upto=f"{s}.epochs") for s in STAGE_SECTIONS},
+    **{f"{s}.milestones.*": Range(1, warn_above=f"{s}.epochs", what="the lr never reaches that milestone")
+       for s in STAGE_SECTIONS},
 }
 
 
@@ -325,14 +323,7 @@ def validate(cfg):
     from models import available
     if cfg["model"]["arch"] not in available():
         raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")
-    for key in TABLES:
-        section, name = key.split(".")
-        table = cfg[section][name]
-        if any(isinstance(v, dict) for v in table.values()):  # {arch: {name: value}}: pick this arch's table
-            if cfg["model"]["arch"] not in table:
-                raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
-                                f"model.arch={cfg['model']['arch']}; add one")
-            cfg[section][name] = table[cfg["model"]["arch"]]
+    _pick_tables(cfg)
     check_ranges(cfg)
     rounds = cfg["prune"]["rounds"]
     if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
@@ -340,6 +331,18 @@ def validate(cfg):
                         "e.g. [0.8, 0.9, 1.0]")
     _validate_allocation(cfg["prune"])
     return cfg
+
+
+def _pick_tables(cfg):
+    """Per-arch tables ({arch: {name: value}}) replaced by this arch's table."""
+    for key in TABLES:
+        section, name = key.split(".")
+        table = cfg[section][name]
+        if any(isinstance(v, dict) for v in table.values()):
+            if cfg["model"]["arch"] not in table:
+                raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
+                                f"model.arch={cfg['model']['arch']}; add one")
+            cfg[section][name] = table[cfg["model"]["arch"]]
 
 
 def _values(cfg, key):
@@ -354,33 +357,28 @@ def _values(cfg, key):
 
 
 def _upper(cfg, key):
-    """The value of the key that bounds ``key`` from above (``Range.upto``): a milestone's
-    schedule is its section's epochs, or with ``lr_span: run`` (after pretraining) the epochs
-    of every stage after pretraining."""
-    upto = RANGES[key].upto
-    if cfg["lr_span"] == "run" and not upto.startswith("pretrain."):
-        return lr_window(cfg, 1)[1]
-    return _get(cfg, upto)
+    """(the value beyond which ``key`` never takes effect, what names it): ``Range.warn_above``'s
+    value; for a milestone under ``lr_span: run`` (after pretraining), the epochs of every stage
+    after pretraining, its schedule's length."""
+    bound = RANGES[key].warn_above
+    if key.endswith("milestones.*") and cfg["lr_span"] == "run" and not bound.startswith("pretrain."):
+        return lr_window(cfg, 1)[1], "the epochs of every stage after pretraining, lr_span: run"
+    return _get(cfg, bound), bound
 
 
 def check_ranges(cfg):
     """Every value of ``RANGES`` in its range (``check_value``). The one place ranges are
     checked: the library takes its values from here."""
-    for key, rng in RANGES.items():
-        hi = _upper(cfg, key) if rng.upto else None
-        where = None if hi is None else (rng.upto if hi == _get(cfg, rng.upto)
-                                         else "the epochs of every stage after pretraining, lr_span: run")
+    for key in RANGES:
         for name, v in _values(cfg, key):
-            check_value(key, v, name, hi, where)
+            check_value(key, v, name)
 
 
-def check_value(key, value, name=None, hi=None, where=None):
-    """``value`` of ``RANGES[key]`` (or a flag ``name`` that sets it) in its range, else a
-    ``UserError`` naming it, the range and the value. ``hi``: the value of the range's ``upto``,
-    which ``where`` names."""
-    rng = RANGES[key]
-    if not rng.holds(value, hi):
-        raise UserError(f"{name or key}: must be {rng.text(hi)}{f' ({where})' if where else ''}, got {value}")
+def check_value(key, value, name=None):
+    """``value`` of ``RANGES[key]`` (or of a flag ``name`` that sets it) in its range, else a
+    ``UserError`` naming it, the range and the value."""
+    if not RANGES[key].holds(value):
+        raise UserError(f"{name or key}: must be {RANGES[key].text()}, got {value}")
     return value
 
 
@@ -388,13 +386,21 @@ def warnings_of(cfg):
     """The settings that are valid but will never take effect in this run (``Range.warn_above``):
     one line each."""
     names = stage_names(cfg)
-    runs = {"pretrain.epochs": "pretrain" in names and cfg["adv"]["eps_ramp"] > 0,
-            "admm.epochs": cfg["prune"]["method"] in ("admm", "gradual"),
-            "quantize.epochs": "quantize" in names}
+    sections = {STAGES[k].section for k in STAGES if any(n.split(".")[0] == k for n in names)}
+    for section in STAGE_SECTIONS:  # a milestone matters where the section's stage runs a step schedule
+        if section not in sections or cfg[section]["schedule"] != "step":
+            sections.discard(section)
+    runs = {"adv.eps_ramp": "pretrain" in names, "prune.update_every": cfg["prune"]["method"] in ("admm", "gradual"),
+            "quant.update_every": "quantize" in names,
+            **{f"{s}.milestones.*": s in sections for s in STAGE_SECTIONS}}
     out = []
     for key, rng in RANGES.items():
-        if rng.warn_above and runs[rng.warn_above] and _get(cfg, key) > _get(cfg, rng.warn_above):
-            out.append(f"{key}={_get(cfg, key)} is more than {rng.warn_above}={_get(cfg, rng.warn_above)}: {rng.what}")
+        if not rng.warn_above or not runs[key]:
+            continue
+        bound, where = _upper(cfg, key)
+        for name, v in _values(cfg, key):
+            if v > bound:
+                out.append(f"{name}={v} is more than {where} ({bound}): {rng.what}")
     return out
 
 
@@ -472,15 +478,21 @@ def load_config(path=None, overrides=()):
 
 
 def check_stored(cfg, path):
-    """The config stored in a checkpoint or export at ``path`` (a resolved config), checked as a
-    config file would be: a value out of its range (``adv.eps: .nan``) is one line naming the
-    file and the key, before anything computes with it. Returns the checked copy."""
+    """The config stored in a checkpoint or export at ``path`` (a resolved config), its types,
+    choices and ranges checked as a config file's are: a value out of its range (``adv.eps:
+    .nan``) is one line naming the file and the key, before anything computes with it. Returns
+    the checked copy."""
     merged = copy.deepcopy(DEFAULTS)
     try:
         if not isinstance(cfg, dict):
             raise UserError(f"expected a mapping, got {type(cfg).__name__}")
-        _merge(merged, cfg)
-        return validate(merged)
+        _merge(merged, cfg)  # types
+        for key, allowed in CHOICES.items():
+            if _get(merged, key) not in allowed:
+                raise UserError(f"{key}: {_get(merged, key)!r} is not one of {', '.join(allowed)}")
+        _pick_tables(merged)
+        check_ranges(merged)  # not the rules between keys: a run's resolved config (its allocation applied)
+        return merged         # holds the ratios the run pruned to, with prune.target no longer needed
     except UserError as e:
         raise UserError(f"{path}: its stored config is not valid: {e}") from None
 
@@ -519,8 +531,9 @@ def reference():
              "A value outside its range is an error naming the key. Floats are finite (`.nan`, `.inf` are "
              "refused) and accept a fraction such as `8/255`. A key given twice in a file is an error. "
              "`prune.rounds` must also rise and end at 1.0; `prune.rate_rounds` must rise and end at the "
-             "target's compression rate 1 / (1 - prune.target). Under `lr_span: run` a milestone of a stage "
-             "after pretraining lies within the epochs of every stage after pretraining.", "",
+             "target's compression rate 1 / (1 - prune.target). A milestone beyond its schedule (its section's "
+             "epochs; under `lr_span: run`, after pretraining, the epochs of every stage after pretraining) "
+             "is a warning, so that a run shortened with `--set` keeps its config.", "",
              "| key | default | valid values |", "| --- | --- | --- |"]
     for key in _flat_keys(DEFAULTS):
         default = _get(DEFAULTS, key)

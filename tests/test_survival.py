@@ -101,7 +101,7 @@ def test_a_sweep_folder_has_one_sweep_at_a_time(tmp_path):
 # written at steps 2 and 4 of each epoch, before the epoch's metrics row and log row.
 SITES = {
     "config.yaml": (0, 0, 10, None),
-    "log.txt": (0, 4, 30, "pretrain.last.pt"),   # the 5th line: the row of epoch 1
+    "log.txt": (0, 5, 30, "pretrain.last.pt"),   # the 6th line (after the eps_ramp warning): epoch 1's row
     "metrics.jsonl": (3, 0, 40, "admm.last.pt"),  # 2 rows, admm's start drops none, then half its Z/U row
     "pretrain.last.pt": (1, 0, 1000, "pretrain.last.pt"),
     "pretrain.pt": (0, 0, 1000, "pretrain.last.pt"),

@@ -148,8 +148,8 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
              + (f"; {dist.world()} processes x batch {cfg['data']['batch_size']}" if dist.launched() else ""))
     if changed:
         LOG.warning(f"resuming with a config that differs from the run's in: {', '.join(changed)}")
-    for line in warnings_of(cfg):
-        LOG.warning(f"warning: {line}")
+    for line in warnings_of(cfg):  # stdout and log.txt: stderr is for the one line of an error
+        LOG.info(f"warning: {line}")
     if not todo:
         LOG.info(f"all of {', '.join(stages)} already complete in {out}")
     method = make_method(cfg, adversarial, info, device)
