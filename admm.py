@@ -134,11 +134,8 @@ def resolve_names(model, table, key):
 
 
 def resolve_ratios(model, prune_ratios):
-    """``prune.prune_ratios`` as {name: ratio} (see ``resolve_names``). Layers with ratio 0 are
-    dropped (nothing to prune)."""
-    for key, ratio in prune_ratios.items():
-        if not 0.0 <= float(ratio) < 1.0:
-            raise ValueError(f"prune.prune_ratios.{key}: ratio must be in [0, 1), got {float(ratio)}")
+    """``prune.prune_ratios`` as {name: ratio} (see ``resolve_names``), its ratios in [0, 1) as
+    ``config`` checks them. Layers with ratio 0 are dropped (nothing to prune)."""
     out = resolve_names(model, prune_ratios, "prune.prune_ratios")
     return {n: float(r) for n, r in out.items() if float(r) > 0}
 

@@ -199,6 +199,70 @@ def atomic_write(path, write, binary=True):
         raise
 
 
+@functools.lru_cache(maxsize=None)
+def strict_yaml_loader():
+    """PyYAML's safe loader, except that a key given twice in one mapping, at any depth, is an
+    error naming the key and both lines (``safe_load`` keeps the last one silently, so two
+    ``adv:`` sections would drop the first whole). Built on first use: ``yaml`` is imported only
+    where YAML is read."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice, on lines {seen[key]} and {line}; keep one")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: PyYAML's own error names it below
+                    break
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
+def parse_yaml(text, name):
+    """The YAML document ``text`` (from ``name``, for messages) with duplicate keys refused
+    (``_StrictLoader``). Any failure is a one-line ``UserError`` naming ``name``."""
+    import yaml
+    try:
+        return yaml.load(text, Loader=strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"{name} is not valid YAML: {reason}") from None
+    except RecursionError:
+        raise UserError(f"{name} is not valid YAML: nested too deeply") from None
+
+
+def read_yaml(path, what="config"):
+    """The mapping in the YAML file ``path`` (a ``what``: named in messages), read strictly: a
+    file that cannot be read, is not UTF-8 text, is empty, holds a key twice or holds something
+    other than a mapping is a one-line ``UserError`` naming the file."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a YAML file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
+                        f"give a YAML file") from None
+    if "\x00" in text:
+        raise UserError(f"{what} {path} is a binary file (it holds NUL bytes), not YAML; give a YAML file")
+    data = parse_yaml(text, f"{what} {path}")
+    if data is None:
+        raise UserError(f"{what} {path} is empty (or holds only comments)")
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys (section: ...), not a {type(data).__name__}")
+    return data
+
+
 def require(module, purpose, install):
     """``import module`` for an optional feature; without it, a one-line ``UserError``: ``purpose``
     needs ``install`` (what to pip install)."""

@@ -8,11 +8,18 @@ checkpoint and as ``config.yaml`` in the run folder.
 import copy
 import difflib
 import math
+import sys
 from fractions import Fraction
 
 import yaml
 
-from common import UserError
+import admm as admm_lib
+import data as data_lib
+from common import UserError, read_yaml, strict_yaml_loader
+from pruning import allocation as allocation_lib
+from pruning.plan import STAGES, lr_window, stage_names
+from training.losses import LOSSES, LOSSES_OF_METHOD
+from training.methods import ADVERSARIAL
 
 _STAGE = {
     "epochs": 10,          # passes over the training data in this stage (free: m of them per loop)
@@ -138,35 +145,95 @@ DEFAULTS = {
 
 STAGE_SECTIONS = ("pretrain", "admm", "retrain", "quantize")
 
+# The choices of each string key, from the registries that implement them (a new entry there is
+# a new choice here); the rest are switches inside the code that reads them.
 CHOICES = {
     "lr_span": ("stage", "run"),
-    "data.dataset": ("demo", "mnist", "fashion_mnist", "cifar10"),
-    "prune.sparsity_type": ("irregular", "filter", "column"),
-    "adv.method": ("pgd", "fgsm_rs", "free"),
-    "adv.loss": ("ce", "trades", "mart"),
+    "data.dataset": tuple(data_lib.INFO),
+    "prune.sparsity_type": admm_lib.SCHEMES,
+    "adv.method": tuple(ADVERSARIAL),
+    "adv.loss": tuple(LOSSES),
     "adv.attack_mode": ("eval", "train"),
-    "prune.method": ("admm", "gradual", "oneshot", "hydra", "harp"),
+    # a pruning stage's kind (they train with the admm section), or oneshot: retrain prunes at its start
+    "prune.method": tuple(k for k, s in STAGES.items() if s.section == "admm") + ("oneshot",),
+    "prune.allocation": allocation_lib.RULES,
     "prune.score_optimizer": ("", "sgd", "adam"),
     "prune.rate_init_clip": ("floor", "authors"),
-    "prune.allocation": ("uniform", "global", "lamp", "erk", "from_checkpoint"),
     "perf.amp": ("off", "bf16", "fp16"),
     **{f"{s}.optimizer": ("sgd", "adam") for s in STAGE_SECTIONS},
     **{f"{s}.schedule": ("cosine", "step", "constant") for s in STAGE_SECTIONS},
 }
-NON_NEGATIVE = ("checkpoint.every_steps", "adv.eps_ramp", "adv.eps", "adv.beta", "adv.step_size", "adv.steps", "eval.steps", "eval.step_size", "data.train_limit", "data.val_size", "pretrain.patience", "pretrain.min_delta", "eval.limit", "prune.rho",
-                "prune.score_lr", "prune.rate_lr", "prune.score_momentum", "prune.score_weight_decay", "prune.rate_gamma", "quant.rho", *(f"{s}.{k}" for s in STAGE_SECTIONS for k in ("epochs", "momentum", "weight_decay")))
-POSITIVE = ("model.width", "data.batch_size", "data.test_batch_size", "adv.restarts", "adv.free_replays", "eval.restarts", "eval.every",
-            "prune.update_every", "prune.rho_growth", "prune.rate_start", "quant.update_every", "quant.rho_growth",
-            *(f"{s}.lr" for s in STAGE_SECTIONS))
+
+MAX_WIDTH = 1024  # larger widths overflow a tensor's shape (or any memory); w=16 is the standard width
 
 
-MAX_WIDTH = 1024
+class Range:
+    """The valid values of a numeric key: ``lo`` to ``hi``, each end included unless open.
+    ``warn_above`` names the key beyond whose value the setting never takes effect (an interval
+    longer than its stage, a milestone after its schedule's end): a warning, ``what``, not an
+    error, so that a run shortened with ``--set`` keeps the rest of its config. NaN lies in no
+    range."""
+
+    def __init__(self, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, warn_above=None, what=None):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.warn_above, self.what = warn_above, what
+
+    def holds(self, v):
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return bool(above and below)  # False for NaN: every comparison with it is False
+
+    def text(self):
+        """The range as messages and docs/config.md write it: ``> 0``, ``>= 1``, ``in [0, 1)``."""
+        def num(x):
+            return "2^32 - 1" if x == 2 ** 32 - 1 else f"{x:g}" if isinstance(x, float) else f"{x}"
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+_POSITIVE, _NON_NEGATIVE, _COUNT = Range(0, lo_open=True), Range(0), Range(1)
+_STAGE_RANGES = {"epochs": _NON_NEGATIVE, "lr": _POSITIVE, "momentum": Range(0, 1, hi_open=True),
+                 "weight_decay": _NON_NEGATIVE, "gamma": _POSITIVE}
+
+# Every numeric key's valid values, checked here and nowhere else (``check_ranges``) and listed in
+# docs/config.md (``reference``). ``key.*``: each entry of a list or table.
+RANGES = {
+    "seed": Range(0, 2 ** 32 - 1),
+    "data.train_limit": _NON_NEGATIVE, "data.batch_size": _COUNT, "data.test_batch_size": _COUNT,
+    "data.val_size": _NON_NEGATIVE, "data.mean.*": Range(0.0, 1.0), "data.std.*": _POSITIVE,
+    "model.width": Range(1, MAX_WIDTH),
+    "adv.beta": _NON_NEGATIVE, "adv.free_replays": _COUNT,
+    "adv.eps": Range(0.0, 1.0), "adv.step_size": _POSITIVE, "adv.steps": _NON_NEGATIVE, "adv.restarts": _COUNT,
+    "adv.eps_ramp": Range(0, warn_above="pretrain.epochs", what="pretraining never reaches the full adv.eps"),
+    "eval.steps": _NON_NEGATIVE, "eval.step_size": _POSITIVE, "eval.restarts": _COUNT, "eval.limit": _NON_NEGATIVE,
+    "eval.every": _COUNT,  # beyond a stage's epochs: evaluated at the stage's end only, as documented
+    "prune.prune_ratios.*": Range(0.0, 1.0, hi_open=True),
+    "prune.rho": _POSITIVE, "prune.rho_growth": Range(1.0),
+    "prune.update_every": Range(1, warn_above="admm.epochs", what="the ADMM stage makes no Z/U update"),
+    "prune.rounds.*": Range(0.0, 1.0, lo_open=True),
+    "prune.rate_rounds.*": Range(1.0, lo_open=True),
+    "prune.target": Range(0.0, 1.0, hi_open=True),
+    "prune.score_lr": _NON_NEGATIVE, "prune.rate_lr": _NON_NEGATIVE, "prune.rate_gamma": _NON_NEGATIVE,
+    "prune.rate_start": _POSITIVE,
+    "prune.score_momentum": Range(0, 1, hi_open=True), "prune.score_weight_decay": _NON_NEGATIVE,
+    "subnet.k": Range(0.0, 1.0), "subnet.alpha": Range(0.0, 1.0),
+    "pretrain.patience": _NON_NEGATIVE, "pretrain.min_delta": _NON_NEGATIVE,
+    "quant.bits.*": Range(0, 16),
+    "quant.rho": _POSITIVE, "quant.rho_growth": Range(1.0),
+    "quant.update_every": Range(1, warn_above="quantize.epochs", what="the quantize stage makes no Z/U update"),
+    "checkpoint.every_steps": _NON_NEGATIVE,
+    **{f"{s}.{k}": r for s in STAGE_SECTIONS for k, r in _STAGE_RANGES.items()},
+    **{f"{s}.milestones.*": Range(1, warn_above=f"{s}.epochs", what="the lr never reaches that milestone")
+       for s in STAGE_SECTIONS},
+}
 
 
 def parse_bits(value, key):
-    """Bits of one layer: an integer in 0..16 (0: left in float)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
-        raise UserError(f"{key}: bits must be an integer in 1..16 (0: not quantized), got {value!r}")
+    """Bits of one layer: an integer (its range, 0..16 with 0: left in float, is ``RANGES``')."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key}: bits must be an integer in {RANGES['quant.bits.*'].text()} (0: not quantized), "
+                        f"got {value!r}")
     return value
 
 
@@ -266,20 +333,12 @@ def _get(cfg, key):
 
 
 def validate(cfg):
-    """Value checks beyond types. Model-dependent checks (prune_ratios names) happen once the
-    model is built, still before any training."""
+    """Value checks beyond types: choices, ranges (``check_ranges``) and the rules that tie keys
+    together. Model-dependent checks (prune_ratios names) happen once the model is built, still
+    before any training."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise UserError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    if cfg["model"]["width"] > MAX_WIDTH:  # larger ones overflow a tensor's shape (or any memory)
-        raise UserError(f"model.width: must be at most {MAX_WIDTH} (w=16 is the standard width), "
-                        f"got {cfg['model']['width']}")
     for section in ("prune", "quant"):  # a restart at every Z/U update is not one schedule over the run
         used = cfg["prune"]["method"] == "admm" if section == "prune" else cfg["quant"]["bits"]  # who reads it
         if cfg["lr_span"] == "run" and cfg[section]["restart_lr"] and used:
@@ -287,7 +346,6 @@ def validate(cfg):
                             f"restarts it at every Z/U update; set {section}.restart_lr=false")
     if cfg["pretrain"]["patience"] and not cfg["data"]["val_size"]:
         raise UserError("pretrain.patience stops on PGD accuracy on the validation split; set data.val_size, e.g. 1000")
-    from training.losses import LOSSES_OF_METHOD
     adv = cfg["adv"]
     if adv["loss"] not in LOSSES_OF_METHOD[adv["method"]]:
         raise UserError(f"adv.loss={adv['loss']} does not combine with adv.method={adv['method']} (it takes "
@@ -295,17 +353,8 @@ def validate(cfg):
     from models import available
     if cfg["model"]["arch"] not in available():
         raise UserError(f"model.arch: {cfg['model']['arch']!r} is not one of {', '.join(available())}")
-    for key in TABLES:
-        section, name = key.split(".")
-        table = cfg[section][name]
-        if any(isinstance(v, dict) for v in table.values()):  # {arch: {name: value}}: pick this arch's table
-            if cfg["model"]["arch"] not in table:
-                raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
-                                f"model.arch={cfg['model']['arch']}; add one")
-            cfg[section][name] = table[cfg["model"]["arch"]]
-    for name, r in cfg["prune"]["prune_ratios"].items():
-        if not 0.0 <= r < 1.0:
-            raise UserError(f"{_entry('prune.prune_ratios', name)}: ratio must be in [0, 1), got {r}")
+    _pick_tables(cfg)
+    check_ranges(cfg)
     rounds = cfg["prune"]["rounds"]
     if rounds and (rounds[-1] != 1.0 or any(not a < b for a, b in zip([0.0] + rounds, rounds))):
         raise UserError(f"prune.rounds: {rounds} must rise strictly from above 0 and end at 1.0 (the target), "
@@ -314,10 +363,79 @@ def validate(cfg):
     return cfg
 
 
+def _pick_tables(cfg):
+    """Per-arch tables ({arch: {name: value}}) replaced by this arch's table."""
+    for key in TABLES:
+        section, name = key.split(".")
+        table = cfg[section][name]
+        if any(isinstance(v, dict) for v in table.values()):
+            if cfg["model"]["arch"] not in table:
+                raise UserError(f"{key} has tables for {', '.join(map(str, table))} but none for "
+                                f"model.arch={cfg['model']['arch']}; add one")
+            cfg[section][name] = table[cfg["model"]["arch"]]
+
+
+def _values(cfg, key):
+    """[(the key as a message names it, value)] of ``key`` in ``RANGES``: one, or each entry of a
+    list or table (``key.*``)."""
+    if not key.endswith(".*"):
+        return [(key, _get(cfg, key))]
+    whole = _get(cfg, key[:-2])
+    if isinstance(whole, dict):
+        return [(_entry(key[:-2], name), v) for name, v in whole.items()]
+    return [(f"{key[:-2]}[{i}]", v) for i, v in enumerate(whole)]
+
+
+def _upper(cfg, key):
+    """(the value beyond which ``key`` never takes effect, what names it): ``Range.warn_above``'s
+    value; for a milestone under ``lr_span: run`` (after pretraining), the epochs of every stage
+    after pretraining, its schedule's length."""
+    bound = RANGES[key].warn_above
+    if key.endswith("milestones.*") and cfg["lr_span"] == "run" and not bound.startswith("pretrain."):
+        return lr_window(cfg, 1)[1], "the epochs of every stage after pretraining, lr_span: run"
+    return _get(cfg, bound), bound
+
+
+def check_ranges(cfg):
+    """Every value of ``RANGES`` in its range (``check_value``). The one place ranges are
+    checked: the library takes its values from here."""
+    for key in RANGES:
+        for name, v in _values(cfg, key):
+            check_value(key, v, name)
+
+
+def check_value(key, value, name=None):
+    """``value`` of ``RANGES[key]`` (or of a flag ``name`` that sets it) in its range, else a
+    ``UserError`` naming it, the range and the value."""
+    if not RANGES[key].holds(value):
+        raise UserError(f"{name or key}: must be {RANGES[key].text()}, got {value}")
+    return value
+
+
+def warnings_of(cfg):
+    """The settings that are valid but will never take effect in this run (``Range.warn_above``):
+    one line each."""
+    names = stage_names(cfg)
+    sections = {STAGES[k].section for k in STAGES if any(n.split(".")[0] == k for n in names)}
+    for section in STAGE_SECTIONS:  # a milestone matters where the section's stage runs a step schedule
+        if section not in sections or cfg[section]["schedule"] != "step":
+            sections.discard(section)
+    runs = {"adv.eps_ramp": "pretrain" in names, "prune.update_every": cfg["prune"]["method"] in ("admm", "gradual"),
+            "quant.update_every": "quantize" in names,
+            **{f"{s}.milestones.*": s in sections for s in STAGE_SECTIONS}}
+    out = []
+    for key, rng in RANGES.items():
+        if not rng.warn_above or not runs[key]:
+            continue
+        bound, where = _upper(cfg, key)
+        for name, v in _values(cfg, key):
+            if v > bound:
+                out.append(f"{name}={v} is more than {where} ({bound}): {rng.what}")
+    return out
+
+
 def _validate_allocation(p):
     """The overall target, its allocation, the progressive rates and the score methods."""
-    if not 0.0 <= p["target"] < 1.0:
-        raise UserError(f"prune.target: must be in [0, 1) (a fraction of all prunable weights; 0: off), got {p['target']}")
     if p["allocation"] != "uniform" and not p["target"]:
         raise UserError(f"prune.allocation={p['allocation']} splits an overall target: set prune.target, e.g. 0.95")
     if p["allocation"] == "from_checkpoint" and not p["rates_from"]:
@@ -354,8 +472,10 @@ def parse_set(item):
     if not key.strip().isprintable():
         raise UserError(f"--set {item!r}: the key holds characters no config key has")
     try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return key.strip(), yaml.load(raw, Loader=strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as e:  # a key given twice in a {...} value
+        raise UserError(f"--set {item!r}: {' '.join(str(e).split())}") from None
+    except (yaml.YAMLError, RecursionError):
         return key.strip(), raw
 
 
@@ -363,14 +483,7 @@ def load_config(path=None, overrides=()):
     """DEFAULTS <- YAML file <- ``--set`` overrides, validated. Returns a plain nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        _merge(cfg, data)
+        _merge(cfg, read_yaml(path, "config"))
     layers = {key: {} for key in TABLES}
     for item in overrides:
         key, value = parse_set(item)
@@ -392,3 +505,72 @@ def load_config(path=None, overrides=()):
                 table[name] = value
         validate(cfg)
     return cfg
+
+
+def check_stored(cfg, path):
+    """The config stored in a checkpoint or export at ``path`` (a resolved config), its types,
+    choices and ranges checked as a config file's are: a value out of its range (``adv.eps:
+    .nan``) is one line naming the file and the key, before anything computes with it. Returns
+    the checked copy."""
+    merged = copy.deepcopy(DEFAULTS)
+    try:
+        if not isinstance(cfg, dict):
+            raise UserError(f"expected a mapping, got {type(cfg).__name__}")
+        _merge(merged, cfg)  # types
+        for key, allowed in CHOICES.items():
+            if _get(merged, key) not in allowed:
+                raise UserError(f"{key}: {_get(merged, key)!r} is not one of {', '.join(allowed)}")
+        _pick_tables(merged)
+        check_ranges(merged)  # not the rules between keys: a run's resolved config (its allocation applied)
+        return merged         # holds the ratios the run pruned to, with prune.target no longer needed
+    except UserError as e:
+        raise UserError(f"{path}: its stored config is not valid: {e}") from None
+
+
+def _flat_keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in TABLES:
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _valid(key):
+    """The valid values of ``key`` as docs/config.md lists them."""
+    if key in CHOICES:
+        return " \\| ".join(CHOICES[key])
+    if key == "model.arch":
+        from models import available
+        return " \\| ".join(available())
+    rng = RANGES.get(key) or RANGES.get(key + ".*")
+    if rng is None:
+        return {bool: "true \\| false", str: "a string", list: "a list"}.get(type(_get(DEFAULTS, key)), "")
+    text = rng.text() if key in RANGES else f"each {rng.text()}"
+    if rng.warn_above:
+        text += f"; more than {rng.warn_above} is a warning: {rng.what}"
+    return text
+
+
+def reference():
+    """docs/config.md: every key with its default and its valid values, from ``DEFAULTS``,
+    ``CHOICES`` and ``RANGES`` (regenerate with ``python config.py > docs/config.md``)."""
+    lines = ["# Config keys", "",
+             "Generated by `python config.py > docs/config.md` from `config.py` (`DEFAULTS`, `CHOICES`, "
+             "`RANGES`), the one place that checks them; `tests/test_config_data.py` checks that this file "
+             "is up to date. What each key does: the comments of `DEFAULTS` in `config.py`.", "",
+             "A value outside its range is an error naming the key. Floats are finite (`.nan`, `.inf` are "
+             "refused) and accept a fraction such as `8/255`. A key given twice in a file is an error. "
+             "`prune.rounds` must also rise and end at 1.0; `prune.rate_rounds` must rise and end at the "
+             "target's compression rate 1 / (1 - prune.target). A milestone beyond its schedule (its section's "
+             "epochs; under `lr_span: run`, after pretraining, the epochs of every stage after pretraining) "
+             "is a warning, so that a run shortened with `--set` keeps its config.", "",
+             "| key | default | valid values |", "| --- | --- | --- |"]
+    for key in _flat_keys(DEFAULTS):
+        default = _get(DEFAULTS, key)
+        shown = "true" if default is True else "false" if default is False else f"{default!r}".replace("'", "")
+        lines.append(f"| `{key}` | `{shown}` | {_valid(key)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())

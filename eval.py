@@ -16,7 +16,7 @@ from deploy import formats
 from deploy import measure
 from models import outside
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
-from config import load_config, parse_float
+from config import check_stored, check_value, load_config, parse_float
 from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
 from evaluation.report import final_report, format_report
 
@@ -70,17 +70,15 @@ def parse(argv=None):
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     args = p.parse_args(argv)
-    if (args.steps is not None and args.steps < 0) or (args.restarts is not None and args.restarts < 1):
-        raise UserError("--steps must be >= 0 and --restarts >= 1")
-    if args.limit < 0:
-        raise UserError("--limit must be >= 0")
+    for flag, key in (("--steps", "eval.steps"), ("--restarts", "eval.restarts"), ("--limit", "eval.limit")):
+        if getattr(args, flag[2:]) is not None:
+            check_value(key, getattr(args, flag[2:]), flag)
     args.eps, args.step_size, args.eps_l2 = (
-        None if v is None else parse_float(v, flag)
-        for v, flag in ((args.eps, "--eps"), (args.step_size, "--step-size"), (args.eps_l2, "--eps-l2")))
-    args.sweep_eps = sweep_eps = sorted({parse_float(v, "--eps-sweep") for v in args.eps_sweep.split(",")
-                                         if v.strip()}) if args.eps_sweep else []
-    if any(v is not None and v < 0 for v in (args.eps, args.step_size, args.eps_l2, *sweep_eps)):
-        raise UserError("--eps, --step-size, --eps-l2 and --eps-sweep values must be >= 0")
+        None if v is None else check_value(key, parse_float(v, flag), flag)
+        for v, flag, key in ((args.eps, "--eps", "adv.eps"), (args.step_size, "--step-size", "eval.step_size"),
+                             (args.eps_l2, "--eps-l2", "eval.step_size")))  # an L2 radius: > 0, unbounded
+    args.sweep_eps = sweep_eps = sorted({check_value("adv.eps", parse_float(v, "--eps-sweep"), "--eps-sweep")
+                                         for v in args.eps_sweep.split(",") if v.strip()}) if args.eps_sweep else []
     if args.eps_sweep is not None and not sweep_eps:
         raise UserError("--eps-sweep: give comma-separated radii, e.g. 0,0.1,0.2")
     if sweep_eps:
@@ -112,6 +110,7 @@ def attacks_of(args, cfg):
 def main(argv=None):
     args = parse(argv)
     model, cfg, meta = formats.load_model(args.ckpt, cfg=user_config(args))  # a checkpoint, outside weights or an export
+    cfg = check_stored(cfg, args.ckpt)  # adv.eps: .nan in a stored config is refused before any attack
     device = get_device(args.device or cfg["device"])
     attacks, checks, sweep = attacks_of(args, cfg)
     _, val, test, info = data_lib.load_splits(cfg)

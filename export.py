@@ -1,13 +1,11 @@
 """Export a pruned checkpoint as a deployable model: pruned channels removed, sparse weights stored sparse.
 
-    python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|pt2|onnx]
+    python export.py --ckpt runs/demo/retrain.pt [--out FILE] [--format torch|safetensors|onnx]
                      [--storage compact|sparse] [--json FILE] [--overwrite] [--no-latency] [--threads N]
-                     [--config FILE --set KEY=VALUE ...]   (outside weights: docs/bring_your_own_model.md)
 
 The file format (``formats.FORMATS``): ``torch`` (the default, or from --out's suffix
 ``.safetensors`` / ``.onnx``) and ``safetensors`` hold the export dict, read back by
-``formats.load_exported`` and ``formats.load_model`` (which ``eval.py`` uses); ``pt2`` is the
-compact model as a ``torch.export`` program (``torch.export.load`` alone runs it); ``onnx`` is
+``formats.load_exported`` and ``formats.load_model`` (which ``eval.py`` uses); ``onnx`` is
 the compact model as a graph for onnxruntime. A checkpoint of the quantize stage is exported with
 its quantized layers as packed integer codes plus one float32 scale per layer
 (``storage.encode_quantized``; ONNX: dequantized); the report then also gives the size against
@@ -15,6 +13,7 @@ the float export of the same storage. The file is read back after writing and it
 against the masked model's; an ONNX graph is also checked on the test split (natural accuracy).
 """
 import argparse
+
 import common  # noqa: F401 - first: the commands' preamble (common.py)
 import os
 
@@ -24,8 +23,8 @@ import data as data_lib
 from deploy import exportfile
 from deploy import formats
 from deploy import measure
-from common import UserError, reading, run_cli, write_json
-from config import load_config
+from common import ArgumentParser, UserError, reading, run_cli, write_json
+from config import check_stored, load_config
 from evaluation.report import format_storage
 
 
@@ -58,8 +57,10 @@ def test_accuracy(models, cfg):
     return {k: h / max(n, 1) for k, h in hits.items()}, n
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv=None):
+    """The command line, checked before any work; adds ``fmt`` (a ``formats.FORMATS`` entry) and
+    ``out`` (the file to write). A bad flag is a one-line ``UserError`` naming it."""
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py, or outside weights "
                                                  "(a state dict in .pt or .safetensors; HYDRA, HARP, RobustBench)")
     p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
@@ -80,8 +81,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of torch and onnxruntime (default 1: the steadiest figure on a shared machine)")
     args = p.parse_args(argv)
-    fmt = args.format or format_for(args.out or "")
-    out = args.out or os.path.splitext(args.ckpt)[0] + fmt.suffix
+    args.fmt = fmt = args.format or format_for(args.out or "")
+    if args.out and format_for(args.out) is not fmt:  # a file is read back by its suffix
+        suffix = os.path.splitext(fmt.suffix)[1]
+        raise UserError(f"--out {args.out} names a {format_for(args.out).name} file but --format is {fmt.name}; "
+                        f"give --out a {suffix} name or drop --format")
+    args.out = out = args.out or os.path.splitext(args.ckpt)[0] + fmt.suffix
     if os.path.abspath(out) == os.path.abspath(args.ckpt):
         raise UserError("--out must differ from --ckpt")
     if os.path.exists(out) and not args.overwrite:
@@ -90,16 +95,37 @@ def main(argv=None):
         raise UserError("--threads must be >= 1")
     if fmt.storage and args.storage not in (None, fmt.storage):
         raise UserError(f"--format {fmt.name} stores {fmt.storage} tensors only; drop --storage {args.storage}")
+    return args
+
+
+def main(argv=None):
+    """Export, read back, check, measure, and write ``--json``; a failure after the export was
+    written removes it, so no half-finished result is left behind and the rerun needs no
+    ``--overwrite``."""
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     user_cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     ckpt = formats.read_checkpoint(args.ckpt, user_cfg, "export.py --ckpt")
+    check_stored(ckpt["config"], args.ckpt)
     with reading(args.ckpt):
-        exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or fmt.storage, fmt.quantized)
-    fmt.write(out, exp, exportfile.model_from_export(exp, out)[0])
-    model = fmt.model(out, args.threads)  # what a user gets back, read from disk
-    cfg = exp["config"]
-    fig = measure.figures(exp, os.path.getsize(out), fmt.name)
+        exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or args.fmt.storage,
+                                                   args.fmt.quantized)
+    args.fmt.write(args.out, exp, exportfile.model_from_export(exp, args.out)[0])
+    try:
+        fig = check_and_measure(args, ckpt, exp, masked, args.out)
+        if args.json:
+            write_json(args.json, fig)
+    except BaseException:  # a failed check or --json (a full disk, a kill) leaves no half-finished result
+        os.remove(args.out)
+        raise
 
+
+def check_and_measure(args, ckpt, exp, masked, path):
+    """The figures of the export at ``path`` (``measure.figures``), its outputs checked against
+    the masked model's, printed; a mismatch is a ``UserError``."""
+    fmt, out, cfg = args.fmt, args.out, exp["config"]
+    model = fmt.model(path, args.threads)  # what a user gets back, read from disk
+    fig = measure.figures(exp, os.path.getsize(path), fmt.name)
     masked.eval()
     x = torch.rand(64, *exportfile.input_shape(cfg), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -133,13 +159,11 @@ def main(argv=None):
         print(f"CPU latency, batch {len(x)}, {torch.get_num_threads()} threads (best of 5): masked dense (PyTorch) "
               f"{t['dense'] * 1e3:.1f} ms, compact ({fmt.runtime}) {t['compact'] * 1e3:.1f} ms, "
               f"speed-up {t['dense'] / t['compact']:.2f}x")
-    if not diff <= 1e-5 or accuracy_differs:  # NaN is a failure, not a pass
-        os.remove(out)
+    if not diff <= 1e-5 or accuracy_differs:  # NaN is a mismatch
         raise UserError(f"the export's outputs differ from the masked model's (relative {diff:.2e}"
                         + (", and its test accuracy" if accuracy_differs else "")
                         + f"); removed {out}; please report this with the checkpoint")
-    if args.json:
-        write_json(args.json, fig)
+    return fig
 
 
 if __name__ == "__main__":

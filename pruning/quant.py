@@ -161,10 +161,8 @@ def project(w, bits, mask=None):
 
 def resolve_bits(model, bits):
     """``quant.bits`` ({parameter name or fnmatch pattern: b}) as {name: b}, resolved as
-    ``prune.prune_ratios`` is (``admm.resolve_names``); layers at 0 bits are dropped (left in float)."""
-    for key, b in bits.items():
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 16:
-            raise ValueError(f"quant.bits.{key}: bits must be an integer in 1..16 (0: not quantized), got {b!r}")
+    ``prune.prune_ratios`` is (``admm.resolve_names``), its bits in 0..16 as ``config`` checks
+    them; layers at 0 bits are dropped (left in float)."""
     return {n: b for n, b in admm_lib.resolve_names(model, bits, "quant.bits").items() if b}
 
 

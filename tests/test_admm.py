@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import admm
+from common import UserError
+from config import load_config
 from models import build_model
 
 SHAPES = [(7, 5, 3, 3), (13, 11)]  # conv [out, in, kh, kw] and linear [out, in]
@@ -282,9 +284,9 @@ def test_resolve_ratios_unknown_name_lists_valid(key):
     assert all(n in msg for n in LENET_NAMES)
 
 
-def test_resolve_ratios_bad_ratio_raises():
-    with pytest.raises(ValueError, match="fc1.weight"):
-        admm.resolve_ratios(build_model("lenet", 2), {"fc1.weight": 1.0})
+def test_a_bad_ratio_is_refused_by_config_once():
+    with pytest.raises(UserError, match=r"prune.prune_ratios.fc1.weight: must be in \[0, 1\), got 1.0"):
+        load_config("configs/demo.yaml", ["prune.prune_ratios.fc1.weight=1.0"])
 
 
 # --------------------------------------------------------------------------- masks

@@ -105,6 +105,107 @@ def test_yaml_file_errors(tmp_path):
     assert config.load_config(str(ok))["adv"]["eps"] == 8 / 255
 
 
+@pytest.mark.parametrize("text,match", [
+    ("adv:\n  eps: 0.1\nseed: 1\nadv:\n  steps: 3\n", "key 'adv' is given twice, on lines 1 and 4"),
+    ("prune:\n  prune_ratios:\n    fc1.weight: 0.5\n    fc1.weight: 0.9\n",
+     "key 'fc1.weight' is given twice, on lines 3 and 4"),
+    ("adv: {eps: 0.1, eps: 0.2}\n", "key 'eps' is given twice"),
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+    ("- adv\n- seed\n", "must hold a mapping of keys.*not a list"),
+    ("3\n", "must hold a mapping of keys.*not a int"),
+])
+def test_config_files_are_read_strictly(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match) as e:
+        config.load_config(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("blob,match", [(b"\xff\xfe\x00a\x00", "not UTF-8 text"), (b"adv:\x00\x01\x02", "binary file"),
+                                        (bytes(range(256)), "not UTF-8 text")])
+def test_a_binary_config_is_one_line(tmp_path, blob, match):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(blob)
+    with pytest.raises(UserError, match=match):
+        config.load_config(str(path))
+    with pytest.raises(UserError, match="is a folder"):
+        config.load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("item,message", [
+    ("seed=-1", r"seed: must be in \[0, 2\^32 - 1\], got -1"),
+    ("seed=4294967296", "seed: must be in"),
+    ("pretrain.gamma=-5", "pretrain.gamma: must be > 0"),
+    ("admm.gamma=0", "admm.gamma: must be > 0"),
+    ("pretrain.milestones=[-1]", r"pretrain.milestones\[0\]: must be >= 1, got -1"),
+    ("retrain.milestones=[2, 0]", r"retrain.milestones\[1\]: must be >= 1, got 0"),
+    ("adv.eps=5", r"adv.eps: must be in \[0, 1\], got 5.0"),
+    ("adv.step_size=0", "adv.step_size: must be > 0"),
+    ("eval.step_size=0", "eval.step_size: must be > 0"),
+    ("prune.rho=0", "prune.rho: must be > 0"),
+    ("quant.rho=0", "quant.rho: must be > 0"),
+    ("prune.rho_growth=0.9", "prune.rho_growth: must be >= 1"),
+    ("prune.update_every=0", "prune.update_every: must be >= 1"),
+    ("eval.every=0", "eval.every: must be >= 1"),
+    ("pretrain.momentum=1", r"pretrain.momentum: must be in \[0, 1\)"),
+    ("quant.bits.fc1.weight=17", r"quant.bits.fc1.weight: must be in \[0, 16\]"),
+    ("prune.rounds=[0, 1]", r"prune.rounds\[0\]: must be in \(0, 1\]"),
+    ("model.width=2000", r"model.width: must be in \[1, 1024\]"),
+])
+def test_every_range_is_checked_and_named(item, message):
+    with pytest.raises(UserError, match=message):
+        config.load_config(None, [item])
+
+
+def test_an_interval_or_milestone_beyond_its_stage_is_a_warning():
+    assert config.warnings_of(config.load_config("configs/demo.yaml")) == []
+    cfg = config.load_config("configs/demo.yaml", ["prune.update_every=99", "adv.eps_ramp=99"])
+    said = config.warnings_of(cfg)
+    assert len(said) == 2 and "prune.update_every=99 is more than admm.epochs" in said[1]
+    assert "never reaches the full adv.eps" in said[0]
+    assert config.warnings_of(config.load_config("configs/demo.yaml", ["prune.update_every=99",
+                                                                      "prune.method=oneshot"])) == []
+    # a run shortened with --set keeps its milestones: they never fire, and it says so
+    said = config.warnings_of(config.load_config("configs/cifar10.yaml", ["pretrain.epochs=1"]))
+    assert said[0] == "pretrain.milestones[0]=50 is more than pretrain.epochs (1): the lr never reaches that milestone"
+    sets = ["lr_span=run", "prune.restart_lr=false", "admm.epochs=4", "retrain.epochs=4", "retrain.schedule=step"]
+    assert config.warnings_of(config.load_config(None, sets + ["retrain.milestones=[6]"])) == []
+    said, = config.warnings_of(config.load_config(None, sets + ["retrain.milestones=[9]"]))
+    assert "the epochs of every stage after pretraining" in said
+
+
+def test_choices_come_from_the_registries():
+    import admm
+    from pruning.allocation import RULES
+    from training.losses import LOSSES
+    assert config.CHOICES["prune.sparsity_type"] == admm.SCHEMES
+    assert config.CHOICES["prune.allocation"] == RULES
+    assert config.CHOICES["adv.loss"] == tuple(LOSSES)
+    assert config.CHOICES["data.dataset"] == tuple(data.INFO)
+    assert set(config.CHOICES["prune.method"]) == {"admm", "gradual", "oneshot", "hydra", "harp"}
+
+
+def test_a_stored_config_is_checked_as_a_file_is():
+    cfg = config.load_config("configs/demo.yaml")
+    assert config.check_stored(cfg, "x.pt") == cfg
+    with pytest.raises(UserError, match="x.pt: its stored config is not valid: adv.eps: expected a finite"):
+        config.check_stored({**cfg, "adv": {**cfg["adv"], "eps": float("nan")}}, "x.pt")
+    resolved = {**cfg, "prune": {**cfg["prune"], "allocation": "lamp", "target": 0.0}}  # a run's, allocation applied
+    assert config.check_stored(resolved, "x.pt")["prune"]["allocation"] == "lamp"
+
+
+def test_docs_config_md_is_generated_from_the_ranges():
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        assert f.read() == config.reference(), "regenerate: python config.py > docs/config.md"
+    keys = [line.split("`")[1] for line in config.reference().splitlines() if line.startswith("| `")]
+    assert len(keys) == len(set(keys)) and "adv.eps" in keys and "quant.bits" in keys
+    assert all(k in config.RANGES or k + ".*" in config.RANGES or k in config.CHOICES for k in keys
+               if isinstance(config._get(config.DEFAULTS, k), (int, float)) and not isinstance(
+                   config._get(config.DEFAULTS, k), bool))
+
+
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 

@@ -18,7 +18,7 @@ from deploy import formats
 from deploy import measure
 import models
 from deploy import storage
-from common import UserError, save_checkpoint
+from common import UserError, run_cli, save_checkpoint
 from config import load_config
 from data import INFO
 from models import model_from_config
@@ -259,6 +259,31 @@ def test_export_script_on_a_checkpoint(tmp_path):
     assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())  # no silent overwrite
     assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "onnx", "--out", "x.pt"], "--out x.pt names a torch file but --format is onnx; give --out a .onnx"),
+    (["--format", "torch", "--out", "x.onnx"], "--out x.onnx names a onnx file but --format is torch"),
+    (["--format", "safetensors", "--out", "x.export.pt"], "give --out a .safetensors name"),
+    (["--bogus"], "unrecognized arguments: --bogus (see"),
+    (["--threads", "two"], "argument --threads: invalid int value: 'two'"),
+])
+def test_export_flags_are_one_line_and_the_suffix_must_fit_the_format(args, message, tmp_path, capsys):
+    export = importlib.import_module("export")
+    with pytest.raises(SystemExit) as e:
+        run_cli(export.main, ["--ckpt", os.path.join(ROOT, "tests", "golden", "retrain.pt"), *args])
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in line and not os.path.exists("x.pt") and not os.path.exists("x.onnx")
+
+
+def test_export_of_a_stored_config_out_of_range_is_refused(tmp_path, capsys):
+    ckpt = torch.load(os.path.join(ROOT, "tests", "golden", "retrain.pt"), weights_only=True)
+    ckpt["config"]["adv"]["eps"] = float("nan")
+    save_checkpoint(ckpt, str(tmp_path / "c.pt"))
+    with pytest.raises(SystemExit):
+        run_cli(importlib.import_module("export").main, ["--ckpt", str(tmp_path / "c.pt"), "--no-latency"])
+    assert "its stored config is not valid: adv.eps: expected a finite number" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["c.pt"]
 
 
 class _NoGroups(nn.Module):

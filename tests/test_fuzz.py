@@ -6,6 +6,7 @@ another exception, and never a damaged file read as a good one.
 The budget and seeds are fixed in CI (the "ci" profile in conftest.py); a long random run by hand:
     HYPOTHESIS_PROFILE=long python -m pytest -n0 tests/test_fuzz.py --hypothesis-show-statistics
 """
+import json
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from training import command as engine
 from common import UserError, load_checkpoint
 from models import build_model, load_weights, model_from_config
 from pruning.plan import make_stage, stage_names
+from training.rundir import RunFolder
 from training.state import lr_at
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -244,3 +246,162 @@ def init_from(path):
     ckpt = load_checkpoint(path)
     cfg = config.load_config(DEMO, ["model.width=1"])
     load_weights(model_from_config(cfg, data.INFO["demo"], "cpu"), ckpt, path, cfg)
+
+
+# --------------------------------------------------------------------------- hostile configs
+
+DEMO_TEXT = yaml.safe_dump(yaml.safe_load(open(DEMO)), sort_keys=False)
+KEY_LINE = re.compile(r"^\s*([^\s:#-][^:]*):")
+
+
+@given(lines=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6)), min_size=1, max_size=3),
+       nested_=st.booleans())
+def test_configs_with_a_key_given_twice_are_one_line_naming_it(lines, nested_):
+    """A line of the demo config copied to another place in the file: a key line that lands in
+    its own mapping is an error naming the key and both lines; anything else gives a plan or
+    one line."""
+    text = DEMO_TEXT.splitlines() if not nested_ else yaml.safe_dump(config.DEFAULTS, sort_keys=False).splitlines()
+    for src, dst in lines:
+        text.insert(dst % (len(text) + 1), text[src % len(text)])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("\n".join(text) + "\n")
+    try:
+        plan(f.name)
+    except UserError as e:
+        if "given twice" in str(e):
+            key, = re.search(r"key (.+) is given twice, on lines (\d+) and (\d+)", str(e)).groups()[:1]
+            first, second = map(int, re.search(r"on lines (\d+) and (\d+)", str(e)).groups())
+            assert first < second and KEY_LINE.match(text[second - 1]).group(1) == yaml.safe_load(key)
+        one_line_naming(e, f.name)
+    finally:
+        os.remove(f.name)
+
+
+def range_keys():
+    """[(a ``RANGES`` key, the --set key that sets it, how a value is written there)]."""
+    out = []
+    for key in config.RANGES:
+        if key in ("prune.prune_ratios.*", "quant.bits.*"):
+            out.append((key, key.replace("*", "fc1.weight"), "{}"))
+        elif key == "prune.rounds.*":
+            out.append((key, "prune.rounds", "[{}, 1.0]"))
+        elif key == "prune.rate_rounds.*":
+            out.append((key, "prune.rate_rounds", "[{}, 100]"))
+        elif key.endswith(".*"):
+            out.append((key, key[:-2], "[{}]"))
+        else:
+            out.append((key, key, "{}"))
+    return out
+
+
+NEAR = st.sampled_from([0, 1, -1, 0.5, 1e-9, -1e-9, 1 - 1e-9, 1 + 1e-9, 16, 17, 1024, 1025, 2 ** 32 - 1, 2 ** 32,
+                        10, 11, 10 ** 12, -10 ** 12, 1e300, -1e300, 2 ** 64])
+NON_FINITE = st.sampled_from([".nan", ".inf", "-.inf", ".NaN", "1e400", "-1e400", "nan", "inf", "1/0", "0/0"])
+
+
+@given(target=st.sampled_from(range_keys()), value=st.one_of(NEAR, NON_FINITE, st.integers(), st.floats()),
+       base=st.sampled_from([None, DEMO]))
+def test_out_of_range_values_are_one_line_and_an_accepted_value_is_in_range(target, value, base):
+    """Values at and beyond each range's ends, huge and non-finite: refused in one line naming
+    the key, or accepted and then inside the range ``config.RANGES`` documents."""
+    key, set_key, form = target
+    try:
+        cfg = config.load_config(base, [f"{set_key}={form.format(value)}"])
+        plan(base, [f"{set_key}={form.format(value)}"])
+    except UserError as e:
+        one_line_naming(e, set_key, key[:-2] if key.endswith(".*") else key)
+        return
+    for _, v in config._values(cfg, key):
+        assert config.RANGES[key].holds(v) and math.isfinite(v), (key, v)
+
+
+@CHEAP
+@given(key=st.sampled_from(KEYS), value=st.one_of(EDGES, NON_FINITE, NEAR))
+def test_a_stored_config_out_of_range_is_one_line_naming_the_file(key, value):
+    """A checkpoint's stored config with one value replaced (eval.py and export.py check it
+    before any work)."""
+    cfg = torch.load(os.path.join(GOLDEN, "retrain.pt"), weights_only=True)["config"]
+    *parents, leaf = key.split(".")
+    section = cfg
+    for p in parents:
+        section = section[p]
+    section[leaf] = yaml.safe_load(value) if isinstance(value, str) and value.startswith((".", "-.")) else value
+    try:
+        config.check_stored(cfg, "stored.pt")
+    except UserError as e:
+        assert str(e).startswith("stored.pt: its stored config is not valid: ")
+        one_line_naming(e, key)
+
+
+# --------------------------------------------------------------------------- damaged run folders
+
+ROWS = [{"kind": "epoch", "stage": s, "epoch": e, "loss": 0.5 / e, "test_pgd": None} for s in ("pretrain", "admm")
+        for e in (1, 2)]
+CLEAN = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+
+
+@given(cut=st.integers(0, len(CLEAN)))
+def test_a_metrics_file_cut_anywhere_is_recovered(cut):
+    """A kill at any byte of an append: the whole rows before the cut come back, the torn one is
+    dropped, nothing else is lost."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = RunFolder(d)
+        with open(folder.metrics, "wb") as f:
+            f.write(CLEAN[:cut])
+        rows = folder.read_metrics()
+        assert rows == ROWS[:CLEAN[:cut].count(b"\n")]
+        folder.drop_metrics(["admm"])  # what --overwrite of the admm stage does
+        assert folder.read_metrics() == [r for r in rows if r["stage"] != "admm"]
+
+
+@given(flips=st.lists(st.tuples(st.integers(0, len(CLEAN) - 1), st.binary(min_size=0, max_size=4)), min_size=1,
+                      max_size=4))
+def test_a_damaged_metrics_file_is_read_or_one_line_naming_it(flips):
+    blob = bytearray(CLEAN)
+    for at, new in flips:
+        blob[at:at + 1] = new
+    with tempfile.TemporaryDirectory() as d:
+        folder = RunFolder(d)
+        with open(folder.metrics, "wb") as f:
+            f.write(blob)
+        try:
+            rows = folder.read_metrics()
+            folder.drop_metrics(["admm"])
+            assert all(isinstance(r, dict) for r in rows)
+        except UserError as e:
+            one_line_naming(e, folder.metrics)
+
+
+@given(blob=st.one_of(st.binary(max_size=64), TEXT.map(str.encode),
+                      st.builds(lambda t, i, b: t[:i] + b + t[i:], st.just(DEMO_TEXT.encode()),
+                                st.integers(0, len(DEMO_TEXT)), st.binary(min_size=1, max_size=8))))
+def test_a_damaged_run_config_is_read_or_one_line_naming_it(blob):
+    """The run folder's config.yaml, damaged, on --resume (``_prepare_folder`` compares it with
+    the new config)."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = RunFolder(d)
+        with open(folder.file("config.yaml"), "wb") as f:
+            f.write(blob)
+        try:
+            old = folder.read_config()
+            engine._flat(old)
+        except UserError as e:
+            one_line_naming(e, folder.file("config.yaml"))
+
+
+@CHEAP
+@given(keep=st.floats(0, 1, exclude_max=True), flips=st.lists(st.tuples(st.integers(0, 2 ** 31), st.integers(1, 255)),
+                                                             max_size=3))
+def test_a_damaged_last_checkpoint_is_one_line_with_the_fix(keep, flips):
+    blob = bytearray(FILES["retrain.pt"][:int(keep * len(FILES["retrain.pt"]))])
+    for at, x in flips:
+        if blob:
+            blob[at % len(blob)] ^= x
+    with tempfile.TemporaryDirectory() as d:
+        folder = RunFolder(d)
+        with open(folder.last("admm"), "wb") as f:
+            f.write(blob)
+        with pytest.raises(UserError) as e:
+            folder.read_checkpoint(folder.last("admm"))
+        one_line_naming(e.value, folder.last("admm"))
+        assert "delete it to run stage admm again from its start" in str(e.value)

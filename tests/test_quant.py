@@ -279,7 +279,7 @@ def test_unknown_layer_or_bad_bits_is_an_error_naming_the_fix():
     assert "quant.bits: 'conv3.weight' matches no prunable weight" in str(e.value)
     assert all(n in str(e.value) for n in LENET_NAMES)
     for bad in ("17", "2.5", "true"):
-        with pytest.raises(UserError, match="quant.bits.fc1.weight: bits must be an integer in 1..16"):
+        with pytest.raises(UserError, match=r"quant.bits.fc1.weight: .*in \[0, 16\]"):
             load_config("configs/demo.yaml", [f"quant.bits.fc1.weight={bad}"])
 
 

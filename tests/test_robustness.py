@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -184,7 +185,9 @@ BAD_INPUTS = {
     "wrong bool": (["data.synthetic=maybe"], [], ["data.synthetic", "true or false"]),
     "ratio 1": (["prune.prune_ratios={conv1.weight: 1.0}"], [], ["conv1.weight", "[0, 1)"]),
     "ratio negative": (["prune.prune_ratios={conv1.weight: -0.1}"], [], ["conv1.weight", "[0, 1)"]),
-    "negative eps": (["adv.eps=-0.1"], [], ["adv.eps", ">= 0"]),
+    "negative eps": (["adv.eps=-0.1"], [], ["adv.eps", "in [0, 1]"]),
+    "eps beyond the image range": (["adv.eps=5"], [], ["adv.eps", "in [0, 1]", "got 5.0"]),
+    "seed -1": (["seed=-1"], [], ["seed", "2^32 - 1", "got -1"]),
     "negative steps": (["adv.steps=-3"], [], ["adv.steps", ">= 0"]),
     "bad fraction": (["adv.eps=8/0"], [], ["adv.eps", "fraction"]),
     "unknown arch": (["model.arch=vgg19"], [], ["model.arch", "vgg19", "lenet"]),
@@ -285,3 +288,23 @@ def test_a_run_folder_given_as_checkpoint_names_the_checkpoints_in_it(tmp_path, 
     line, = capsys.readouterr().err.strip().splitlines()
     assert line == (f"error: {tmp_path} is a folder, not a checkpoint; give one of its files: "
                     f"{tmp_path / 'pretrain.pt'}, {tmp_path / 'retrain.pt'}")
+
+
+def test_a_stop_request_is_honoured_within_one_attack_iteration(tmp_path):
+    """adv.steps=10^12: the first step's attack would never end; SIGTERM ends it at once, and the
+    state from before that step is saved for --resume."""
+    proc = subprocess.Popen(cmd("adv_main.py", tmp_path, "adv.steps=1000000000000", "checkpoint.every_steps=0"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the log's header row comes just before the first step
+            if line.startswith("stage "):
+                break
+        time.sleep(1.0)  # well inside the first step's attack
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopping the training attack" in err and "after step 0; saved" in err and "--resume" in err
+    last = load_checkpoint(str(tmp_path / "pretrain.last.pt"))
+    assert last["step"] == 0 and last["epoch"] == 0 and "Traceback" not in err

@@ -100,7 +100,7 @@ def test_a_sweep_folder_has_one_sweep_at_a_time(tmp_path):
 # written at steps 2 and 4 of each epoch, before the epoch's metrics row and log row.
 SITES = {
     "config.yaml": (0, 0, 10, None),
-    "log.txt": (0, 4, 30, "pretrain.last.pt"),   # the 5th line: the row of epoch 1
+    "log.txt": (0, 5, 30, "pretrain.last.pt"),   # the 6th line (after the eps_ramp warning): epoch 1's row
     "metrics.jsonl": (3, 0, 40, "admm.last.pt"),  # 2 rows, admm's start drops none, then half its Z/U row
     "pretrain.last.pt": (1, 0, 1000, "pretrain.last.pt"),
     "pretrain.pt": (0, 0, 1000, "pretrain.last.pt"),
@@ -188,3 +188,5 @@ def test_full_disk_in_eval_and_export_is_one_line_and_leaves_no_file(script, fla
     assert line == (f"error: cannot write {tmp_path / name}: No space left on device (ENOSPC); nothing was left "
                     "half-written: free some space and run the command again")
     assert not (tmp_path / name).exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    if script == "export.py":  # a failed --json leaves no export behind: the export is written last
+        assert not (tmp_path / "e.pt").exists() and not (tmp_path / "x.export.pt").exists()

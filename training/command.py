@@ -11,10 +11,10 @@ Each stage starts from the previous stage's checkpoint in the run folder (or ``-
 writes ``<out>/<stage>.pt`` (see ``training/rundir.py`` for the folder's files); one loop runs
 them all (``training.loop.train_stage``). The two entry scripts differ only in the training method.
 """
-import argparse
 import contextlib
 import os
 import shlex
+import signal
 import sys
 
 import yaml
@@ -25,9 +25,9 @@ import data as data_lib
 from training import distributed as dist
 from pruning import quant
 from training import tensorboard
-from common import (LOG, UserError, get_device, load_checkpoint, seed_everything, set_deterministic, setup_logging,
-                    write_json)
-from config import TABLES, load_config
+from common import (LOG, ArgumentParser, UserError, get_device, load_checkpoint, seed_everything, set_deterministic,
+                    setup_logging, write_json)
+from config import TABLES, load_config, warnings_of
 from evaluation.accuracy import standard_attacks
 from evaluation.report import checkpoint_meta, final_report, format_report
 from training.methods import make_method
@@ -43,7 +43,7 @@ from training.loop import RunContext, train_stage
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv, adversarial):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=("Adversarial (PGD) training" if adversarial else "Natural training")
         + " with ADMM pruning: pretrain -> admm -> retrain.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
@@ -75,14 +75,12 @@ def run(argv=None, adversarial=True):
     except Interrupted as e:
         _say(LOG.warning, str(e))
         sys.exit(128 + e.signum)
-    except OSError as e:  # e.g. a full disk during a save: the previous checkpoint is intact
+    except OSError as e:  # not a file of the run folder (those are _run's): the saved checkpoints are intact
         if dist.is_main():
-            print(f"error: {e.filename or ''}: {e.strerror}; the last saved checkpoints are intact "
-                  "(continue with --resume)", file=sys.stderr)
+            print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("stopped; the last saved checkpoints in the run folder are intact (continue with --resume)",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # before the run folder was taken: nothing of it was written
+        print("stopped", file=sys.stderr)
         sys.exit(130)
     finally:
         dist.close()
@@ -120,14 +118,19 @@ def _run(args, adversarial):
     device = dist.init(get_device(cfg["device"]))
     if args.resume and args.init:
         raise UserError("--resume continues from the run folder's own checkpoints; drop --init")
+    resume, rerun = _resume_command(args, out, adversarial), _resume_command(args, out, adversarial, resume=False)
     with folder.locked() if dist.is_main() else contextlib.nullcontext():
         try:
             _run_stages(args, adversarial, cfg, folder, stages, device)
         except OSError as e:
             if e.filename is None:
                 raise
-            raise UserError(folder.write_failed(e, stages, _resume_command(args, out, adversarial),
-                                                _resume_command(args, out, adversarial, resume=False))) from None
+            raise UserError(folder.write_failed(e, stages, resume, rerun)) from None
+        except KeyboardInterrupt:  # a second signal: stopped at once; say what there is to go on from
+            again = (f"the last saved checkpoints in {out} are intact; continue with: {resume}"
+                     if folder.existing(stages) else f"no checkpoint of this run was saved yet; start it again "
+                                                     f"with: {rerun}")
+            raise Interrupted(f"stopped; {again}", signal.SIGINT) from None
 
 
 def _run_stages(args, adversarial, cfg, folder, stages, device):
@@ -150,6 +153,8 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
              + (f"; {dist.world()} processes x batch {cfg['data']['batch_size']}" if dist.launched() else ""))
     if changed:
         LOG.warning(f"resuming with a config that differs from the run's in: {', '.join(changed)}")
+    for line in warnings_of(cfg):  # stdout and log.txt: stderr is for the one line of an error
+        LOG.info(f"warning: {line}")
     if not todo:
         LOG.info(f"all of {', '.join(stages)} already complete in {out}")
     method = make_method(cfg, adversarial, info, device)
@@ -157,8 +162,9 @@ def _run_stages(args, adversarial, cfg, folder, stages, device):
         LOG.info(f"training attack ({method.name}): {method.attack!r}")
 
     with GracefulStop(device) as stop:
+        method.attack = stop.guard(method.attack)  # a stop request ends even an endless attack
         ctx = RunContext(cfg, train, test, info, method, device, folder, stop, _resume_command(args, out, adversarial),
-                         val)
+                         _resume_command(args, out, adversarial, resume=False), tuple(stages), val)
         for stage in todo:
             init = train_stage(stage, model, ctx, init, resume if stage == todo[0] else None)
 
@@ -216,9 +222,9 @@ def _plan(args, folder, stages, adversarial, model, cfg, device):
             raise UserError(f"nothing to resume in {folder.path}: no checkpoint of stage(s) {', '.join(stages)}; "
                             f"run without --resume")
         while todo and folder.status(todo[0]) == "done":
-            _check_script(load_checkpoint(folder.final(todo[0])), folder.final(todo.pop(0)), adversarial)
+            _check_script(folder.read_checkpoint(folder.final(todo[0])), folder.final(todo.pop(0)), adversarial)
         if todo and folder.status(todo[0]) == "partial":
-            resume = load_checkpoint(folder.last(todo[0]), device)
+            resume = folder.read_checkpoint(folder.last(todo[0]), device)
             _check_script(resume, folder.last(todo[0]), adversarial)
             load_weights(model, resume, folder.last(todo[0]), cfg)  # checks arch and width
             folder.complete = folder.last(todo[0])
@@ -276,9 +282,10 @@ def _prepare_folder(folder, cfg, resume):
         return []
     folder.remove_temp()
     changed = []
-    if resume and os.path.isfile(folder.file("config.yaml")):
-        with open(folder.file("config.yaml")) as f:
-            old, new = _flat(yaml.safe_load(f)), _flat(cfg)
+    old = folder.read_config() if resume else None
+    if old is not None:
+        new = _flat(cfg)
+        old = _flat(old)
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     folder.write_text("config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return changed

@@ -22,7 +22,8 @@ from evaluation.accuracy import count_correct, evaluate, standard_attacks
 from training.methods import Method
 from training.rundir import RunFolder
 from pruning.plan import make_stage, stage_names
-from training.state import SELF_SIGNAL, GracefulStop, Interrupted, Schedule, TrainState, lr_at, wrap_for_training
+from training.state import (SELF_SIGNAL, AttackStopped, GracefulStop, Interrupted, Schedule, TrainState, lr_at,
+                            set_torch_rng, torch_rng, wrap_for_training)
 
 
 # Natural training accuracy of adversarial training needs an extra clean forward, a few percent of
@@ -41,8 +42,14 @@ class RunContext:
     device: torch.device
     folder: RunFolder
     stop: GracefulStop
-    resume_command: str
+    resume_command: str  # the command that continues the run (--resume) ...
+    rerun_command: str = ""  # ... and the one that starts it again, while the folder holds no checkpoint of
+    stages: tuple = ()       # the stages this command runs
     val: data_lib.Split = None  # the validation split (data.val_size), or None / empty
+
+    def continue_with(self):
+        """The command to go on with after a stop: ``--resume`` only if there is something to resume."""
+        return self.resume_command if self.folder.existing(self.stages) else self.rerun_command
 
 
 # --------------------------------------------------------------------------- the loop
@@ -133,6 +140,8 @@ def run_epoch(state, nets, sched, run):
     batches = data_lib.batches(run.train, cfg["data"]["batch_size"], run.device, shuffle=True, augment=run.info.augment,
                                seed=cfg["seed"], epoch=epoch, rank=dist.rank(), world=dist.world())
     batches = itertools.islice(batches, n_steps)  # free's last loop may be partial
+    stoppable = state.method.attack is not None and not dist.launched()  # see GracefulStop.guard
+    rng = torch_rng() if stoppable else None
     for step, (x, y) in enumerate(progress(batches, n_steps, f"{stage.name} {epoch + 1}") if dist.is_main() else batches):
         if step < state.step:  # trained before the resume; replayed to keep order and augmentation
             continue
@@ -143,7 +152,14 @@ def run_epoch(state, nets, sched, run):
         state.method.progress(stage.kind, passes)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, stage.penalty, state.precision)
+        try:
+            loss, pen, logits = state.method.step(net, attack_model, x, y, state.optimizer, stage.penalty,
+                                                  state.precision)
+        except AttackStopped:  # the step's attack was cut short: undo its draws and save the state before it
+            set_torch_rng(rng)
+            check_finite(state, run)
+            save(state, run.folder, run.folder.last(stage.name))
+            stop(state, run)
         correct = (logits.argmax(1) == y).sum()
         natural = correct if state.method.clean_logits else sampled_natural_correct(model, attack_model, x, y, step)
         state.meter.add(step, loss, pen, correct, len(y), natural)
@@ -162,6 +178,8 @@ def run_epoch(state, nets, sched, run):
             save(state, run.folder, run.folder.last(stage.name))
             if stopping:
                 stop(state, run)
+        if stoppable:
+            rng = torch_rng()
     check_finite(state, run)
     train = state.meter.averages()
     if state.method.clean_logits:  # natural training: no adversarial examples were seen
@@ -243,9 +261,11 @@ def check_finite(state, run):
     if dist.all_sum((bad >= 0).float()).item() > 0:
         where = f"step {bad.item() + 1}" if bad.item() >= 0 else "a step on another rank"
         name = state.stage.name
+        intact = f"The last good checkpoint, {run.folder.complete}, is intact" if run.folder.complete else \
+            "No checkpoint of this run was saved yet"
         raise UserError(f"{name} stage: loss is not finite (nan/inf) at epoch {state.epoch + 1}, {where}; stopped "
-                        f"without saving this state. The last good checkpoint is intact: lower {state.stage.section}.lr "
-                        f"(or {state.stage.settings_name}.rho) and continue with: {run.resume_command}")
+                        f"without saving this state. {intact}: lower {state.stage.section}.lr "
+                        f"(or {state.stage.settings_name}.rho) and go on with: {run.continue_with()}")
 
 
 def stop(state, run):

@@ -202,9 +202,63 @@ class RunFolder:
         The file is rewritten whole or not at all."""
         from common import atomic_write
         if os.path.isfile(self.metrics):
-            with open(self.metrics) as f:
-                keep = [line for line in f if json.loads(line).get("stage") not in stages]
+            keep = [json.dumps(row) + "\n" for row in self.read_metrics() if row.get("stage") not in stages]
             atomic_write(self.metrics, lambda f: f.writelines(keep), binary=False)
+
+    def read_metrics(self, repair=True):
+        """The rows of metrics.jsonl ([] if there is none), read strictly. A torn last line (a
+        write cut off by a kill or a crash; ``append_metrics`` never leaves one itself) is
+        dropped, with a warning, and with ``repair`` (the run that owns the folder) cut from the
+        file too: the checkpoints hold the state, and a resumed stage writes its rows again. A
+        reader that does not own the folder passes ``repair=False``: a live run's last line may
+        be mid-write. Any other damaged line is a one-line ``UserError`` naming the file, the line
+        and the fix."""
+        from common import LOG, UserError
+        if not os.path.isfile(self.metrics):
+            return []
+        with open(self.metrics, "rb") as f:
+            lines = f.read().split(b"\n")
+        rows, torn = [], lines.pop() != b""  # the text after the last newline: empty unless the line is torn
+        for n, line in enumerate(lines, 1):
+            row = _row(line)
+            if row is None and n == len(lines) and not torn:
+                torn = True  # the last line, ended, but cut: as good as torn
+                break
+            if row is None:
+                raise UserError(f"{self.metrics} is damaged at line {n} (not a JSON object); move the file away "
+                                f"(it is the run's log of figures; the checkpoints hold the state) and run again")
+            rows.append(row)
+        if torn:
+            if repair:
+                with open(self.metrics, "r+b") as f:
+                    f.truncate(sum(len(line) + 1 for line in lines[:len(rows)]))
+            LOG.warning(f"dropped the torn last line of {self.metrics} (a write cut off by a kill); {len(rows)} "
+                        f"rows kept")
+        return rows
+
+    def read_config(self):
+        """The run's config.yaml as a mapping (None if there is none), read as a config file is
+        (``common.read_yaml``); damaged, it is one line naming the fix."""
+        from common import UserError, read_yaml
+        if not os.path.isfile(self.file("config.yaml")):
+            return None
+        try:
+            return read_yaml(self.file("config.yaml"), "the run's config")
+        except UserError as e:
+            raise UserError(f"{e}; remove it to resume without comparing the configs (it is written again)") from None
+
+    def read_checkpoint(self, path, device="cpu"):
+        """This run's checkpoint at ``path`` (``common.load_checkpoint``); damaged, the one line
+        also says how to go on without it."""
+        from common import UserError, load_checkpoint
+        try:
+            return load_checkpoint(path, device)
+        except UserError as e:
+            stage = os.path.basename(path).split(".last.pt")[0].removesuffix(".pt")
+            fix = (f"delete it to run stage {stage} again from its start" if path.endswith(".last.pt")
+                   else f"delete it to run stage {stage} again")
+            raise UserError(f"{e}; it is this run's own checkpoint: {fix} (with --resume), or start the run "
+                            f"afresh with --overwrite") from None
 
 
 def _owner_line(path):
@@ -213,6 +267,15 @@ def _owner_line(path):
             return f.read(512).strip() or "owner unknown"
     except OSError:  # Windows: the owner's byte-range lock keeps others from reading it
         return "owner unknown"
+
+
+def _row(line):
+    """One metrics.jsonl line as a dict, or None if it is not one."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _no_nan(v):

@@ -19,11 +19,11 @@ integers, so the free method's partial passes, or updates more often than once a
 
 A figure that is null in the row (NaN: no test this epoch, no residual before an update) is left out.
 """
-import json
 import math
 import os
 
 from common import UserError, require
+from training.rundir import RunFolder
 
 EPOCH_SKIP = ("kind", "stage", "epoch", "passes", "convergence", "loss_fn", "beta")
 UPDATE_SKIP = ("kind", "stage", "passes", "lr")  # the lr is the epoch row's
@@ -74,12 +74,11 @@ def convert(run_folder, logdir):
     path = os.path.join(run_folder, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist: give a run folder written by main.py / adv_main.py")
+    rows = RunFolder(run_folder).read_metrics(repair=False)  # a live run may be writing its last line
     log = TensorBoardLog(logdir)
-    n = 0
     try:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                log.add(json.loads(line))
+        for row in rows:
+            log.add(row)
     finally:
         log.close()
-    return n
+    return len(rows)
