@@ -201,8 +201,8 @@ def atomic_write(path, write, binary=True):
 
 @functools.lru_cache(maxsize=None)
 def strict_yaml_loader():
-    """PyYAML's safe loader, except that a key given twice in one mapping, at any depth, is an
-    error naming the key and both lines (``safe_load`` keeps the last one silently, so two
+    """PyYAML's safe loader, except that a key written twice in one mapping, at any depth, is an
+    error naming the key and both lines (a key a merge ``<<: *anchor`` brings in may be written again) (``safe_load`` keeps the last one silently, so two
     ``adv:`` sections would drop the first whole). Built on first use: ``yaml`` is imported only
     where YAML is read."""
     import yaml
@@ -211,6 +211,8 @@ def strict_yaml_loader():
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys give way to the ones here
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
@@ -220,6 +222,7 @@ def strict_yaml_loader():
                     seen[key] = line
                 except TypeError:  # an unhashable key: PyYAML's own error names it below
                     break
+            self.flatten_mapping(node)  # merged keys first, the mapping's own after them (they win)
             return super().construct_mapping(node, deep)
     return Loader
 

@@ -6,8 +6,8 @@ A bad spec is a ``UserError``: one line naming the file and the key.
 import difflib
 import os
 
-import yaml
 
+from common import read_yaml
 from frame import ROOT, UserError
 
 # {key: (types, required)}; a dict value is a section checked the same way.
@@ -35,47 +35,10 @@ SPEC = {
 TOGETHER = {"widths": ("large_width", "small_width", "prune_to_widths", "schemes", "admm_epochs", "retrain_epochs")}
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key written twice in one mapping is an error (a key
-    that a merge ``<<: *anchor`` brings in may be written again: that is what merging is for)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys give way to the ones written here
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise UserError(f"{self.name}: duplicate key {key!r} on lines {seen[key]} and {line}; keep one")
-            seen[key] = line
-        self.flatten_mapping(node)  # merge keys first, the mapping's own after them (they win)
-        return super().construct_mapping(node, deep)
-
-
 def load_yaml_strict(path):
-    """The YAML document in ``path``, read as UTF-8 text; a duplicate key (at any depth), a file
-    that is not text or not YAML is a ``UserError`` of one line."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror}")
-    if b"\0" in raw:
-        raise UserError(f"{path}: a binary file, not YAML text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
-    loader = _StrictLoader(text)
-    loader.name = path
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as e:
-        where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}".replace("\n", " "))
-    finally:
-        loader.dispose()
+    """The spec in ``path``, read as every YAML file here is (``common.read_yaml``): a key written
+    twice, a file that is not UTF-8 text, not YAML or not a mapping is a one-line ``UserError``."""
+    return read_yaml(path, "spec")
 
 
 def _check(section, schema, where, path):
@@ -100,11 +63,7 @@ def _check(section, schema, where, path):
 
 def load_spec(path):
     """The sweep spec in ``path``, checked (see the module's docstring)."""
-    spec = load_yaml_strict(path)
-    if not isinstance(spec, dict):
-        what = "empty" if spec is None else f"a {type(spec).__name__}"
-        raise UserError(f"{path}: a sweep spec is a mapping of keys (name, config, seeds, set, eval, ...), "
-                        f"but this file is {what}")
+    spec = load_yaml_strict(path)  # a mapping, or a UserError
     _check(spec, SPEC, "", path)
     for key, others in TOGETHER.items():
         missing = [k for k in others if key in spec and k not in spec]

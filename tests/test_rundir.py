@@ -1,7 +1,6 @@
 """The run folder's files read back through one checked reader each (training/rundir.py):
 metrics.jsonl (a torn last line dropped and said, any other damage one line), config.yaml, and
 the run's own checkpoints; and what the training command says when it stops."""
-import json
 import logging
 import os
 
