@@ -204,7 +204,8 @@ def cost_section(summary, spec_path):
         lines.append(f"| {kind} | {w} | {tr} | {len(cs)} | {statistics.fmean(c['wall_s'] for c in cs):.0f} | "
                      f"{statistics.fmean(c.get('train_wall_s', 0) for c in cs):.0f} |")
     s = summary
-    today = [c["id"] for c in plan(today_spec(summary, spec_path))]
+    spec_now = today_spec(summary, spec_path)
+    today = [c["id"] for c in plan(spec_now)] if spec_now is not summary["spec"] else s["planned"]
     changed = "" if sorted(today) == sorted(s["planned"]) else (
         f" (the spec then planned {len(s['planned'])} cells; today it plans {len(today)}"
         + (f", no longer {', '.join(sorted(set(s['planned']) - set(today)))}" if set(s["planned"]) - set(today) else "")
@@ -224,7 +225,8 @@ def cost_section(summary, spec_path):
 
 
 def today_spec(summary, spec_path):
-    """The spec at ``spec_path`` as it is now, if it is the summary's sweep; else the summary's own."""
+    """The spec at ``spec_path`` as it is now, if it is the summary's sweep; else the summary's own
+    (as recorded: JSON, so not to be planned again)."""
     path = os.path.join(ROOT, spec_path)
     if os.path.isfile(path):
         with open(path) as f:

@@ -207,7 +207,7 @@ def _pretrain(tmp_path, test_split=None, extra=(), stop=None, resume=None):
             return False
 
     ctx = RunContext(cfg, train, test_split or test, info, make_method(cfg, True, info, CPU), CPU,
-                     RunFolder(str(tmp_path)), stop or Never(), "resume", val)
+                     RunFolder(str(tmp_path)), stop or Never(), "resume", val=val)
     os.makedirs(tmp_path, exist_ok=True)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -295,7 +295,7 @@ def test_fair_arena_plan_budgets_starts_and_per_target_sets():
 def test_early_stopping_resumes_to_the_same_decision_and_weights(tmp_path):
     # 16 steps per epoch: stopped at step 4 of epoch 9, after the best (8) was seen and kept
     from common import load_checkpoint
-    from training.state import Interrupted
+    from training.stops import Interrupted
 
     class StopAt:
         signum = 15

@@ -15,7 +15,7 @@ LAYERS = [
     ["pruning"],
     ["evaluation"],
     ["deploy"],
-    ["training.loop", "training.command", "config"],
+    ["training.loop", "training.command", "config", "configs"],  # configs/schema.py: the keys
     ["main", "adv_main", "eval", "export", "tblog"],
 ]
 COMMANDS = LAYERS[-1]

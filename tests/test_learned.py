@@ -22,7 +22,8 @@ from training.methods import make_method
 from models import build_model
 from training.rundir import RunFolder
 from pruning.plan import make_stage
-from training.state import Interrupted, TrainState
+from training.stops import Interrupted
+from training.state import TrainState
 from helpers import ROOT, script_env
 
 CPU = torch.device("cpu")

@@ -15,6 +15,7 @@ import config
 from common import UserError
 from deploy import formats
 from models import build_model
+from helpers import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -171,7 +172,7 @@ def test_hydra_checkpoint_without_k_is_one_line_exit_2(tmp_path, lenet):
     path = saved(tmp_path, "hydra.pt", {"state_dict": subnet_state(lenet)})
     proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(path), "--config", "configs/demo.yaml",
                            "--set", "model.width=1", "--attacks", "natural", "--limit", "10"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
     assert proc.returncode == 2, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "HYDRA" in line and "--set subnet.k=K" in line
@@ -184,7 +185,7 @@ def test_hydra_checkpoint_exports_and_fine_tunes(tmp_path, lenet):
     common = ["--config", "configs/demo.yaml", "--set", "model.width=1", "--set", "subnet.k=0.3"]
     out = tmp_path / "h.export.pt"
     proc = subprocess.run([sys.executable, "export.py", "--ckpt", str(path), "--out", str(out), "--no-latency", *common],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     model, _, _ = formats.load_exported(str(out))
     masks = {w: kept_by_hand(sd[w.replace("weight", "popup_scores")], 0.3) for w in WEIGHTS}
@@ -194,7 +195,7 @@ def test_hydra_checkpoint_exports_and_fine_tunes(tmp_path, lenet):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "main.py", *common, "--out", str(run), "--stage", "retrain", "--init", str(path),
                            "--set", "retrain.epochs=1", "--set", "data.train_limit=128", "--set", "eval.limit=50"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     ckpt = torch.load(run / "retrain.pt", weights_only=True)
     for w, m in masks.items():  # pruned weights stayed pruned through fine-tuning
@@ -215,7 +216,7 @@ def test_non_finite_weights_are_refused_everywhere(tmp_path):
                 ["export.py", "--ckpt", str(path), "--out", str(tmp_path / "e.pt")],
                 ["main.py", "--config", "configs/demo.yaml", "--set", "model.width=1", "--stage", "retrain",
                  "--init", str(path), "--out", str(tmp_path / "run")]):
-        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
         assert proc.returncode == 2, (cmd, proc.stderr)
         line, = proc.stderr.strip().splitlines()
         assert "fc1.weight holds 3 NaN or inf values" in line, line
@@ -233,7 +234,7 @@ def test_a_folder_or_an_export_given_as_a_checkpoint_is_called_so(tmp_path):
     with pytest.raises(UserError, match=r"is an export \(torch, written by export.py\).*eval.py --ckpt"):
         formats.read_checkpoint(os.path.join(golden, "retrain.export.pt"), None, "--init")
     proc = subprocess.run([sys.executable, "export.py", "--ckpt", os.path.join(golden, "retrain.pt"), "--out",
-                           str(tmp_path / "g.export.safetensors"), "--no-latency"], cwd=ROOT, capture_output=True, timeout=300)
+                           str(tmp_path / "g.export.safetensors"), "--no-latency"], cwd=ROOT, capture_output=True, timeout=300, env=script_env())
     assert proc.returncode == 0
     with pytest.raises(UserError, match=r"is an export \(safetensors, written by export.py\).*--init needs"):
         formats.read_checkpoint(str(tmp_path / "g.export.safetensors"), None, "--init")
@@ -255,7 +256,7 @@ def test_a_folder_as_rates_from_or_init_is_called_a_folder(tmp_path):
                    "--set", f"prune.rates_from={tmp_path}"], ["--init", str(tmp_path)]):
         proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--set", "model.width=1",
                                "--stage", "admm", "--out", str(tmp_path / "run"), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
         assert proc.returncode == 2, proc.stderr
         line, = proc.stderr.strip().splitlines()
         assert "is a folder" in line and "does not exist" not in line, line

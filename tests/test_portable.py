@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deploy import formats
 from deploy import measure
 from models import build_model
+from helpers import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "retrain.pt")
@@ -61,7 +62,7 @@ print(json.dumps({"pt2": (a.argmax(1) == y).float().mean().item(), "safetensors"
 
 def export(ckpt, out, fmt, *extra):
     proc = subprocess.run([sys.executable, "export.py", "--ckpt", ckpt, "--out", str(out), "--format", fmt,
-                           "--no-latency", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--no-latency", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -74,7 +75,7 @@ def fresh_process_check(ckpt, tmp_path):
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
     proc = subprocess.run([sys.executable, "-I", str(script), str(pt2), str(st), os.path.join(ROOT, "data", "mnist_5k.npz")],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     import config
@@ -103,7 +104,7 @@ def test_eval_attacks_the_pt2_program_to_the_sources_accuracies(tmp_path):
     for name, path in (("source", GOLDEN), ("pt2", str(pt2))):
         proc = subprocess.run([sys.executable, "eval.py", "--ckpt", path, "--attacks", "natural,fgsm,pgd", "--steps", "5",
                                "--no-checks", "--limit", "200", "--json", str(tmp_path / f"{name}.json")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
         assert proc.returncode == 0, proc.stderr
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert reports["pt2"]["checkpoint"]["format"] == "export"
@@ -145,7 +146,7 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path):
                                "--stage", "pretrain", "--set", "deterministic=true", "--set", "model.width=1",
                                "--set", "pretrain.epochs=1", "--set", "data.train_limit=256", "--set", "eval.limit=50",
                                "--set", "eval.steps=2", "--set", "adv.steps=2"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
         assert proc.returncode == 0, proc.stderr
         ckpts.append(torch.load(tmp_path / run / "pretrain.pt", weights_only=True))
     a, b = ckpts

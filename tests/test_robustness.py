@@ -294,7 +294,7 @@ def test_a_stop_request_is_honoured_within_one_attack_iteration(tmp_path):
     """adv.steps=10^12: the first step's attack would never end; SIGTERM ends it at once, and the
     state from before that step is saved for --resume."""
     proc = subprocess.Popen(cmd("adv_main.py", tmp_path, "adv.steps=1000000000000", "checkpoint.every_steps=0"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
     try:
         for line in proc.stdout:  # the log's header row comes just before the first step
             if line.startswith("stage "):

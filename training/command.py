@@ -36,7 +36,7 @@ from training.rundir import RunFolder, default_out
 from deploy import formats
 from models import outside
 from pruning.plan import stage_names
-from training.state import GracefulStop, Interrupted
+from training.stops import GracefulStop, Interrupted
 from training.loop import RunContext, train_stage
 
 

@@ -22,8 +22,8 @@ from evaluation.accuracy import count_correct, evaluate, standard_attacks
 from training.methods import Method
 from training.rundir import RunFolder
 from pruning.plan import make_stage, stage_names
-from training.state import (SELF_SIGNAL, AttackStopped, GracefulStop, Interrupted, Schedule, TrainState, lr_at,
-                            set_torch_rng, torch_rng, wrap_for_training)
+from training.stops import SELF_SIGNAL, AttackStopped, GracefulStop, Interrupted, set_torch_rng, torch_rng
+from training.state import Schedule, TrainState, lr_at, wrap_for_training
 
 
 # Natural training accuracy of adversarial training needs an extra clean forward, a few percent of
@@ -65,19 +65,8 @@ def train_stage(name, model, run, init=None, resume=None):
     Under torchrun every rank runs this; only rank 0 logs and saves.
     """
     cfg = run.cfg
-    source = run.folder.last(name) if resume else f"the {init.get('stage')} checkpoint" if init else None
-    index, stage = make_stage(name, model, cfg, resume or init, source, lambda path: load_checkpoint(path, run.device))
-    state, scfg = TrainState(stage, model, run.method, cfg, run.device), cfg[stage.section]
-    if resume:
-        state.load_state_dict(resume)
-        if dist.is_main():  # the rows written after that checkpoint are written again
-            run.folder.truncate_metrics(state.log_bytes)
-        LOG.info(f"== resuming {name} at epoch {state.epoch + 1}, step {state.step}")
-    else:
-        seed_everything(cfg["seed"] + index + 1000 * dist.rank())  # ranks: their own attack starts
-        state.begin(init)
-        if dist.is_main():  # rows of an earlier attempt at this stage and the ones after it
-            run.folder.drop_metrics(stage_names(cfg)[index:])
+    state = start_state(name, model, run, init, resume)
+    stage, scfg = state.stage, cfg[state.stage.section]
     hook = admm_lib.attach_masks(state.optimizer, stage.weights, state.masks) if state.masks else None
     view = stage.network(model)  # what trains, is attacked and evaluated: the model, or a masked view of it
     nets = wrap_for_training(view, cfg, run.device)
@@ -113,11 +102,7 @@ def train_stage(name, model, run, init=None, resume=None):
     if hook:
         hook.remove()
     if state.early:  # the best epoch's weights are the stage's model
-        state.early.restore(model)
-        state.early.weights = None  # the final checkpoint's model holds them
-        state.metrics["early_stop"] = state.early.summary()
-        LOG.info(f"   {name}: best validation PGD accuracy {state.early.best:.4f} at epoch {state.early.best_epoch} "
-                 f"of {state.epoch} ({'stopped early' if state.early.stopped else 'max epochs'}); its weights kept")
+        keep_best(state, name, model)
     stage.finish(state.masks)  # quantize: hard quantization; hydra, harp: the learned masks applied
     state.metrics["convergence"] = state.convergence()  # with the figures of finish
     ckpt = save(state, run.folder, run.folder.final(name))
@@ -125,6 +110,38 @@ def train_stage(name, model, run, init=None, resume=None):
         os.remove(run.folder.last(name))
     LOG.info(f"saved {run.folder.final(name)}")
     return ckpt
+
+
+def start_state(name, model, run, init, resume):
+    """The ``TrainState`` of stage ``name``: its stage object built for ``model`` (with the run's
+    allocation), continued from ``resume`` (its rows after that checkpoint dropped from
+    metrics.jsonl), or started from ``init`` (seeded per stage and rank; the rows of an earlier
+    attempt at this stage and the ones after it dropped)."""
+    cfg = run.cfg
+    source = run.folder.last(name) if resume else f"the {init.get('stage')} checkpoint" if init else None
+    index, stage = make_stage(name, model, cfg, resume or init, source, lambda path: load_checkpoint(path, run.device))
+    state = TrainState(stage, model, run.method, cfg, run.device)
+    if resume:
+        state.load_state_dict(resume)
+        if dist.is_main():
+            run.folder.truncate_metrics(state.log_bytes)
+        LOG.info(f"== resuming {name} at epoch {state.epoch + 1}, step {state.step}")
+    else:
+        seed_everything(cfg["seed"] + index + 1000 * dist.rank())  # ranks: their own attack starts
+        state.begin(init)
+        if dist.is_main():
+            run.folder.drop_metrics(stage_names(cfg)[index:])
+    return state
+
+
+def keep_best(state, name, model):
+    """Early stopping's end: the best epoch's weights become the stage's model, and its summary
+    goes into the metrics."""
+    state.early.restore(model)
+    state.early.weights = None  # the final checkpoint's model holds them
+    state.metrics["early_stop"] = state.early.summary()
+    LOG.info(f"   {name}: best validation PGD accuracy {state.early.best:.4f} at epoch {state.early.best_epoch} "
+             f"of {state.epoch} ({'stopped early' if state.early.stopped else 'max epochs'}); its weights kept")
 
 
 def run_epoch(state, nets, sched, run):
