@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import config
-from common import UserError
+from common import LOG, UserError
 from deploy import formats
 from models import build_model
 from helpers import script_env
@@ -94,7 +94,8 @@ def test_a_checkpoint_of_this_project_refuses_a_second_config():
         formats.load_model(os.path.join(ROOT, "tests/golden/retrain.pt"), cfg=demo_cfg())
 
 
-def test_the_files_normalization_wins_with_a_warning(tmp_path, lenet, caplog):
+def test_the_files_normalization_wins_with_a_warning(tmp_path, lenet, caplog, monkeypatch):
+    monkeypatch.setattr(LOG, "propagate", True)  # an earlier test in this process may have set up logging
     sd = dict(lenet.state_dict())
     sd["normalize.mean"], sd["normalize.std"] = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
     got, _ = logits(saved(tmp_path, "n.pt", sd))
