@@ -241,6 +241,11 @@ def example_commands(summary, spec_path):
     them for the spec today: with its config defaults as they are now, which the recorded commands
     of an older sweep do not pin (a default that changed since would run another experiment)."""
     spec = today_spec(summary, spec_path)
+    if spec is summary["spec"]:  # no spec file of this sweep: the commands the cell recorded
+        S, m = spec["small_width"], lambda c: c["meta"]  # noqa: E731
+        ex = next((c for c in summary["cells"] if c["kind"] == "admm" and m(c).get("scheme") == "irregular"
+                   and m(c).get("matched_width") == S and m(c).get("training") == "adversarial"), None)
+        return [readable(c) for c in ex["commands"]] if ex else ["(cell not finished)"]
     cell = next((c for c in plan(spec) if c["id"].startswith(f"admm-irregular-w{spec['small_width']}count")
                  and c["seed"] == 0), None)
     if cell is None:
