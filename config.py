@@ -298,6 +298,20 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
+def add_model_flags(p, ckpt_help):
+    """The flags of a command that reads a model file (``eval.py``, ``export.py``): ``--ckpt``, and
+    ``--config`` / ``--set`` for a file that carries no config of its own (``user_config``)."""
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
+    p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of --config; repeatable (e.g. --set model.arch=wrn --set model.width=10)")
+
+
+def user_config(args):
+    """The config of ``--config`` and ``--set`` (None when neither is given)."""
+    return load_config(args.config, args.overrides) if args.config or args.overrides else None
+
+
 def check_stored(cfg, path):
     """The config stored in a checkpoint or export at ``path`` (a resolved config), its types,
     choices and ranges checked as a config file's are: a value out of its range (``adv.eps:

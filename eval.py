@@ -16,7 +16,7 @@ from deploy import formats
 from deploy import measure
 from models import outside
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
-from config import check_stored, check_value, load_config, parse_float
+from config import add_model_flags, check_stored, check_value, parse_float, user_config
 from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
 from evaluation.report import final_report, format_report
 
@@ -45,11 +45,8 @@ def parse(argv=None):
     sorted radii of ``--eps-sweep`` and ``names`` the attacks. A bad flag is a one-line
     ``UserError`` naming it."""
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py, an export, or outside "
-                                                 "weights (a state dict in .pt or .safetensors; HYDRA, HARP, RobustBench)")
-    p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a value of --config; repeatable (e.g. --set model.arch=wrn --set model.width=10)")
+    add_model_flags(p, "checkpoint written by main.py / adv_main.py, an export, or outside weights (a state dict "
+                       "in .pt or .safetensors; HYDRA, HARP, RobustBench)")
     p.add_argument("--attacks", default="natural,fgsm,pgd", help=f"comma-separated, any of: {', '.join(ATTACKS)}")
     p.add_argument("--eps", help="L-inf radius in [0,1] pixel units, e.g. 0.3 or 8/255 (default: config adv.eps)")
     p.add_argument("--steps", type=int, help="PGD steps (default: config eval.steps)")
@@ -90,11 +87,6 @@ def parse(argv=None):
     if not args.names:
         raise UserError(f"--attacks: give at least one of {', '.join(ATTACKS)}")
     return args
-
-
-def user_config(args):
-    """The config of ``--config`` and ``--set`` (None when neither is given)."""
-    return load_config(args.config, args.overrides) if args.config or args.overrides else None
 
 
 def attacks_of(args, cfg):

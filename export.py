@@ -24,7 +24,7 @@ from deploy import exportfile
 from deploy import formats
 from deploy import measure
 from common import ArgumentParser, UserError, reading, run_cli, write_json
-from config import check_stored, load_config
+from config import add_model_flags, check_stored, user_config
 from evaluation.report import format_storage
 
 
@@ -61,11 +61,8 @@ def parse(argv=None):
     """The command line, checked before any work; adds ``fmt`` (a ``formats.FORMATS`` entry) and
     ``out`` (the file to write). A bad flag is a one-line ``UserError`` naming it."""
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by main.py / adv_main.py, or outside weights "
-                                                 "(a state dict in .pt or .safetensors; HYDRA, HARP, RobustBench)")
-    p.add_argument("--config", help="YAML config naming the model of a file that carries no config of its own")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a value of --config; repeatable (e.g. --set model.arch=wrn --set model.width=10)")
+    add_model_flags(p, "checkpoint written by main.py / adv_main.py, or outside weights (a state dict in .pt or "
+                       ".safetensors; HYDRA, HARP, RobustBench)")
     p.add_argument("--out", help="file to write (default: the checkpoint's path with .export.pt, "
                                  ".export.safetensors, .export.pt2 or .export.onnx)")
     p.add_argument("--format", type=file_format, metavar="|".join(formats.FORMATS),
@@ -104,8 +101,7 @@ def main(argv=None):
     ``--overwrite``."""
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    user_cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
-    ckpt = formats.read_checkpoint(args.ckpt, user_cfg, "export.py --ckpt")
+    ckpt = formats.read_checkpoint(args.ckpt, user_config(args), "export.py --ckpt")
     check_stored(ckpt["config"], args.ckpt)
     with reading(args.ckpt):
         exp, masked = exportfile.export_checkpoint(ckpt, args.ckpt, args.storage or args.fmt.storage,
