@@ -174,3 +174,19 @@ def full_disk(monkeypatch, name, skip=0, after=0, calls=1):
 
     monkeypatch.setattr(builtins, "open", fake_open)
     return state
+
+
+# --------------------------------------------------------------------------- a stop at a known step
+
+class StopAt:
+    """A stop request at the ``n``-th step check (deterministic, no signal race)."""
+    signum = 15  # SIGTERM
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def requested(self, step=None):
+        if step is None:
+            return False
+        self.calls += 1
+        return self.calls == self.n

@@ -297,17 +297,7 @@ def test_early_stopping_resumes_to_the_same_decision_and_weights(tmp_path):
     from common import load_checkpoint
     from training.stops import Interrupted
 
-    class StopAt:
-        signum = 15
-
-        def __init__(self, n):
-            self.n, self.calls = n, 0
-
-        def requested(self, step=None):
-            if step is None:
-                return False
-            self.calls += 1
-            return self.calls == self.n
+    from helpers import StopAt
 
     whole, _ = _pretrain(tmp_path / "a")
     with pytest.raises(Interrupted):

@@ -3,7 +3,6 @@ gamma, resume mid-stage, and a score stage's checkpoint read by eval.py and expo
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.stops import Interrupted
 from training.state import TrainState
-from helpers import ROOT, script_env
+from helpers import ROOT, StopAt, script_env
 
 CPU = torch.device("cpu")
 
@@ -140,20 +139,6 @@ def test_harp_final_counts_follow_the_learned_rates():
 
 
 # --------------------------------------------------------------------------- resume mid-stage
-
-class StopAt:
-    """A stop request at the ``n``-th step check (deterministic, no signal race)."""
-    signum = signal.SIGTERM
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def requested(self, step=None):
-        if step is None:
-            return False
-        self.calls += 1
-        return self.calls == self.n
-
 
 RESUME = ["data.train_limit=256", "pretrain.epochs=1", "admm.epochs=2", "adv.steps=1", "eval.steps=1",
           "eval.limit=50", "prune.target=0.9", "prune.rate_start=2", "prune.score_lr=0.01", "prune.rate_lr=0.05"]
