@@ -15,7 +15,7 @@ EVAL = {"attacks": (str, True), "steps": (int, True), "restarts": (int, True), "
         "seed": (int, False)}
 SPEC = {
     "name": (str, True), "config": (str, True), "dataset": (str, False), "seeds": (list, True),
-    "parallel": (int, False), "set": (dict, True), "eval": (EVAL, True), "priority": (list, False),
+    "parallel": (int, False), "set": (dict, True), "record": (str, False), "eval": (EVAL, True), "priority": (list, False),
     "autoattack": ({"attacks": (str, False), "limit": (int, False), "seeds": (list, False),
                     "cells": (list, False)}, False),
     # findings 1-4 (paper.KEY "widths" asks for them)

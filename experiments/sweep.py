@@ -13,9 +13,13 @@ cells run at once.
 
 Resumable: a cell whose ``cells/<id>.json`` holds its record is skipped (an empty or damaged one
 runs again); inside a cell a stage whose checkpoint exists is skipped and a stage that was cut
-off continues with ``--resume``. After
-every cell ``summary.json`` is rewritten (all finished cells, the plan, what failed), so the
-report can be made from a sweep that is still running.
+off continues with ``--resume``. After every cell ``summary.json`` is rewritten (all finished
+cells, the plan, what failed), so the report can be made from a sweep that is still running.
+
+Across sessions, where the run folders do not last: a spec's ``record`` names a file in the
+repository that keeps every finished cell's record (commit it). A sweep restores the cells it
+holds as done; a done cell whose checkpoint a cell still to run needs runs again first, and must
+give the figures of its record (the scripts are deterministic on one machine at one thread).
 
 Output folder (default ``runs/experiments/<spec name>``): ``cells/<id>.json``, ``summary.json``,
 ``sweep.log``, and one run folder per cell under ``runs/<id>/`` (checkpoints, logs).
@@ -111,6 +115,7 @@ class Sweep:
         self.spec, self.out = spec, os.path.abspath(out)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.config = os.path.join(ROOT, spec["config"])
+        self.record = os.path.join(ROOT, spec["record"]) if spec.get("record") else None
 
     def run_dir(self, cid):
         return os.path.join(self.out, "runs", cid)
@@ -139,10 +144,14 @@ class Sweep:
         cmds.append(self.eval_command(cell))
         return cmds
 
-    def eval_command(self, cell):
-        e = self.spec["eval"]
-        ckpt = self.resolve(cell, cell["ckpt"]) if isinstance(cell["ckpt"], tuple) else \
+    def output(self, cell):
+        """The checkpoint ``cell`` evaluates: its own run's final one (or, for an AutoAttack cell,
+        the cell's it attacks). The cells that depend on ``cell`` start from it."""
+        return self.resolve(cell, cell["ckpt"]) if isinstance(cell["ckpt"], tuple) else \
             os.path.join(self.run_dir(cell["id"]), cell["ckpt"])
+
+    def eval_command(self, cell):
+        e, ckpt = self.spec["eval"], self.output(cell)
         if cell.get("eval") == "autoattack":
             a = self.spec["autoattack"]
             return [PYTHON, "eval.py", "--ckpt", ckpt, "--attacks", a["attacks"], "--steps", str(e["steps"]),
@@ -188,31 +197,42 @@ class Sweep:
         res = {k: cell[k] for k in ("id", "finding", "kind", "seed", "meta", "deps")}
         res.update({"commands": [shlex.join(c) for c in ran + [ev]], "wall_s": round(time.time() - t0, 1),
                     "train_wall_s": _train_time(rd), "eval": rep})
-        val = _validation(rd)
-        if val:  # runs with a validation split (data.val_size): what choices between cells read
-            res["val"] = val
-        os.makedirs(os.path.dirname(self.result(cell["id"])), exist_ok=True)
-        tmp = self.result(cell["id"]) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, self.result(cell["id"]))
+        res.update(_from_metrics(rd))
+        write_json(self.result(cell["id"]), res)
         return res
 
 
-def _validation(rd):
-    """The run folder's validation figures (data.val_size): {natural, pgd, stage, epoch} of the last
-    epoch row that has them (the final model's, measured at the last stage's end), and the
-    pretraining curve [[epoch, val_pgd], ...] when it stopped on them; {} without a split."""
+def write_json(path, obj):
+    """Write ``obj`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _from_metrics(rd):
+    """What a cell's record keeps of its run's ``metrics.jsonl``: "val", the validation figures
+    (data.val_size) {natural, pgd, stage, epoch} of the last epoch row that has them (the final
+    model's, measured at the last stage's end) and the pretraining curve [[epoch, val_pgd], ...]
+    when it stopped on them, which choices between cells read; "lrs", the lr of every epoch after
+    pretraining, the proof that schedules are equal. A key is left out when the run has none."""
     path, rows = os.path.join(rd, "metrics.jsonl"), []
     if os.path.isfile(path):
         with open(path) as f:
-            rows = [r for r in map(json.loads, f) if r.get("kind") == "epoch" and "val_pgd" in r]
-    if not rows:
-        return {}
-    last = rows[-1]
-    out = {"natural": last["val_natural"], "pgd": last["val_pgd"], "stage": last["stage"], "epoch": last["epoch"]}
-    curve = [[r["epoch"], r["val_pgd"]] for r in rows if r["stage"] == "pretrain"]
-    return {**out, "pretrain_curve": curve} if len(curve) > 1 else out
+            rows = [r for r in map(json.loads, f) if r.get("kind") == "epoch"]
+    out = {}
+    lrs = [r["lr"] for r in rows if not r["stage"].startswith("pretrain")]
+    val = [r for r in rows if "val_pgd" in r]
+    if val:
+        last = val[-1]
+        out["val"] = {"natural": last["val_natural"], "pgd": last["val_pgd"], "stage": last["stage"],
+                      "epoch": last["epoch"]}
+        curve = [[r["epoch"], r["val_pgd"]] for r in val if r["stage"] == "pretrain"]
+        if len(curve) > 1:
+            out["val"]["pretrain_curve"] = curve
+    if lrs:
+        out["lrs"] = lrs
+    return out
 
 
 def _train_time(rd):
@@ -286,10 +306,39 @@ def write_summary(sweep, cells, failed, t_start, done_now):
                "missing": [c["id"] for c in cells if c["id"] not in done and c["id"] not in failed],
                "wall_s_this_invocation": round(time.time() - t_start, 1), "finished": done_now,
                "cells": results}
-    tmp = os.path.join(sweep.out, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(sweep.out, "summary.json"))
+    write_json(os.path.join(sweep.out, "summary.json"), summary)
+    if sweep.record:
+        write_record(sweep, results)
+
+
+# --------------------------------------------------------------------------- the record
+
+def stored(sweep):
+    """{id: record} of the spec's ``record`` file (none yet: {})."""
+    if not sweep.record or not os.path.isfile(sweep.record):
+        return {}
+    with open(sweep.record, encoding="utf-8") as f:
+        return {c["id"]: c for c in json.load(f)["cells"]}
+
+
+def write_record(sweep, results):
+    """The spec's ``record``: a file in the repository that keeps every finished cell's record
+    (the ones stored before, updated by ``results``), sorted by id, with the spec: the summary the
+    report reads, and what a later session starts from where the run folders are gone."""
+    cells = {**stored(sweep), **{r["id"]: r for r in results}}
+    write_json(sweep.record, {"spec": sweep.spec, "cells": [cells[k] for k in sorted(cells)]})
+
+
+def restore(sweep, cells, log):
+    """Put the records of ``cells`` that the spec's ``record`` holds and ``cells/`` does not back
+    into ``cells/``: those cells are done. Their checkpoints are rebuilt only where a cell still
+    to run needs one (``run_cells``)."""
+    kept = stored(sweep)
+    back = [c["id"] for c in cells if c["id"] in kept and read_cell(sweep.result(c["id"])) is None]
+    for cid in back:
+        write_json(sweep.result(cid), kept[cid])
+    if back:
+        log(f"{len(back)} finished cells restored from {os.path.relpath(sweep.record, ROOT)}")
 
 
 def select(cells, only):
@@ -315,11 +364,14 @@ def select(cells, only):
 
 def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
-    once its inputs are done; a failed cell fails the cells that need it. Returns (done ids,
+    once its inputs are done; a failed cell fails the cells that need it. A done cell whose
+    checkpoint a cell still to run needs, and which is not here (a record restored from an earlier
+    session), runs again first and must give the figures of its record. Returns (done ids,
     {failed id: reason}, cells not run)."""
+    by_id = {c["id"]: c for c in cells}
     done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
-    failed = {}
+    failed, again = {}, {}  # again: {id: its record} of the done cells that run again for their checkpoint
     for c in pending:
         if os.path.exists(sweep.result(c["id"])):
             log(f"warning: {sweep.result(c['id'])} is empty or damaged: the cell runs again")
@@ -333,11 +385,19 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             log(f"wait  {c['id']} (job {job.job_id}, submitted before)")
             running[job] = c
     while pending or running:
-        for c in list(pending):  # cells whose inputs failed cannot run
+        for c in list(pending):  # cells whose inputs failed cannot run; lost inputs run again
             bad = [d for d in c["deps"] if d in failed]
             if bad:
                 failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
                 pending.remove(c)
+                continue
+            for d in c["deps"]:
+                if d in done and not os.path.isfile(sweep.output(by_id[d])):
+                    done.discard(d)
+                    again[d] = read_cell(sweep.result(d))
+                    pending.insert(0, by_id[d])
+                    log(f"again {d}: {c['id']} needs its checkpoint, which is not here; it runs again "
+                        "and must give its recorded figures")
         for c in list(pending):
             if len(running) >= launcher.parallel:
                 break
@@ -351,6 +411,8 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             c = running.pop(fut)
             try:
                 res = fut.result()
+                if c["id"] in again:
+                    check_again(sweep, again.pop(c["id"]), res)
                 done.add(c["id"])
                 acc = res["eval"]["accuracy"]
                 log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
@@ -361,6 +423,16 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
         write_summary(sweep, cells, failed, t_start, False)
     launcher.close()
     return done, failed, pending
+
+
+def check_again(sweep, record, res):
+    """A cell that ran again to rebuild its checkpoint keeps its first record; its new figures must
+    equal it, or the cells that start from it would not start from the recorded model."""
+    write_json(sweep.result(record["id"]), record)
+    if res["eval"]["accuracy"] != record["eval"]["accuracy"]:
+        raise RuntimeError(f"ran again for its checkpoint, it gave {res['eval']['accuracy']} against its record "
+                           f"{record['eval']['accuracy']}: the cells that need it would not start from the "
+                           "recorded model (another machine or thread count?)")
 
 
 def main(argv=None):
@@ -411,6 +483,7 @@ def main(argv=None):
             logf.write(line + "\n")
             logf.flush()
 
+        restore(sweep, cells, log)
         launcher = make_launcher(args.launcher, parallel, out, dict(_param(kv) for kv in args.slurm))
         done, failed, pending = run_cells(sweep, cells, launcher, spec_path, out, t_start, log)
         write_summary(sweep, cells, failed, t_start, not pending and not failed)

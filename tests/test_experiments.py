@@ -295,3 +295,56 @@ def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
     assert "- 95 %, split (seeds [0]): ADMM (lamp) 61.0 > one-shot (lamp) (main) 60.0 > HARP 58.0" in lines
     assert "- 95 %, const (seeds [0]): ADMM (lamp) 50.0" in lines
     assert sum(line.startswith("- 95 %, main") for line in lines) == 1  # once per target and seeds
+
+
+def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_must_match(tmp_path, monkeypatch):
+    """A spec's ``record`` keeps finished cells across sessions. In a fresh folder (the run
+    folders gone) they are done; a done cell whose checkpoint a new cell needs runs again, keeps
+    its first record, and fails, with the cells that need it, when its figures differ."""
+    import sweep
+    from launch import make_launcher
+    spec = sweep.load_spec(os.path.join(ROOT, "experiments", "quick.yaml"))
+    spec["record"] = str(tmp_path / "record.json")  # absolute: os.path.join(ROOT, it) is itself
+    both = sweep.select(sweep.plan(spec), "oneshot-lamp,gradual-lamp")
+    pre, one, grad = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "gradual-lamp-t90-main-s0"
+    assert sorted(c["id"] for c in both) == sorted([pre, one, grad])
+    figures, calls = {pre: 0.5, one: 0.25, grad: 0.125}, []
+
+    def fake_run_cell(self, cell):  # writes what a real cell writes, with the figure the test sets
+        calls.append(cell["id"])
+        os.makedirs(self.run_dir(cell["id"]), exist_ok=True)
+        open(self.output(cell), "w").close()
+        res = {"id": cell["id"], "eval": {"accuracy": {"natural": figures[cell["id"]]}}, "wall_s": len(calls)}
+        sweep.write_json(self.result(cell["id"]), res)
+        return res
+    monkeypatch.setattr(sweep.Sweep, "run_cell", fake_run_cell)
+
+    def session(name, cells):
+        s, log = sweep.Sweep(spec, str(tmp_path / name)), []
+        sweep.restore(s, cells, log.append)
+        done, failed, _ = sweep.run_cells(s, cells, make_launcher("local", 1, s.out, {}), "quick", s.out, 0, log.append)
+        return done, failed, log
+
+    session("first", [c for c in both if c["id"] != grad])
+    assert calls == [pre, one]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert [c["id"] for c in record["cells"]] == sorted([pre, one]) and record["spec"]["name"] == "quick"
+    # A new session: both restored; the new cell needs the pretrained checkpoint, so it runs again first.
+    calls.clear()
+    done, failed, log = session("second", both)
+    assert calls == [pre, grad] and not failed and done == {pre, one, grad}
+    assert "2 finished cells restored from" in log[0]
+    assert any(line.startswith(f"again {pre}: {grad} needs its checkpoint") for line in log)
+    kept = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
+    assert kept[pre]["wall_s"] == 1 and set(kept) == {pre, one, grad}  # the first record, not the rerun's
+    # The rerun gives another figure: it fails, and so does the cell that starts from it.
+    calls.clear()
+    figures[pre] = 0.75
+    record = json.loads((tmp_path / "record.json").read_text())
+    record["cells"] = [c for c in record["cells"] if c["id"] != grad]
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    done, failed, log = session("third", both)
+    assert calls == [pre] and set(failed) == {pre, grad}
+    assert "ran again for its checkpoint, it gave {'natural': 0.75} against its record {'natural': 0.5}" in failed[pre]
+    assert failed[grad] == f"needs {pre}, which failed"
+    assert json.loads((tmp_path / "third" / "cells" / f"{pre}.json").read_text())["wall_s"] == 1
