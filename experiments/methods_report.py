@@ -70,8 +70,10 @@ def arena_sets(method, budget, split, rates=()):
 # The keys a variant may add besides seeds, targets, split, sets, methods and uniform: its own
 # budget, --set overrides per target ({target: [...]}, after all others), the pretrained model it
 # starts from (a name in arena.starts: {name: {sets, arch, width}}; default the spec's pretraining),
-# and the variant whose HARP cells its admm_harp rows read (default its own).
-VARIANT_KEYS = ("budget", "target_sets", "start", "harp_from")
+# the variant whose HARP cells its admm_harp rows read (default its own), and the name of the
+# protocol-(b) setting it runs (one of the candidates a method's setting of record is chosen from
+# on the validation split, ``fair_arena.py``).
+VARIANT_KEYS = ("budget", "target_sets", "start", "harp_from", "setting")
 
 
 def pre_id(w, seed, start=None, st=None):
