@@ -2,11 +2,11 @@
 looping over this list."""
 import adversarial_pruning
 import capacity
-import methods_report
+import fair_arena
 import prune_vs_small
 import quant_report
 import schemes
 
-FINDINGS = tuple(m.FINDING for m in (capacity, prune_vs_small, schemes, adversarial_pruning, methods_report,
+FINDINGS = tuple(m.FINDING for m in (capacity, prune_vs_small, schemes, adversarial_pruning, fair_arena,
                                      quant_report))
 assert [f.number for f in FINDINGS] == list(range(1, len(FINDINGS) + 1)), "findings are numbered 1, 2, ... in order"

@@ -4,10 +4,11 @@
     python experiments/report.py --summary S --out D [--methods M] [--quantization Q]
 
 The findings are those of ``findings.py``, each a module that writes its own section. Findings
-1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared) and 6 (ADMM
-quantization vs round-to-nearest) have their own sweeps (``arena.yaml``, ``quantization.yaml``):
-each comes from its sweep's summary (``--methods``, ``--quantization``, or the same summary when
-its spec has the section), or else from the section that last wrote (``results/<stem>.md``).
+1-4 come from the paper_findings sweep. Findings 5 (the pruning methods compared, fair to each) and
+6 (ADMM quantization vs round-to-nearest) have their own sweeps (``arena_fair.yaml``,
+``quantization.yaml``): each comes from its sweep's summary (``--methods``: by default the fair
+arena's committed record; ``--quantization``; or the same summary when its spec has the section),
+or else from the section that last wrote (``results/<stem>.md``).
 
 Every number comes from the cells' ``eval.py`` reports. Over seeds a cell is shown as
 ``mean ± half-range`` (for two seeds: the distance of each seed from the mean), with the number
@@ -335,8 +336,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder for RESULTS.md and the PNGs")
     p.add_argument("--spec-path", default="experiments/paper_findings.yaml",
                    help="the spec path to print in the regeneration commands")
-    p.add_argument("--methods", default=os.path.join(ROOT, "runs", "experiments", "arena", "summary.json"),
-                   help="summary.json of the arena sweep (Finding 5), if it exists")
+    p.add_argument("--methods", default=os.path.join(ROOT, "docs", "results", "arena_fair_cells.json"),
+                   help="the fair arena's summary.json or its committed record (Finding 5), if it exists")
     p.add_argument("--quantization", default=os.path.join(ROOT, "runs", "experiments", "quantization", "summary.json"),
                    help="summary.json of the quantization sweep (Finding 6), if it exists")
     a = p.parse_args(argv)
@@ -352,7 +353,7 @@ def write(a):
     plot_compression(summary, os.path.join(a.out, "accuracy_vs_compression.png"))
     with open(os.path.join(a.out, "results", f"{spec['name']}.json"), "w") as f:
         json.dump(compact(summary), f, indent=1)
-    sweeps = {"arena": a.methods, "quantization": a.quantization}
+    sweeps = {"arena_fair": a.methods, "quantization": a.quantization}
     sections = [(f, finding_section(f, summary, sweeps, a.out)) for f in FINDINGS]
     n_seeds = seeds_per_cell(summary)
     head = [f"# Results: the paper's findings at small scale ({spec['name']})", "",
@@ -389,9 +390,13 @@ def regenerate(summary, a):
              "```", "", "Example: the commands of one cell (finding 2, pruned model, seed 0), as the dry run prints "
              "them for the spec today:", "", "```"]
     lines += example_commands(summary, a.spec_path) + ["```", ""]
-    return lines + ["Finding 5 comes from its own spec, the robust-pruning arena (139 cells, 2.5 h of sweep wall time",
-                    "on this machine, most of it AutoAttack). The Finding 5 it replaced, whose methods trained on",
-                    "unequal lr schedules, is in git history:", "", "```",
+    return lines + ["Finding 5 comes from its own spec, the arena fair to every method; its record of finished cells",
+                    "is committed, so its section regenerates without the sweep, and the sweep goes on from it:", "",
+                    "```", "python experiments/sweep.py --spec experiments/arena_fair.yaml      # resumable, also across "
+                    "sessions; needs: internet",
+                    "python experiments/fair_arena.py --summary docs/results/arena_fair_cells.json --out docs", "```", "",
+                    "The first arena, which it replaced (one protocol for all, a 10-epoch start), is kept in "
+                    "`docs/results/pruning_methods.md`:", "", "```",
                     "python experiments/sweep.py --spec experiments/arena.yaml          # resumable: rerun to continue; "
                     "needs: internet",
                     "python experiments/methods_report.py --summary runs/experiments/arena/summary.json --out docs",

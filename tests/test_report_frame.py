@@ -166,9 +166,10 @@ def _sections(text):
 
 
 def test_results_regenerate_byte_identical_from_the_stored_rows(tmp_path):
-    """report.py on summaries rebuilt from docs/results/*.json (``stored_results``) writes
-    docs/results/*.md and *.json byte for byte, and RESULTS.md's generated parts: the summary
-    lines of findings 1-4 and the section of every finding (5 and 6 with their notes)."""
+    """report.py on summaries rebuilt from docs/results/*.json (``stored_results``) and on the fair
+    arena's committed record writes docs/results/*.md and *.json byte for byte, and RESULTS.md's
+    generated parts: the summary lines of findings 1-4 and the section of every finding (5 and 6
+    with their notes); methods_report.py does so for the first arena's section, kept as a record."""
     docs, out = os.path.join(ROOT, "docs"), tmp_path / "docs"
     (out / "results").mkdir(parents=True)
     for name in os.listdir(os.path.join(docs, "results")):
@@ -176,15 +177,20 @@ def test_results_regenerate_byte_identical_from_the_stored_rows(tmp_path):
             (out / "results" / name).write_bytes(open(os.path.join(docs, "results", name), "rb").read())
     s = write_all(ROOT, str(tmp_path / "in"))
     run = lambda summary, dest: subprocess.run(  # noqa: E731
-        [sys.executable, "experiments/report.py", "--summary", summary, "--out", str(dest), "--methods", s["arena"],
-         "--quantization", s["quantization"]], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        [sys.executable, "experiments/report.py", "--summary", summary, "--out", str(dest), "--methods",
+         os.path.join(docs, "results", "arena_fair_cells.json"), "--quantization", s["quantization"]],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     proc = run(s["paper_findings"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run(s["paper_findings_as_stored"], tmp_path / "as_stored")
     assert proc.returncode == 0, proc.stderr[-3000:]
     same = lambda a, b: open(a, "rb").read() == open(b, "rb").read()  # noqa: E731
     assert same(tmp_path / "as_stored" / "results" / "paper_findings.json", os.path.join(docs, "results", "paper_findings.json"))
-    for name in ("pruning_methods.md", "pruning_methods.json", "quantization.md", "quantization.json"):
+    first = subprocess.run([sys.executable, "experiments/methods_report.py", "--summary", s["arena"], "--out", str(out)],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for name in ("pruning_methods.md", "pruning_methods.json", "arena_fair.md", "arena_fair.json", "quantization.md",
+                 "quantization.json"):
         assert same(out / "results" / name, os.path.join(docs, "results", name)), name
     new, old = _sections((out / "RESULTS.md").read_text()), _sections(open(os.path.join(docs, "RESULTS.md")).read())
     findings = [k for k in old if k.startswith("## Finding")]

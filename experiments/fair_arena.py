@@ -1,0 +1,386 @@
+"""Finding 5, the arena fair to every method (``arena_fair.yaml``): its tables, answers and plot.
+
+    python experiments/fair_arena.py --summary docs/results/arena_fair_cells.json --out docs
+
+The summary is the sweep's ``summary.json`` or its committed record (the spec's ``record``: the
+same spec and cells). Writes ``<out>/results/arena_fair.md`` (the section ``report.py`` puts into
+RESULTS.md), ``<out>/results/arena_fair.json`` (one row per cell) and ``<out>/arena_fair.png``.
+Every number comes from the cells' records: ``eval.py``'s report, the validation figures and the
+lr of each epoch (``sweep.py``).
+
+The rules, fixed in ``arena_fair.yaml`` before the runs, as this module applies them:
+- A table is a group of rows: protocol (a) at each budget (``a12``, ``a36``), protocol (b) at each
+  budget (``b12``, ``b36``: one setting of record per method, target and seed), and the rows from
+  another start (``e10``: today's start, the check row; ``r18``: the second network).
+- Protocol (b): a method's candidates at a target, budget and seed are its protocol-(a) cell and
+  its registered settings (variants with ``setting``), in the spec's order. The setting of record
+  is the candidate with the highest validation PGD (the cell's ``val.pgd``), ties to the first;
+  a dropped candidate cannot be chosen; no choice until every candidate has finished. The test
+  set is never read for it.
+- Dropping, the evaluation of record (AutoAttack decides where it orders two methods differently
+  from PGD), paired differences and the noise rule: as in the first arena (``methods_report.py``).
+"""
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch import nn  # noqa: E402
+
+from frame import Finding, Section, Table, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
+from methods_report import FIELDS, METHODS, arena_runs, better, close, label, paired, plan, row_keys, rows, \
+    table_lines, winner  # noqa: E402
+from training.state import EarlyStop  # noqa: E402
+
+STEM = "arena_fair"
+
+
+# --------------------------------------------------------------------------- rows and the choice
+
+def group(run):
+    """The table a run's rows belong to: its start's name (a check or another network), else its
+    protocol and budget (``a12``, ``b36``)."""
+    if run["start"]:
+        return run["start"]
+    return f"{'b' if run.get('setting') else 'a'}{run['budget']}"
+
+
+def fair_rows(summary):
+    """``methods_report.rows`` with each cell's run: its group, budget, start, setting ("a" for a
+    protocol-(a) cell), validation PGD and lrs; a protocol-(b) candidate's table is
+    ``<group>:<setting>`` (only its setting of record goes into ``<group>``)."""
+    spec = summary["spec"]
+    runs = {r["name"]: r for r in arena_runs(spec["arena"], spec)[0]}
+    cells = {c["id"]: c for c in summary["cells"]}
+    out = []
+    for r in rows(summary):
+        run, c = runs[r["variant"]], cells[r["id"]]
+        g, setting = group(run), run.get("setting") or "a"
+        out.append({**r, "run": r["variant"], "variant": f"{g}:{setting}" if g[0] == "b" and not run["start"] else g,
+                    "budget": run["budget"], "start": run["start"], "setting": setting,
+                    "val_pgd": (c.get("val") or {}).get("pgd"), "lrs": c.get("lrs")})
+    return out
+
+
+def choose(rs, spec):
+    """Protocol (b)'s rows of record: per method, target, budget and seed, the candidate (the
+    protocol-(a) cell, then each registered setting) with the best validation PGD, put into table
+    ``b<budget>``. Returns (rows, {(method, target, budget, seed): chosen setting or None while a
+    candidate is still to run})."""
+    runs = arena_runs(spec["arena"], spec)[0]
+    order = [r["name"] for r in runs]
+    chosen, settings = [], {}
+    for r in [r for r in runs if r.get("setting") and not r["start"]]:
+        for method in r["methods"]:
+            for t in r["targets"]:
+                for seed in r["seeds"]:
+                    settings.setdefault((method, t, r["budget"], seed), set())
+    for key in settings:
+        method, t, budget, seed = key
+        names = [r["name"] for r in runs if not r["start"] and r["budget"] == budget and method in r["methods"]
+                 and t in r["targets"] and seed in r["seeds"]]
+        cands = sorted((x for x in rs if x["run"] in names and x["method"] == method and x["target"] == t
+                        and x["seed"] == seed), key=lambda x: order.index(x["run"]))
+        if len(cands) < len(names):
+            settings[key] = None
+            continue
+        ok = [x for x in cands if not x["excluded"] and x["val_pgd"] is not None] or cands[:1]
+        best = max(ok, key=lambda x: (x["val_pgd"] if x["val_pgd"] is not None else -1, -ok.index(x)))
+        settings[key] = best["setting"]
+        chosen.append({**best, "variant": f"b{budget}"})
+    return chosen, settings
+
+
+def tables(summary):
+    """(every row, the Table of the groups and the settings of record, the choice per key)."""
+    rs = fair_rows(summary)
+    chosen, settings = choose(rs, summary["spec"])
+    return rs, Table(rs + chosen, FIELDS), settings
+
+
+def best_epoch(curve, spec):
+    """The epoch whose weights a pretraining run kept: ``EarlyStop``'s rule replayed on its curve."""
+    rule = EarlyStop(int(spec["set"].get("pretrain.patience", 0)), float(spec["set"].get("pretrain.min_delta", 0)))
+    for epoch, v in curve:
+        rule.observe(epoch, v, nn.Module())
+    return rule.best_epoch, rule.best
+
+
+# --------------------------------------------------------------------------- the section's parts
+
+def start_lines(summary):
+    """The converged starts (one per seed and start): epochs run, the kept epoch, validation PGD,
+    the test figures, and each curve."""
+    spec, cells = summary["spec"], {c["id"]: c for c in summary["cells"]}
+    pre = [c for c in summary["cells"] if c["kind"] == "pretrain"]
+    if not pre:
+        return []
+    lines = ["**The pretrained starts** (PGD-20 on the validation split after every epoch; the start is the kept "
+             "epoch's weights; test figures on 1,000 test images, AutoAttack on 500 where it ran):", "",
+             "| start | seed | epochs run | kept epoch | validation PGD-20 there | test natural | test PGD-20 | "
+             "AutoAttack |", "|---|---|---|---|---|---|---|---|"]
+    curves = []
+    for c in sorted(pre, key=lambda c: (c["meta"].get("start", "spec"), c["meta"].get("arch", ""), c["seed"])):
+        curve = (c.get("val") or {}).get("pretrain_curve") or []
+        name = c["meta"].get("start", "spec")
+        name = "converged" if name == "spec" else name
+        aa = cells.get(c["id"] + "-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
+        acc = c["eval"]["accuracy"]
+        kept = best_epoch(curve, spec) if len(curve) > 1 and name != "e10" else (len(curve) or None, None)
+        lines.append(f"| {name} | {c['seed']} | {len(curve) or '-'} | {kept[0] or '-'} | "
+                     f"{'-' if kept[1] is None else f'{100 * kept[1]:.1f}'} | {100 * acc['natural']:.1f} | "
+                     f"{100 * acc['pgd']:.1f} | {'-' if aa is None else f'{100 * aa:.1f}'} |")
+        if len(curve) > 1:
+            curves.append(f"- {name}, seed {c['seed']}: " + " ".join(f"{100 * v:.1f}" for _, v in curve))
+    return lines + [""] + (["Validation PGD-20 (%) after each pretraining epoch:", "", *curves, ""] if curves else [])
+
+
+def lr_lines(rs):
+    """The lr of each epoch after pretraining, per table and method (first seed, first target), the
+    methods with the same lrs on one row: the proof that protocol (a)'s schedules are equal."""
+    table = {}
+    for g in sorted({r["variant"] for r in rs if r["variant"][0] == "a"}):
+        mine = [r for r in rs if r["variant"] == g and r["lrs"]]
+        if not mine:
+            continue
+        seed, t = min(r["seed"] for r in mine), min(r["target"] for r in mine)
+        for r in sorted(mine, key=lambda r: list(METHODS).index(r["method"])):
+            if r["seed"] == seed and r["target"] == t:
+                table.setdefault((g, tuple(r["lrs"])), []).append(label(r))
+    if not table:
+        return []
+    lines = ["The lr of each epoch after pretraining under protocol (a) (seed and target: the first of each table's):", "",
+             "| table | methods | lr of epoch 1, 2, ... |", "|---|---|---|"]
+    lines += [f"| {g} | {', '.join(names)} | " + " ".join(f"{v:.2e}" for v in lrs) + " |" for (g, lrs), names in table.items()]
+    return lines + [""]
+
+
+def setting_lines(settings):
+    """Which setting each method's row of record is, per target, budget and seed."""
+    if not settings:
+        return []
+    lines = ["Settings of record under protocol (b), chosen on the validation split (a: the protocol-(a) cell; "
+             "... : a candidate still to run):", "", "| budget | target | method | settings by seed |", "|---|---|---|---|"]
+    keys = sorted({k[:3] for k in settings}, key=lambda k: (k[2], k[1], list(METHODS).index(k[0])))
+    for method, t, budget in keys:
+        seeds = sorted(s for m, tt, b, s in settings if (m, tt, b) == (method, t, budget))
+        picks = ", ".join(f"{s}: {settings[(method, t, budget, s)] or '...'}" for s in seeds)
+        lines.append(f"| {budget} | {100 * t:g} % | {METHODS[method]} | {picks} |")
+    return lines + [""]
+
+
+TITLES = {"a": "protocol (a), equal terms", "b": "protocol (b), each method at its own protocol"}
+
+
+def group_title(g, rs):
+    mine = [r for r in rs if r["variant"] == g]
+    if g[0] in TITLES and g[1:].isdigit():
+        return f"{TITLES[g[0]]}, {g[1:]} epochs after pretraining"
+    start = mine[0]["start"] if mine else g
+    return f"from the start {start!r}, protocol {'(b)' if mine and mine[0]['setting'] != 'a' else '(a)'}, " \
+           f"{mine[0]['budget'] if mine else '?'} epochs"
+
+
+def groups(T):
+    """The tables that have rows, in reading order: a12, b12, a36, b36, then the other starts."""
+    names = {k[0] for k in T.groups if ":" not in k[0]}
+    std = sorted((g for g in names if g[0] in TITLES and g[1:].isdigit()), key=lambda g: (int(g[1:]), g[0]))
+    return std + sorted(names - set(std))
+
+
+def ranking(T, g, t):
+    keys = sorted((k for k in row_keys(T, g, t) if T.mean(k, "pgd") is not None), key=lambda k: -T.mean(k, "pgd"))
+    return keys
+
+
+def discord(T, g, h, t, limit):
+    """Pairs of methods that tables ``g`` and ``h`` order differently at target ``t`` by PGD mean,
+    each marked "*" where both margins are beyond noise."""
+    mine = {k[2:]: k for k in ranking(T, g, t)}
+    other = {k[2:]: k for k in ranking(T, h, t)}
+    common = [m for m in mine if m in other]
+    out = []
+    for i, a in enumerate(common):
+        for b in common[i + 1:]:
+            da = T.mean(mine[a], "pgd") - T.mean(mine[b], "pgd")
+            db = T.mean(other[a], "pgd") - T.mean(other[b], "pgd")
+            if da * db < 0:
+                firm = not within_noise(T, mine[a], mine[b], "pgd", limit) and \
+                    not within_noise(T, other[a], other[b], "pgd", limit)
+                out.append(f"{label({'method': a[0], 'allocation': a[1]})} / {label({'method': b[0], 'allocation': b[1]})}"
+                           + ("*" if firm else ""))
+    return out, len(common)
+
+
+def answers(T, spec, limit, dense):
+    """The pre-registered questions of ``arena_fair.yaml``, answered from the tables (``dense``:
+    the AutoAttack accuracy of seed 0's converged start)."""
+    A, out = spec["arena"], []
+    gs = groups(T)
+    q1 = []
+    for t in A["targets"]:
+        ref = "a12" if "a12" in gs else (gs[0] if gs else None)
+        for g in gs:
+            if g == ref or not row_keys(T, g, t):
+                continue
+            pairs, n = discord(T, ref, g, t, limit)
+            if n > 1:
+                q1.append(f"{ref} vs {g} at {100 * t:g} %: " + (f"{len(pairs)} of {n * (n - 1) // 2} pairs swap "
+                                                                 f"({', '.join(pairs)})" if pairs else "the same order"))
+    out.append("1. Does the ranking hold across protocols, budgets and networks (PGD-20 means; * a swap beyond "
+               "noise in both tables)? " + ("; ".join(q1) or "not run yet") + ".")
+    q2 = []
+    for g in [g for g in gs if g[0] == "b"]:
+        keys = row_keys(T, g, 0.99)
+        w = winner(T, keys)
+        hh = winner(T, [k for k in keys if k[2] in ("hydra", "harp")])
+        if not w or not hh:
+            continue
+        if w == hh:
+            q2.append(f"{g}: {label(T.kept(w)[0])} is best")
+            continue
+        p = paired(T, w, hh)
+        noise = "within noise" if within_noise(T, w, hh, "pgd", limit) else "beyond noise"
+        q2.append(f"{g}: {label(T.kept(w)[0])}, {100 * (T.mean(w, 'pgd') - T.mean(hh, 'pgd')):+.1f} PGD points "
+                  f"ahead of {label(T.kept(hh)[0])} ({noise}" + (f"; {p[1]}/{p[2]} seeds" if p else "") + ")")
+    out.append("2. At 99 %, which method is best under (b), and is it ahead of the best of HYDRA and HARP by more "
+               "than the noise? " + ("; ".join(q2) or "not run yet") + ".")
+    out.append("3. Does any pipeline keep at least 90 % of the dense model's AutoAttack accuracy at 99 %? "
+               + q3(T, gs, dense) + ".")
+    q4 = []
+    for g in [g for g in gs if g[0] == "b"]:
+        for t in A["targets"]:
+            w = winner(T, row_keys(T, g, t))
+            if w:
+                q4.append(f"{100 * t:g} %, {g[1:]} epochs: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, g, t), limit))
+    out.append("4. What should a user pick (under protocol (b))? " + ("; ".join(q4) or "not run yet") + ".")
+    return out
+
+
+def q3(T, gs, dense):
+    if dense is None:
+        return "not run yet (the dense start's AutoAttack)"
+    best = [(T.mean(k, "autoattack") / dense, k) for g in gs for k in row_keys(T, g, 0.99)
+            if T.mean(k, "autoattack") is not None and not T.groups[k][0]["start"]]
+    if not best:
+        return "not run yet (AutoAttack at 99 %)"
+    kept = sorted((x for x in best if x[0] >= 0.9), reverse=True)
+    top = max(best)
+    where = lambda x: f"{label(T.kept(x[1])[0])} in {x[1][0]} ({100 * x[0]:.0f} %)"  # noqa: E731
+    return (f"yes: {', '.join(map(where, kept))}" if kept else f"no; the closest is {where(top)}") + \
+        f" of the dense start's {100 * dense:.1f} % (seed 0, 500 images)"
+
+
+def claim(T, spec):
+    """The paper's claim (ADMM beats magnitude pruning at high ratios), under protocol (b): ADMM's
+    row of record against the better of one-shot and gradual, per target and budget."""
+    wins = n = 0
+    for g in [g for g in groups(T) if g[0] == "b"]:
+        for t in spec["arena"]["targets"]:
+            admm = (g, t, "admm", spec["arena"]["allocation"])
+            base = [k for k in row_keys(T, g, t) if k[2] in ("oneshot", "gradual")]
+            if admm in T.groups and T.kept(admm) and base:
+                n += 1
+                wins += better(T, admm, winner(T, base))
+    return "not decided (cells missing)" if not n else tally(wins, n)
+
+
+def cost_lines(summary, rs):
+    """The cost of every kind of cell: count, median and total wall time."""
+    kinds = {}
+    for c in summary["cells"]:
+        r = next((r for r in rs if r["id"] == c["id"]), None)
+        name = c["kind"] if r is None else f"{r['variant'].split(':')[0]} cell"
+        kinds.setdefault(name, []).append(c["wall_s"])
+    if not kinds:
+        return []
+    parts = [f"{name} {len(v)} x median {statistics.median(v):.0f} s ({sum(v) / 60:.0f} min)"
+             for name, v in sorted(kinds.items())]
+    total = sum(sum(v) for v in kinds.values())
+    return [f"Cost, the cells' wall times (two cells at once on 2 cores): {'; '.join(parts)}; "
+            f"{total / 3600:.1f} h of cells in all.", ""]
+
+
+# --------------------------------------------------------------------------- section and plot
+
+def section(summary, plot_name=f"{STEM}.png"):
+    spec = summary["spec"]
+    A, S = spec["arena"], spec["set"]
+    rs, T, settings = tables(summary)
+    limit = spec["eval"]["limit"]
+    lines = [f"## Finding {FINDING.number}: the arena, fair to every method", "",
+             f"{spec.get('dataset', 'fashion_mnist')} (the first {S.get('data.train_limit')} training images; "
+             f"validation: {S.get('data.val_size')} held-out training images), LeNet w={A['width']}, adversarial "
+             f"training (PGD-{S.get('adv.steps')}), {', '.join(f'{100 * t:g}' for t in A['targets'])} % of the "
+             "prunable weights pruned. Every row starts from its seed's converged start (pretraining stopped on "
+             "validation PGD). Protocol (a) gives every method the same epochs and the same lr at each epoch; "
+             "protocol (b) runs each method at its authors' protocol, with the same tuning budget for all, the "
+             "setting of record chosen on the validation split. PGD-20 on 1,000 test images for every cell. The "
+             "rules were fixed in `experiments/arena_fair.yaml` before the runs; a missing cell shows as \"-\". "
+             f"Cells finished: {len(summary['cells'])}.", ""]
+    lines += start_lines(summary) + lr_lines(rs) + setting_lines(settings)
+    for g in groups(T):
+        lines += [f"### {group_title(g, rs)}", ""]
+        for t in A["targets"]:
+            if row_keys(T, g, t):
+                lines += table_lines(T, g, t, (g, t, "oneshot", A["allocation"]))
+    lines += ["### Answers to the pre-registered questions", ""] + answers(T, spec, limit, dense_aa(summary)) + [""]
+    lines += [f"The paper's claim (ADMM beats magnitude pruning at high ratios), at each method's own protocol. "
+              f"Verdict: {claim(T, spec)}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
+    dropped = [r["id"] for r in rs if r["excluded"]]
+    lines += ["Seeds dropped as not converged (largest pruned energy above 5 %): " + (", ".join(dropped) or "none") + ".", ""]
+    return "\n".join(lines + cost_lines(summary, rs)), rs
+
+
+def dense_aa(summary):
+    """AutoAttack accuracy of seed 0's converged start (its ``-aa`` cell), or None."""
+    return next((c["eval"]["accuracy"].get("autoattack") for c in summary["cells"] if c["kind"] == "autoattack"
+                 and c["seed"] == 0 and c["meta"].get("start") == "spec" and c["meta"].get("of", "").startswith("pre-")),
+                None)
+
+
+def plot(summary, path):
+    """Left: each start's validation PGD curve. Right: PGD-20 at 99 % per method and table."""
+    rs, T, _ = tables(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for c in summary["cells"]:
+        curve = (c.get("val") or {}).get("pretrain_curve") or []
+        if c["kind"] == "pretrain" and len(curve) > 1:
+            axes[0].plot([e for e, _ in curve], [100 * v for _, v in curve], marker=".",
+                         label=f"{c['meta'].get('start', 'spec')} s{c['seed']}")
+    axes[0].set(xlabel="pretraining epoch", ylabel="validation PGD-20 (%)", title="the starts")
+    gs = [g for g in groups(T) if row_keys(T, g, 0.99)]
+    for i, method in enumerate(METHODS):
+        pts = [(x, T.mean(k, "pgd")) for x, g in enumerate(gs) for k in row_keys(T, g, 0.99) if k[2] == method
+               and T.mean(k, "pgd") is not None]
+        if pts:
+            axes[1].plot([p[0] for p in pts], [100 * p[1] for p in pts], "osD^v<>"[i % 7] + "-", label=METHODS[method])
+    axes[1].set_xticks(range(len(gs)), gs)
+    axes[1].set(xlabel="table", ylabel="PGD-20 (%), mean over seeds", title="99 % of the prunable weights pruned")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(summary, out):
+    """Write Finding 5's plot, section and rows under ``out``; return the section's text."""
+    return write_section(summary, out, STEM, plot, section)
+
+
+def report_section(summary, out):
+    text = write(summary, out)
+    return Section(verdict_in(text), text.splitlines())
+
+
+FINDING = Finding(5, "ADMM beats magnitude pruning at high ratios", "arena", plan, report_section, stem=STEM,
+                  sweep="arena_fair")
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(write, STEM, __doc__.splitlines()[0]))

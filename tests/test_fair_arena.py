@@ -1,0 +1,70 @@
+"""Finding 5's fair arena report (experiments/fair_arena.py) on records made by hand: the setting
+of record is chosen on the validation split only, never on the test figures; a dropped candidate
+is never chosen; no choice before every candidate has finished."""
+import os
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import fair_arena  # noqa: E402
+from spec import load_spec  # noqa: E402
+from sweep import plan  # noqa: E402
+
+SPEC = load_spec(os.path.join(ROOT, "experiments", "arena_fair.yaml"))
+
+
+def record(cell, natural=0.7, pgd=0.5, val=0.5, energy=0.01):
+    """A finished cell's record as sweep.py writes it, with the figures given."""
+    ev = {"accuracy": {"natural": natural, "pgd": pgd}, "sparsity": {"overall": cell["meta"].get("target", 0.0)},
+          "convergence": {"admm": {"pruned_energy": {"conv1": energy}}}}
+    return {"id": cell["id"], "finding": cell["finding"], "kind": cell["kind"], "seed": cell["seed"],
+            "meta": cell["meta"], "deps": cell["deps"], "commands": [], "wall_s": 60.0, "eval": ev,
+            "val": {"natural": natural, "pgd": val, "stage": "retrain", "epoch": 12}, "lrs": [0.002] * 12}
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return {c["id"]: c for c in plan(SPEC) if c["seed"] == 0}
+
+
+def summary_of(records):
+    return {"spec": SPEC, "cells": records}
+
+
+def test_setting_of_record_is_chosen_on_validation_never_on_test(cells):
+    ids = {"a": "hydra-lamp-t99-main-s0", "h1": "hydra-lamp-t99-b12-h1-s0", "h2": "hydra-lamp-t99-b12-h2-s0"}
+    recs = [record(cells[ids["a"]], pgd=0.70, val=0.50),   # best on the test set, worst on validation
+            record(cells[ids["h1"]], pgd=0.40, val=0.60),  # tied best on validation, listed first: chosen
+            record(cells[ids["h2"]], pgd=0.80, val=0.60)]
+    rs, T, settings = fair_arena.tables(summary_of(recs))
+    assert settings[("hydra", 0.99, 12, 0)] == "h1"
+    assert T.values(("b12", 0.99, "hydra", "lamp"), "pgd") == [0.40]
+    assert T.values(("a12", 0.99, "hydra", "lamp"), "pgd") == [0.70]  # protocol (a)'s table keeps its own cell
+    assert ("b12:h2", 0.99, "hydra", "lamp") in T.groups and ("b12:h2", 0.99, "hydra", "lamp") != ("b12", 0.99, "hydra", "lamp")
+
+
+def test_a_dropped_candidate_is_never_chosen_and_no_choice_before_all_ran(cells):
+    a, a1, a2 = "admm-lamp-t95-main-s0", "admm-lamp-t95-b12-a1-s0", "admm-lamp-t95-b12-a2-s0"
+    recs = [record(cells[a], val=0.50), record(cells[a1], val=0.90, energy=0.20),  # not converged: dropped
+            record(cells[a2], val=0.55)]
+    _, T, settings = fair_arena.tables(summary_of(recs))
+    assert settings[("admm", 0.95, 12, 0)] == "a2"
+    _, T, settings = fair_arena.tables(summary_of(recs[:2]))  # a2 still to run
+    assert settings[("admm", 0.95, 12, 0)] is None and not T.values(("b12", 0.95, "admm", "lamp"), "pgd")
+
+
+def test_section_reads_as_the_spec_plans(cells, tmp_path):
+    """Every planned seed-0 cell finished with the same figures but one-shot's (b) setting o2 best on
+    validation: the section has each table, the choice, and answers that follow from them."""
+    recs = [record(c, val=0.6 if c["id"] == "oneshot-lamp-t99-b12-o2-s0" else 0.5,
+                   pgd=0.6 if c["id"] == "oneshot-lamp-t99-b12-o2-s0" else 0.5) for c in cells.values()]
+    text = fair_arena.write(summary_of(recs), str(tmp_path))
+    for heading in ("### protocol (a), equal terms, 12 epochs", "### protocol (b), each method at its own protocol, 36 epochs",
+                    "### from the start 'e10'", "**The pretrained starts**", "### Answers to the pre-registered questions"):
+        assert heading in text, heading
+    assert "| 12 | 99 % | one-shot | 0: o2, 1: ..., 2: ... |" in text  # seeds 1 and 2: not run
+    assert "99 %, 12 epochs: one-shot" in text  # question 4 under (b): the only row ahead
+    assert (tmp_path / "arena_fair.png").stat().st_size > 1000
