@@ -114,18 +114,19 @@ def start_lines(summary):
     """The converged starts (one per seed and start): epochs run, the kept epoch, validation PGD,
     the test figures, and each curve."""
     spec, cells = summary["spec"], {c["id"]: c for c in summary["cells"]}
-    pre = [c for c in summary["cells"] if c["kind"] == "pretrain"]
+    pre = [c for c in summary["cells"] if c["kind"] == "pretrain" and FINDING.number in c["finding"]]
     if not pre:
         return []
     lines = ["**The pretrained starts** (PGD-20 on the validation split after every epoch; the start is the kept "
-             "epoch's weights; test figures on 1,000 test images, AutoAttack on 500 where it ran):", "",
+             f"epoch's weights; test figures on {spec['eval']['limit']:,} test images, AutoAttack on "
+             f"{(spec.get('autoattack') or {}).get('limit', '-')} where it ran):", "",
              "| start | seed | epochs run | kept epoch | validation PGD-20 there | test natural | test PGD-20 | "
              "AutoAttack |", "|---|---|---|---|---|---|---|---|"]
     curves = []
     for c in sorted(pre, key=lambda c: (c["meta"].get("start", "spec"), c["meta"].get("arch", ""), c["seed"])):
         curve = (c.get("val") or {}).get("pretrain_curve") or []
         name = c["meta"].get("start", "spec")
-        name = "converged" if name == "spec" else name
+        name = "main" if name == "spec" else name
         aa = cells.get(c["id"] + "-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
         acc = c["eval"]["accuracy"]
         kept = best_epoch(curve, spec) if len(curve) > 1 and name != "e10" else (len(curve) or None, None)
@@ -290,7 +291,7 @@ def claim(T, spec):
 def cost_lines(summary, rs):
     """The cost of every kind of cell: count, median and total wall time."""
     kinds = {}
-    for c in summary["cells"]:
+    for c in [c for c in summary["cells"] if FINDING.number in c["finding"]]:
         r = next((r for r in rs if r["id"] == c["id"]), None)
         name = c["kind"] if r is None else f"{r['variant'].split(':')[0]} cell"
         kinds.setdefault(name, []).append(c["wall_s"])
@@ -307,9 +308,10 @@ def cost_lines(summary, rs):
 
 def section(summary, plot_name=f"{STEM}.png"):
     spec = summary["spec"]
-    A, S = spec["arena"], spec["set"]
+    A, E = spec["arena"], spec["eval"]
+    S = {**spec["set"], **dict(s.split("=", 1) for s in A.get("sets", []))}
     rs, T, settings = tables(summary)
-    limit = spec["eval"]["limit"]
+    limit = E["limit"]
     lines = [f"## Finding {FINDING.number}: the arena, fair to every method", "",
              f"{spec.get('dataset', 'fashion_mnist')} (the first {S.get('data.train_limit')} training images; "
              f"validation: {S.get('data.val_size')} held-out training images), LeNet w={A['width']}, adversarial "
@@ -317,9 +319,10 @@ def section(summary, plot_name=f"{STEM}.png"):
              "prunable weights pruned. Every row starts from its seed's converged start (pretraining stopped on "
              "validation PGD). Protocol (a) gives every method the same epochs and the same lr at each epoch; "
              "protocol (b) runs each method at its authors' protocol, with the same tuning budget for all, the "
-             "setting of record chosen on the validation split. PGD-20 on 1,000 test images for every cell. The "
+             f"setting of record chosen on the validation split. PGD-{E['steps']} on {limit:,} test images for "
+             "every cell. The "
              "rules were fixed in `experiments/arena_fair.yaml` before the runs; a missing cell shows as \"-\". "
-             f"Cells finished: {len(summary['cells'])}.", ""]
+             f"Cells finished: {sum(FINDING.number in c['finding'] for c in summary['cells'])}.", ""]
     lines += start_lines(summary) + lr_lines(rs) + setting_lines(settings)
     for g in groups(T):
         lines += [f"### {group_title(g, rs)}", ""]

@@ -197,10 +197,13 @@ def test_quick_sweep_end_to_end(tmp_path):
     for n in range(1, 7):
         assert f"## Finding {n}" in text
     assert "±" in text or "1 seed" in text
-    assert "Verdict: " in (docs / "results" / "pruning_methods.md").read_text()
+    section5 = (docs / "results" / "arena_fair.md").read_text()
+    assert "Verdict: " in section5 and "| 4 | 90 % | one-shot | 0: " in section5  # a setting of record, chosen
+    assert "| es | 0 | 2 | 1 |" in section5  # the start that stopped early: 2 epochs run, the first kept
+    assert summary["spec"]["arena"]["sets"][-1] == "data.val_size=64" and cells["hydra-lamp-t90-b4-h1-s0"]["val"]
     section6 = (docs / "results" / "quantization.md").read_text()
     assert "Verdict: " in section6 and "| dense float32 |" in section6 and "| 2 |" in section6
-    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "pruning_methods.png", "quantization.png"):
+    for png in ("robust_vs_width.png", "accuracy_vs_compression.png", "arena_fair.png", "quantization.png"):
         assert (docs / png).stat().st_size > 1000
 
 
