@@ -268,7 +268,13 @@ def files(c, res):
 
 
 def written(path, done):
-    return path in done or any(d.endswith("/") and (path + "/").startswith(d) for d in done)
+    """Whether ``path`` was written by a command in ``done`` or is committed (a stored record)."""
+    return path in done or any(d.endswith("/") and (path + "/").startswith(d) for d in done) or path in tracked()
+
+
+@functools.lru_cache(maxsize=None)
+def tracked():
+    return frozenset(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
 
 
 @functools.lru_cache(maxsize=None)

@@ -116,7 +116,7 @@ def test_sweep_refuses_a_bad_spec_in_one_line(tmp_path, content, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "nosuchcell"], "--only nosuchcell: no cell id starts with it"),
-    (["--only", "pre-adv-w9"], "close ids: pre-adv-w1-s0, pre-adv-w2-s0"),
+    (["--only", "pre-adv-w9"], "close ids: pre-adv-w1-s0, pre-adv-w1-s0-es, pre-adv-w2-s0"),
     (["--parallel", "0"], "--parallel must be >= 1, got 0"),
 ])
 def test_sweep_refuses_bad_flags_in_one_line(args, message):
