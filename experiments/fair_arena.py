@@ -1,6 +1,7 @@
 """Finding 5, the arena fair to every method (``arena_fair.yaml``): its tables, answers and plot.
 
     python experiments/fair_arena.py --summary docs/results/arena_fair_cells.json --out docs
+    python experiments/fair_arena.py --summary docs/results/arena_fair_cells.json --after-b12
 
 The summary is the sweep's ``summary.json`` or its committed record (the spec's ``record``: the
 same spec and cells). Writes ``<out>/results/arena_fair.md`` (the section ``report.py`` puts into
@@ -22,6 +23,7 @@ The rules, fixed in ``arena_fair.yaml`` before the runs, as this module applies 
 """
 import os
 import statistics
+import sys
 
 import matplotlib
 
@@ -29,8 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import nn  # noqa: E402
 
-from frame import Finding, Section, Table, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
-from methods_report import FIELDS, METHODS, arena_runs, better, close, label, paired, plan, row_keys, rows, \
+from frame import Finding, Section, Table, UserError, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
+from methods_report import ARENA, FIELDS, METHODS, arena_runs, better, close, label, paired, plan, row_keys, rows, \
     table_lines, winner  # noqa: E402
 from training.state import EarlyStop  # noqa: E402
 
@@ -371,6 +373,38 @@ def plot(summary, path):
     plt.close(fig)
 
 
+def after_b12(summary):
+    """The spec lines that ``arena_fair.yaml``'s PLANNER step 1 adds once every 12-epoch
+    protocol-(b) candidate has finished: the ResNet-18 variants (the best three methods under (b)
+    at 99 % by the mean test PGD of their rows of record, then HYDRA and HARP; each at the
+    setting chosen most often over the seeds, ties to the first listed) and the ids of the
+    12-epoch rows of record of seed 0, for ``autoattack.cells``."""
+    spec = summary["spec"]
+    A, runs = spec["arena"], arena_runs(spec["arena"], spec)[0]
+    rs, T, settings = tables(summary)
+    twelve = {k: v for k, v in settings.items() if k[2] == 12}
+    waiting = sorted({k[0] for k, v in twelve.items() if v is None})
+    if waiting or not twelve:
+        raise UserError(f"the 12-epoch protocol-(b) candidates have not all finished (waiting: {', '.join(waiting) or 'all'})")
+    alloc = lambda m: ARENA[m].get("allocation", A["allocation"])  # noqa: E731
+    methods = sorted({k[0] for k in twelve if k[1] == 0.99}, key=list(METHODS).index)
+    ranked = sorted(methods, key=lambda m: -(T.mean(("b12", 0.99, m, alloc(m)), "pgd") or -1))
+    order = ["a"] + [r["setting"] for r in runs if r.get("setting")]
+    lines = ["# ResNet-18 rows (PLANNER 1): the best three under (b) at 99 %, 12 epochs, then HYDRA and HARP"]
+    for m in ranked[:3] + [m for m in ("hydra", "harp") if m not in ranked[:3]]:
+        picks = [v for k, v in twelve.items() if k[0] == m and k[1] == 0.99]
+        s = max(dict.fromkeys(sorted(picks, key=order.index)), key=picks.count)
+        mean = T.mean(("b12", 0.99, m, alloc(m)), "pgd")
+        base = f"methods: [{m}], " if s == "a" else f"<<: *{s}, "
+        extra = ", harp_from: r18-harp" if m == "admm_harp" else ""
+        lines.append(f"r18-{m}: {{{base}seeds: [0, 1], targets: [0.99], start: r18{extra}}}"
+                     f"   # setting {s} ({', '.join(picks)}), PGD-20 {100 * mean:.1f}")
+    chosen = [r["id"] for r in rs if r["seed"] == 0 and r["budget"] == 12 and r["setting"] != "a"
+              and settings.get((r["method"], r["target"], 12, 0)) == r["setting"]]
+    return lines + ["# autoattack.cells, the 12-epoch rows of record of seed 0 that are not protocol-(a) cells:",
+                    f"[{', '.join(sorted(chosen))}]"]
+
+
 def write(summary, out):
     """Write Finding 5's plot, section and rows under ``out``; return the section's text."""
     return write_section(summary, out, STEM, plot, section)
@@ -385,5 +419,14 @@ FINDING = Finding(5, "ADMM beats magnitude pruning at high ratios", "arena", pla
                   sweep="arena_fair")
 
 
+def main(argv=None):
+    """``--after-b12``: print PLANNER 1's spec lines instead of writing the section."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--after-b12" not in argv:
+        return cli(write, STEM, __doc__.splitlines()[0], argv)
+    return cli(lambda summary, out: "\n".join(after_b12(summary)), STEM, __doc__.splitlines()[0],
+               [a for a in argv if a != "--after-b12"])
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli(write, STEM, __doc__.splitlines()[0]))
+    raise SystemExit(main())

@@ -46,7 +46,7 @@ def test_two_processes_half_batch_match_one_process(tmp_path):
 
 def test_autocast_settings_are_a_noop_on_cpu(tmp_path):
     """perf.amp / channels_last / compile are GPU fast paths; on CPU the run is unchanged."""
-    base = [*SETTINGS[:6], "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1"]
+    base = [*SETTINGS[:6], "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "eval.limit=100", "eval.steps=2"]
 
     def final(out, *extra):
         sets = [a for o in (*base, *extra) for a in ("--set", o)]

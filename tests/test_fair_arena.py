@@ -68,3 +68,25 @@ def test_section_reads_as_the_spec_plans(cells, tmp_path):
     assert "| 12 | 99 % | one-shot | 0: o2, 1: ..., 2: ... |" in text  # seeds 1 and 2: not run
     assert "99 %, 12 epochs: one-shot" in text  # question 4 under (b): the only row ahead
     assert (tmp_path / "arena_fair.png").stat().st_size > 1000
+
+
+def test_after_b12_names_the_resnet_rows_and_autoattack_cells_by_the_rules():
+    """Every 12-epoch cell of seeds 0-2 finished. Test PGD of the rows of record ranks one-shot,
+    gradual, progressive first; HYDRA's h2 wins validation in seeds 0 and 1 and h1 in seed 2, so
+    h2; every other candidate ties on validation, so the protocol-(a) cell (listed first)."""
+    pgd = {"oneshot": 0.60, "gradual": 0.59, "progressive": 0.58, "admm": 0.55, "hydra": 0.50, "harp": 0.49,
+           "admm_harp": 0.40}
+    h2_wins = {"hydra-lamp-t99-b12-h2-s0", "hydra-lamp-t99-b12-h2-s1", "hydra-lamp-t99-b12-h1-s2"}
+    recs = [record(c, pgd=pgd[c["meta"]["method"]], val=0.7 if c["id"] in h2_wins else 0.5)
+            for c in plan(SPEC) if c["kind"] in pgd and c["meta"]["variant"] in ("main",) + tuple(
+                n for n in SPEC["arena"]["variants"] if n.startswith("b12-"))]
+    lines = fair_arena.after_b12(summary_of(recs))
+    rows = [line.split("   #")[0] for line in lines if line.startswith("r18-")]
+    assert rows == ["r18-oneshot: {methods: [oneshot], seeds: [0, 1], targets: [0.99], start: r18}",
+                    "r18-gradual: {methods: [gradual], seeds: [0, 1], targets: [0.99], start: r18}",
+                    "r18-progressive: {methods: [progressive], seeds: [0, 1], targets: [0.99], start: r18}",
+                    "r18-hydra: {<<: *h2, seeds: [0, 1], targets: [0.99], start: r18}",
+                    "r18-harp: {methods: [harp], seeds: [0, 1], targets: [0.99], start: r18}"]
+    assert lines[-1] == "[hydra-lamp-t99-b12-h2-s0]"  # the only seed-0 row of record that is not an (a) cell
+    with pytest.raises(fair_arena.UserError, match="waiting: hydra"):
+        fair_arena.after_b12(summary_of([r for r in recs if r["id"] != "hydra-lamp-t95-b12-h1-s1"]))
