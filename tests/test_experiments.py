@@ -214,7 +214,7 @@ def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "sweep"
     args = ["experiments/sweep.py", "--quick", "--out", str(out), "--launcher", "submitit-local",
-            "--only", "oneshot-lamp"]
+            "--only", "oneshot-lamp-t90-main"]
     run = lambda: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
                                  timeout=600, env=script_env())
     proc = run()
@@ -308,8 +308,8 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
     from launch import make_launcher
     spec = sweep.load_spec(os.path.join(ROOT, "experiments", "quick.yaml"))
     spec["record"] = str(tmp_path / "record.json")  # absolute: os.path.join(ROOT, it) is itself
-    both = sweep.select(sweep.plan(spec), "oneshot-lamp,gradual-lamp")
-    pre, one, grad = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "gradual-lamp-t90-main-s0"
+    both = sweep.select(sweep.plan(spec), "oneshot-lamp-t90-main,admm-lamp-t90-main")
+    pre, one, grad = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "admm-lamp-t90-main-s0"
     assert sorted(c["id"] for c in both) == sorted([pre, one, grad])
     figures, calls = {pre: 0.5, one: 0.25, grad: 0.125}, []
 
