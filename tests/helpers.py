@@ -2,8 +2,12 @@
 LeNet, randomly pruned models of each architecture and their inputs, quantized LeNet checkpoints,
 and a disk that fills up on demand."""
 import builtins
+import contextlib
 import errno
+import io
 import os
+import runpy
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,31 @@ def script_env(**extra):
     """The environment of a script a test starts: the caller's, with ``SCRIPT_ENV`` set explicitly
     and ``extra`` (e.g. ``ADMM_AT_TEST_SIGNAL``) on top."""
     return {**os.environ, **SCRIPT_ENV, **extra}
+
+
+def run_in_process(args, cwd=ROOT):
+    """(exit status, stdout, stderr) of ``python *args``, run in this process: the script's own
+    ``__main__`` block with its argv, folder and import path, without a new interpreter's ~2 s of
+    imports. For commands that stop on their input or only read; a run that trains gets a process
+    of its own (it sets up logging and threads)."""
+    script, out, err = os.path.join(cwd, args[0]), io.StringIO(), io.StringIO()
+    argv, path, here = sys.argv, list(sys.path), os.getcwd()
+    try:
+        sys.argv = [script, *args[1:]]
+        sys.path.insert(0, os.path.dirname(script))
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
 
 
 def train_lenet(split, epochs, batch_size, width=2, lr=3e-3):

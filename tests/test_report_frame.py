@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, run_in_process
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import paper  # noqa: E402
@@ -79,11 +79,10 @@ def test_paper_table_groups_cells_by_fields_not_ids():
 # --------------------------------------------------------------------------- strict commands
 
 def _one_line_error(args, cwd=ROOT):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stdout + proc.stderr, \
-        proc.stderr
+    code, out, err = run_in_process(args, cwd)
+    lines = err.strip().splitlines()
+    assert code == 2, out[-2000:] + err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out + err, err
     return lines[0]
 
 
