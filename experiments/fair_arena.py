@@ -23,7 +23,6 @@ The rules, fixed in ``arena_fair.yaml`` before the runs, as this module applies 
 """
 import os
 import statistics
-import sys
 
 import matplotlib
 
@@ -31,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import nn  # noqa: E402
 
-from frame import Finding, Section, Table, UserError, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
+from frame import MISSING, Finding, Section, Table, UserError, cli, tally, verdict_in, within_noise, write_section  # noqa: E402
 from methods_report import ARENA, FIELDS, METHODS, arena_runs, better, close, label, paired, plan, row_keys, rows, \
     table_lines, winner  # noqa: E402
 from training.state import EarlyStop  # noqa: E402
@@ -83,13 +82,14 @@ def choose(rs, spec):
         method, t, budget, seed = key
         names = [r["name"] for r in runs if not r["start"] and r["budget"] == budget and method in r["methods"]
                  and t in r["targets"] and seed in r["seeds"]]
-        cands = sorted((x for x in rs if x["run"] in names and x["method"] == method and x["target"] == t
-                        and x["seed"] == seed), key=lambda x: order.index(x["run"]))
+        own = ARENA[method].get("allocation", spec["arena"]["allocation"])
+        cands = sorted((x for x in rs if x["run"] in names and x["method"] == method and x["allocation"] == own
+                        and x["target"] == t and x["seed"] == seed), key=lambda x: order.index(x["run"]))
         if len(cands) < len(names):
             settings[key] = None
             continue
-        ok = [x for x in cands if not x["excluded"] and x["val_pgd"] is not None] or cands[:1]
-        best = max(ok, key=lambda x: (x["val_pgd"] if x["val_pgd"] is not None else -1, -ok.index(x)))
+        ok = [x for x in cands if not x["excluded"] and x["val_pgd"] is not None]
+        best = max(ok, key=lambda x: x["val_pgd"]) if ok else cands[0]  # max keeps the first of equals
         settings[key] = best["setting"]
         chosen.append({**best, "variant": f"b{budget}"})
     return chosen, settings
@@ -102,12 +102,22 @@ def tables(summary):
     return rs, Table(rs + chosen, FIELDS), settings
 
 
-def best_epoch(curve, spec):
-    """The epoch whose weights a pretraining run kept: ``EarlyStop``'s rule replayed on its curve."""
-    rule = EarlyStop(int(spec["set"].get("pretrain.patience", 0)), float(spec["set"].get("pretrain.min_delta", 0)))
+def kept_epoch(curve, sets):
+    """(epoch, validation PGD) of the weights a pretraining run kept: ``EarlyStop``'s rule replayed
+    on its curve [[epoch, val_pgd], ...] with the run's settings ``sets``; without early stopping
+    (patience 0) its last epoch."""
+    rule = EarlyStop(int(sets.get("pretrain.patience", 0)), float(sets.get("pretrain.min_delta", 0)))
+    if not rule.patience:
+        return tuple(curve[-1])
     for epoch, v in curve:
         rule.observe(epoch, v, nn.Module())
     return rule.best_epoch, rule.best
+
+
+def run_sets(spec, start):
+    """The --set values a pretraining run of ``start`` (a name in arena.starts, or "spec") trained with."""
+    extra = (spec["arena"].get("starts") or {}).get(start, {}).get("sets", [])
+    return {**spec["set"], **dict(kv.split("=", 1) for kv in extra)}
 
 
 # --------------------------------------------------------------------------- the section's parts
@@ -127,11 +137,11 @@ def start_lines(summary):
     curves = []
     for c in sorted(pre, key=lambda c: (c["meta"].get("start", "spec"), c["meta"].get("arch", ""), c["seed"])):
         curve = (c.get("val") or {}).get("pretrain_curve") or []
-        name = c["meta"].get("start", "spec")
-        name = "main" if name == "spec" else name
+        start = c["meta"].get("start", "spec")
+        name = "main" if start == "spec" else start
         aa = cells.get(c["id"] + "-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
         acc = c["eval"]["accuracy"]
-        kept = best_epoch(curve, spec) if len(curve) > 1 and name != "e10" else (len(curve) or None, None)
+        kept = kept_epoch(curve, run_sets(spec, start)) if curve else (None, None)
         lines.append(f"| {name} | {c['seed']} | {len(curve) or '-'} | {kept[0] or '-'} | "
                      f"{'-' if kept[1] is None else f'{100 * kept[1]:.1f}'} | {100 * acc['natural']:.1f} | "
                      f"{100 * acc['pgd']:.1f} | {'-' if aa is None else f'{100 * aa:.1f}'} |")
@@ -181,9 +191,7 @@ def group_title(g, rs):
     mine = [r for r in rs if r["variant"] == g]
     if g[0] in TITLES and g[1:].isdigit():
         return f"{TITLES[g[0]]}, {g[1:]} epochs after pretraining"
-    start = mine[0]["start"] if mine else g
-    return f"from the start {start!r}, protocol {'(b)' if mine and mine[0]['setting'] != 'a' else '(a)'}, " \
-           f"{mine[0]['budget'] if mine else '?'} epochs"
+    return f"from the start {g!r}, {mine[0]['budget'] if mine else '?'} epochs, each row at its variant's settings"
 
 
 def groups(T):
@@ -194,8 +202,7 @@ def groups(T):
 
 
 def ranking(T, g, t):
-    keys = sorted((k for k in row_keys(T, g, t) if T.mean(k, "pgd") is not None), key=lambda k: -T.mean(k, "pgd"))
-    return keys
+    return sorted((k for k in row_keys(T, g, t) if T.mean(k, "pgd") is not None), key=lambda k: -T.mean(k, "pgd"))
 
 
 def discord(T, g, h, t, limit):
@@ -273,21 +280,21 @@ def q3(T, gs, dense):
     top = max(best)
     where = lambda x: f"{label(T.kept(x[1])[0])} in {x[1][0]} ({100 * x[0]:.0f} %)"  # noqa: E731
     return (f"yes: {', '.join(map(where, kept))}" if kept else f"no; the closest is {where(top)}") + \
-        f" of the dense start's {100 * dense:.1f} % (seed 0, 500 images)"
+        f" of the dense start's {100 * dense:.1f} % (seed 0)"
 
 
-def planned_rows(spec):
-    """How many pruning cells the spec plans (every run's seeds x targets x rows)."""
-    return sum(len(r["seeds"]) * len(r["targets"]) * (len(r["methods"]) + len(r["uniform"]))
-               for r in arena_runs(spec["arena"], spec)[0])
+def missing(summary):
+    """The planned cells (the summary's or the record's ``planned``) that have not finished."""
+    done = {c["id"] for c in summary["cells"]}
+    return [i for i in summary.get("planned", []) if i not in done]
 
 
-def claim(T, spec, missing):
+def claim(T, spec, still):
     """The paper's claim (ADMM beats magnitude pruning at high ratios), under protocol (b): ADMM's
     row of record against the better of one-shot and gradual, per target and budget; not decided
-    while ``missing`` cells are still to run."""
-    if missing:
-        return f"not decided ({missing} cells still to run)"
+    while cells (``still``) are to run."""
+    if still:
+        return f"{MISSING[:-1]}: {len(still)} still to run)"
     wins = n = 0
     for g in [g for g in groups(T) if g[0] == "b"]:
         for t in spec["arena"]["targets"]:
@@ -296,7 +303,7 @@ def claim(T, spec, missing):
             if admm in T.groups and T.kept(admm) and base:
                 n += 1
                 wins += better(T, admm, winner(T, base))
-    return "not decided (cells missing)" if not n else tally(wins, n)
+    return MISSING if not n else tally(wins, n)
 
 
 def cost_lines(summary, rs):
@@ -311,7 +318,7 @@ def cost_lines(summary, rs):
     parts = [f"{name} {len(v)} x median {statistics.median(v):.0f} s ({sum(v) / 60:.0f} min)"
              for name, v in sorted(kinds.items())]
     total = sum(sum(v) for v in kinds.values())
-    return [f"Cost, the cells' wall times (two cells at once on 2 cores): {'; '.join(parts)}; "
+    return [f"Cost, the cells' wall times ({summary['spec'].get('parallel', 1)} cells at once): {'; '.join(parts)}; "
             f"{total / 3600:.1f} h of cells in all.", ""]
 
 
@@ -334,10 +341,10 @@ def section(summary, plot_name=f"{STEM}.png"):
              "every cell. The "
              "rules were fixed in `experiments/arena_fair.yaml` before the runs; a missing cell shows as \"-\". "
              f"Cells finished: {sum(FINDING.number in c['finding'] for c in summary['cells'])}.", ""]
-    missing = planned_rows(spec) - len(rs)
-    if missing:
-        lines += [f"**The sweep is still running: {len(rs)} of the {planned_rows(spec)} pruning cells have finished. "
-                  "Every figure and answer below is provisional.**", ""]
+    still = missing(summary)
+    if still:
+        lines += [f"**The sweep is still running: {len(summary['cells'])} of its {len(summary['planned'])} cells have "
+                  "finished. Every figure and answer below is provisional.**", ""]
     lines += start_lines(summary) + lr_lines(rs) + setting_lines(settings)
     for g in groups(T):
         lines += [f"### {group_title(g, rs)}", ""]
@@ -346,7 +353,7 @@ def section(summary, plot_name=f"{STEM}.png"):
                 lines += table_lines(T, g, t, (g, t, "oneshot", A["allocation"]))
     lines += ["### Answers to the pre-registered questions", ""] + answers(T, spec, limit, dense_aa(summary)) + [""]
     lines += [f"The paper's claim (ADMM beats magnitude pruning at high ratios), at each method's own protocol. "
-              f"Verdict: {claim(T, spec, missing)}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
+              f"Verdict: {claim(T, spec, still)}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
     dropped = [r["id"] for r in rs if r["excluded"]]
     lines += ["Seeds dropped as not converged (largest pruned energy above 5 %): " + (", ".join(dropped) or "none") + ".", ""]
     return "\n".join(lines + cost_lines(summary, rs)), rs
@@ -401,19 +408,19 @@ def after_b12(summary):
         raise UserError(f"the 12-epoch protocol-(b) candidates have not all finished (waiting: {', '.join(waiting) or 'all'})")
     alloc = lambda m: ARENA[m].get("allocation", A["allocation"])  # noqa: E731
     methods = sorted({k[0] for k in twelve if k[1] == 0.99}, key=list(METHODS).index)
-    ranked = sorted(methods, key=lambda m: -(T.mean(("b12", 0.99, m, alloc(m)), "pgd") or -1))
+    mean = lambda m: T.mean(("b12", 0.99, m, alloc(m)), "pgd")  # noqa: E731
+    ranked = sorted(methods, key=lambda m: -1 if mean(m) is None else -mean(m))
     order = ["a"] + [r["setting"] for r in runs if r.get("setting")]
     lines = ["# ResNet-18 rows (PLANNER 1): the best three under (b) at 99 %, 12 epochs, then HYDRA and HARP"]
     for m in ranked[:3] + [m for m in ("hydra", "harp") if m not in ranked[:3]]:
         picks = [v for k, v in twelve.items() if k[0] == m and k[1] == 0.99]
         s = max(dict.fromkeys(sorted(picks, key=order.index)), key=picks.count)
-        mean = T.mean(("b12", 0.99, m, alloc(m)), "pgd")
         base = f"methods: [{m}], " if s == "a" else f"<<: *{s}, "
         extra = ", harp_from: r18-harp" if m == "admm_harp" else ""
         lines.append(f"r18-{m}: {{{base}seeds: [0, 1], targets: [0.99], start: r18{extra}}}"
-                     f"   # setting {s} ({', '.join(picks)}), PGD-20 {100 * mean:.1f}")
-    chosen = [r["id"] for r in rs if r["seed"] == 0 and r["budget"] == 12 and r["setting"] != "a"
-              and settings.get((r["method"], r["target"], 12, 0)) == r["setting"]]
+                     f"   # setting {s} ({', '.join(picks)}), PGD-20 {100 * mean(m):.1f}")
+    chosen = [r["id"] for k, group in T.groups.items() if k[0] == "b12" for r in group
+              if r["seed"] == 0 and r["setting"] != "a"]
     return lines + ["# autoattack.cells, the 12-epoch rows of record of seed 0 that are not protocol-(a) cells:",
                     f"[{', '.join(sorted(chosen))}]"]
 
@@ -433,12 +440,9 @@ FINDING = Finding(5, "ADMM beats magnitude pruning at high ratios", "arena", pla
 
 
 def main(argv=None):
-    """``--after-b12``: print PLANNER 1's spec lines instead of writing the section."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "--after-b12" not in argv:
-        return cli(write, STEM, __doc__.splitlines()[0], argv)
-    return cli(lambda summary, out: "\n".join(after_b12(summary)), STEM, __doc__.splitlines()[0],
-               [a for a in argv if a != "--after-b12"])
+    return cli(write, STEM, __doc__.splitlines()[0], argv,
+               [("--after-b12", "print the spec lines of PLANNER step 1 (ResNet-18 rows, AutoAttack ids) instead",
+                 lambda summary, out: "\n".join(after_b12(summary)))])
 
 
 if __name__ == "__main__":

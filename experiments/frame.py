@@ -199,16 +199,20 @@ def write_section(summary, out, stem, plot_fn, section_fn):
     return text
 
 
-def cli(write_fn, stem, description, argv=None):
-    """``--summary`` (default runs/experiments/<stem>/summary.json) -> ``write_fn`` into ``--out``.
-    A missing or damaged summary is one line, exit 2."""
+def cli(write_fn, stem, description, argv=None, modes=()):
+    """``--summary`` (default runs/experiments/<stem>/summary.json) -> ``write_fn`` into ``--out``,
+    or the function of the first ``modes`` flag given ((flag, help, fn(summary, out)) each). A
+    missing or damaged summary is one line, exit 2."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--summary", default=f"runs/experiments/{stem}/summary.json")
     p.add_argument("--out", default="docs", help="folder for the plot; the section goes to <out>/results/")
+    for flag, text, _ in modes:
+        p.add_argument(flag, action="store_true", help=text)
     a = p.parse_args(argv)
+    fn = next((f for flag, _, f in modes if getattr(a, flag[2:].replace("-", "_"))), write_fn)
 
     def run():
         summary = read_summary(a.summary, f"python experiments/sweep.py --spec experiments/{stem}.yaml")
-        print(write_fn(summary, a.out))
+        print(fn(summary, a.out))
         return 0
     return run_cli(run)

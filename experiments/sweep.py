@@ -323,10 +323,20 @@ def stored(sweep):
 
 def write_record(sweep, results):
     """The spec's ``record``: a file in the repository that keeps every finished cell's record
-    (the ones stored before, updated by ``results``), sorted by id, with the spec: the summary the
-    report reads, and what a later session starts from where the run folders are gone."""
+    (the ones stored before, updated by ``results``; only cells the spec still plans), sorted by
+    id, with the spec and the planned ids: the summary the report reads, and what a later session
+    starts from where the run folders are gone. Its commands name the sweep's folder ``{out}``,
+    the repository ``.`` and the interpreter ``python``, so it holds no machine's paths."""
+    planned = [c["id"] for c in plan(sweep.spec)]
     cells = {**stored(sweep), **{r["id"]: r for r in results}}
-    write_json(sweep.record, {"spec": sweep.spec, "cells": [cells[k] for k in sorted(cells)]})
+    cells = {k: {**cells[k], "commands": [portable(sweep, cmd) for cmd in cells[k].get("commands", [])]}
+             for k in sorted(cells) if k in planned}
+    write_json(sweep.record, {"spec": sweep.spec, "planned": planned, "cells": list(cells.values())})
+
+
+def portable(sweep, cmd):
+    """A recorded command line without this machine's paths (``write_record``)."""
+    return cmd.replace(sweep.out, "{out}").replace(PYTHON + " ", "python ").replace(ROOT + os.sep, "")
 
 
 def restore(sweep, cells, log):
@@ -385,19 +395,21 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             log(f"wait  {c['id']} (job {job.job_id}, submitted before)")
             running[job] = c
     while pending or running:
-        for c in list(pending):  # cells whose inputs failed cannot run; lost inputs run again
+        for c in list(pending):  # cells whose inputs failed cannot run
             bad = [d for d in c["deps"] if d in failed]
             if bad:
                 failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
                 pending.remove(c)
-                continue
-            for d in c["deps"]:
-                if d in done and not os.path.isfile(sweep.output(by_id[d])):
-                    done.discard(d)
-                    again[d] = read_cell(sweep.result(d))
-                    pending.insert(0, by_id[d])
-                    log(f"again {d}: {c['id']} needs its checkpoint, which is not here; it runs again "
-                        "and must give its recorded figures")
+        lost = True
+        while lost:  # done cells whose checkpoint a pending cell needs and is not here run again first
+            lost = [(d, c["id"]) for c in pending for d in c["deps"]
+                    if d in done and not os.path.isfile(sweep.output(by_id[d]))]
+            for d, cid in dict(lost).items():
+                done.discard(d)
+                again[d] = read_cell(sweep.result(d))
+                pending.insert(0, by_id[d])
+                log(f"again {d}: {cid} needs its checkpoint, which is not here; it runs again "
+                    "and must give its recorded figures")
         for c in list(pending):
             if len(running) >= launcher.parallel:
                 break

@@ -40,7 +40,8 @@ def run_in_process(args, cwd=ROOT):
     """(exit status, stdout, stderr) of ``python *args``, run in this process: the script's own
     ``__main__`` block with its argv, folder and import path, without a new interpreter's ~2 s of
     imports. For commands that stop on their input or only read; a run that trains gets a process
-    of its own (it sets up logging and threads)."""
+    of its own (it sets up logging and threads), and so does a test whose point is a fresh
+    interpreter (test_docs.py: the scripts' imports and logging kept out of the test process)."""
     script, out, err = os.path.join(cwd, args[0]), io.StringIO(), io.StringIO()
     argv, path, here = sys.argv, list(sys.path), os.getcwd()
     try:

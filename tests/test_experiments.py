@@ -309,9 +309,9 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
     spec = sweep.load_spec(os.path.join(ROOT, "experiments", "quick.yaml"))
     spec["record"] = str(tmp_path / "record.json")  # absolute: os.path.join(ROOT, it) is itself
     both = sweep.select(sweep.plan(spec), "oneshot-lamp-t90-main,admm-lamp-t90-main")
-    pre, one, grad = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "admm-lamp-t90-main-s0"
-    assert sorted(c["id"] for c in both) == sorted([pre, one, grad])
-    figures, calls = {pre: 0.5, one: 0.25, grad: 0.125}, []
+    pre, one, admm = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "admm-lamp-t90-main-s0"
+    assert sorted(c["id"] for c in both) == sorted([pre, one, admm])
+    figures, calls = {pre: 0.5, one: 0.25, admm: 0.125}, []
 
     def fake_run_cell(self, cell):  # writes what a real cell writes, with the figure the test sets
         calls.append(cell["id"])
@@ -328,26 +328,36 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
         done, failed, _ = sweep.run_cells(s, cells, make_launcher("local", 1, s.out, {}), "quick", s.out, 0, log.append)
         return done, failed, log
 
-    session("first", [c for c in both if c["id"] != grad])
+    session("first", [c for c in both if c["id"] != admm])
     assert calls == [pre, one]
     record = json.loads((tmp_path / "record.json").read_text())
     assert [c["id"] for c in record["cells"]] == sorted([pre, one]) and record["spec"]["name"] == "quick"
     # A new session: both restored; the new cell needs the pretrained checkpoint, so it runs again first.
     calls.clear()
     done, failed, log = session("second", both)
-    assert calls == [pre, grad] and not failed and done == {pre, one, grad}
+    assert calls == [pre, admm] and not failed and done == {pre, one, admm}
     assert "2 finished cells restored from" in log[0]
-    assert any(line.startswith(f"again {pre}: {grad} needs its checkpoint") for line in log)
+    assert any(line.startswith(f"again {pre}: {admm} needs its checkpoint") for line in log)
     kept = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
-    assert kept[pre]["wall_s"] == 1 and set(kept) == {pre, one, grad}  # the first record, not the rerun's
+    assert kept[pre]["wall_s"] == 1 and set(kept) == {pre, one, admm}  # the first record, not the rerun's
     # The rerun gives another figure: it fails, and so does the cell that starts from it.
     calls.clear()
     figures[pre] = 0.75
     record = json.loads((tmp_path / "record.json").read_text())
-    record["cells"] = [c for c in record["cells"] if c["id"] != grad]
+    record["cells"] = [c for c in record["cells"] if c["id"] != admm]
     (tmp_path / "record.json").write_text(json.dumps(record))
     done, failed, log = session("third", both)
-    assert calls == [pre] and set(failed) == {pre, grad}
+    assert calls == [pre] and set(failed) == {pre, admm}
     assert "ran again for its checkpoint, it gave {'natural': 0.75} against its record {'natural': 0.5}" in failed[pre]
-    assert failed[grad] == f"needs {pre}, which failed"
+    assert failed[admm] == f"needs {pre}, which failed"
     assert json.loads((tmp_path / "third" / "cells" / f"{pre}.json").read_text())["wall_s"] == 1
+    # Two deep: the new cell needs HARP's checkpoint only, and HARP needs the pretrained one; both
+    # are gone, so both run again, the pretrained first.
+    figures[pre] = 0.5
+    harp, on_harp = "harp-learned-t90-main-s0", "admm_harp-harp-t90-main-s0"
+    chain = {c["id"]: c for c in sweep.select(sweep.plan(spec), on_harp)}
+    figures.update({harp: 0.375, on_harp: 0.0625})
+    session("fourth", [chain[pre], chain[harp]])
+    calls.clear()
+    done, failed, log = session("fifth", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}])
+    assert calls == [pre, harp, on_harp] and not failed
