@@ -73,12 +73,9 @@ def choose(rs, spec):
     runs = arena_runs(spec["arena"], spec)[0]
     order = [r["name"] for r in runs]
     chosen, settings = [], {}
-    for r in [r for r in runs if r.get("setting") and not r["start"]]:
-        for method in r["methods"]:
-            for t in r["targets"]:
-                for seed in r["seeds"]:
-                    settings.setdefault((method, t, r["budget"], seed), set())
-    for key in settings:
+    keys = dict.fromkeys((m, t, r["budget"], seed) for r in runs if r.get("setting") and not r["start"]
+                         for m in r["methods"] for t in r["targets"] for seed in r["seeds"])
+    for key in keys:
         method, t, budget, seed = key
         names = [r["name"] for r in runs if not r["start"] and r["budget"] == budget and method in r["methods"]
                  and t in r["targets"] and seed in r["seeds"]]
