@@ -400,16 +400,7 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             if bad:
                 failed[c["id"]] = f"needs {', '.join(bad)}, which failed"
                 pending.remove(c)
-        lost = True
-        while lost:  # done cells whose checkpoint a pending cell needs and is not here run again first
-            lost = [(d, c["id"]) for c in pending for d in c["deps"]
-                    if d in done and not os.path.isfile(sweep.output(by_id[d]))]
-            for d, cid in dict(lost).items():
-                done.discard(d)
-                again[d] = read_cell(sweep.result(d))
-                pending.insert(0, by_id[d])
-                log(f"again {d}: {cid} needs its checkpoint, which is not here; it runs again "
-                    "and must give its recorded figures")
+        requeue_lost(sweep, by_id, done, pending, again, log)
         for c in list(pending):
             if len(running) >= launcher.parallel:
                 break
@@ -435,6 +426,22 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
         write_summary(sweep, cells, failed, t_start, False)
     launcher.close()
     return done, failed, pending
+
+
+def requeue_lost(sweep, by_id, done, pending, again, log):
+    """Done cells whose checkpoint a pending cell needs and is not here (a record restored from an
+    earlier session) go back to the front of ``pending``, their records kept in ``again``; repeated
+    until none is left, so a lost input's own lost inputs run first."""
+    lost = True
+    while lost:
+        lost = [(d, c["id"]) for c in pending for d in c["deps"]
+                if d in done and not os.path.isfile(sweep.output(by_id[d]))]
+        for d, cid in dict(lost).items():
+            done.discard(d)
+            again[d] = read_cell(sweep.result(d))
+            pending.insert(0, by_id[d])
+            log(f"again {d}: {cid} needs its checkpoint, which is not here; it runs again "
+                "and must give its recorded figures")
 
 
 def check_again(sweep, record, res):
