@@ -18,8 +18,8 @@ cells, the plan, what failed), so the report can be made from a sweep that is st
 
 Across sessions, where the run folders do not last: a spec's ``record`` names a file in the
 repository that keeps every finished cell's record (commit it). A sweep restores the cells it
-holds as done; a done cell whose checkpoint a cell still to run needs runs again first, and must
-give the figures of its record (the scripts are deterministic on one machine at one thread).
+holds as done; a done cell whose checkpoint a cell still to run needs runs again, just before
+the first cell that needs it, and must give the figures of its record (the scripts are deterministic on one machine at one thread).
 
 Output folder (default ``runs/experiments/<spec name>``): ``cells/<id>.json``, ``summary.json``,
 ``sweep.log``, and one run folder per cell under ``runs/<id>/`` (checkpoints, logs).
@@ -376,8 +376,8 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     """Run the cells not done yet through ``launcher`` (``launch.py``: ``parallel`` at once), each
     once its inputs are done; a failed cell fails the cells that need it. A done cell whose
     checkpoint a cell still to run needs, and which is not here (a record restored from an earlier
-    session), runs again first and must give the figures of its record. Returns (done ids,
-    {failed id: reason}, cells not run)."""
+    session), runs again just before the first cell that needs it and must give the figures of its
+    record. Returns (done ids, {failed id: reason}, cells not run)."""
     by_id = {c["id"]: c for c in cells}
     done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
@@ -429,19 +429,21 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
 
 
 def requeue_lost(sweep, by_id, done, pending, again, log):
-    """Done cells whose checkpoint a pending cell needs and is not here (a record restored from an
-    earlier session) go back to the front of ``pending``, their records kept in ``again``; repeated
-    until none is left, so a lost input's own lost inputs run first."""
-    lost = True
-    while lost:
-        lost = [(d, c["id"]) for c in pending for d in c["deps"]
-                if d in done and not os.path.isfile(sweep.output(by_id[d]))]
-        for d, cid in dict(lost).items():
-            done.discard(d)
-            again[d] = read_cell(sweep.result(d))
-            pending.insert(0, by_id[d])
-            log(f"again {d}: {cid} needs its checkpoint, which is not here; it runs again "
-                "and must give its recorded figures")
+    """A done cell whose checkpoint a pending cell needs and is not here (a record restored from an
+    earlier session) goes back into ``pending`` just before the first cell that needs it, so it
+    runs in that cell's turn of the spec's priority order; its record is kept in ``again``.
+    Repeated until none is left, so a lost input's own lost inputs run before it."""
+    while True:
+        lost = next(((c, d) for c in pending for d in c["deps"]
+                     if d in done and not os.path.isfile(sweep.output(by_id[d]))), None)
+        if lost is None:
+            return
+        c, d = lost
+        done.discard(d)
+        again[d] = read_cell(sweep.result(d))
+        pending.insert(pending.index(c), by_id[d])
+        log(f"again {d}: {c['id']} needs its checkpoint, which is not here; it runs again "
+            "and must give its recorded figures")
 
 
 def check_again(sweep, record, res):

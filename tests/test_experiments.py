@@ -361,3 +361,10 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
     calls.clear()
     done, failed, log = session("fifth", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}])
     assert calls == [pre, harp, on_harp] and not failed
+    # A lost input runs in the turn of the first cell that needs it, after the cells ahead of that
+    # cell in the spec's order (not first of all).
+    figures.update({"free": 0.5, "late": 0.25})
+    calls.clear()
+    done, failed, log = session("sixth", [chain[pre], {**chain[harp], "id": "free", "deps": []},
+                                          {**chain[on_harp], "id": "late", "deps": [pre]}])
+    assert calls == ["free", pre, "late"] and not failed
