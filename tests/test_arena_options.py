@@ -293,17 +293,20 @@ def test_fair_arena_plan_budgets_starts_and_per_target_sets():
 
 
 def test_early_stopping_resumes_to_the_same_decision_and_weights(tmp_path):
-    # 16 steps per epoch: stopped at step 4 of epoch 9, after the best (8) was seen and kept
+    # 16 steps per epoch. The uninterrupted run stops after epoch E (which E depends on the CPU's
+    # float sums); the second is stopped at step 4 of that last epoch, after the best was kept.
     from common import load_checkpoint
     from training.stops import Interrupted
 
     from helpers import StopAt
 
-    whole, _ = _pretrain(tmp_path / "a")
+    whole, rows = _pretrain(tmp_path / "a")
+    stop = whole["metrics"]["early_stop"]
+    assert stop["stopped_early"] and stop["best_epoch"] < len(rows)
     with pytest.raises(Interrupted):
-        _pretrain(tmp_path / "b", stop=StopAt(8 * 16 + 4))
+        _pretrain(tmp_path / "b", stop=StopAt((len(rows) - 1) * 16 + 4))
     last = load_checkpoint(str(tmp_path / "b" / "pretrain.last.pt"))
-    assert last["epoch"] == 8 and last["early_stop"]["best_epoch"] == 8
+    assert last["epoch"] == len(rows) - 1 and last["early_stop"]["best_epoch"] == stop["best_epoch"]
     resumed, rows = _pretrain(tmp_path / "b", resume=last)
     assert resumed["metrics"]["early_stop"] == whole["metrics"]["early_stop"]
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])

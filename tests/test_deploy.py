@@ -5,7 +5,6 @@ line naming the install."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from common import UserError, save_checkpoint
 from config import load_config
 from data import INFO, batches, load_data
 from models import model_from_config
+import forkserver
 from helpers import ROOT, inputs, make, max_rel_diff, quantized_lenet, script_env
 
 ONNX, SAFETENSORS = formats.FORMATS["onnx"], formats.FORMATS["safetensors"]
@@ -93,7 +93,7 @@ def test_export_script_onnx_checks_test_accuracy_against_an_independent_count(tm
     save_checkpoint({"stage": "retrain", "epoch": 1, "arch": "lenet", "width": 4, "dataset": "demo", "config": cfg,
                      "model": masked.state_dict(), "masks": None}, str(ckpt))
     js = tmp_path / "fig.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(ckpt), "--format", "onnx",
+    proc = forkserver.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(ckpt), "--format", "onnx",
                            "--json", str(js), "--no-latency"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import torch
+import forkserver
 from helpers import ROOT, script_env
 
 # SGD, not Adam: Adam's update is ~lr * sign(grad) for tiny gradients, which turns float-rounding
@@ -50,7 +51,7 @@ def test_autocast_settings_are_a_noop_on_cpu(tmp_path):
 
     def final(out, *extra):
         sets = [a for o in (*base, *extra) for a in ("--set", o)]
-        proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
+        proc = forkserver.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
                               cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env=script_env())
         assert proc.returncode == 0, proc.stderr[-3000:]

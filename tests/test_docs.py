@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import pytest
+import forkserver
 from helpers import ROOT, script_env
 
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -217,7 +218,7 @@ def parsed():
     """{command id: the parse result} of every command that runs one of the project's scripts."""
     todo = [c for c in all_commands() if c["script"].endswith(".py") and os.path.isfile(os.path.join(ROOT, c["script"]))
             and not c["synopsis"]]
-    proc = subprocess.run([sys.executable, "-c", PARSER], input=json.dumps([[c["script"], c["args"]] for c in todo]),
+    proc = forkserver.run([sys.executable, "-c", PARSER], input=json.dumps([[c["script"], c["args"]] for c in todo]),
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert "@@RESULTS@@" in proc.stdout, proc.stderr[-3000:]
     return dict(zip([c["id"] for c in todo], json.loads(proc.stdout.split("@@RESULTS@@")[1])))
@@ -352,7 +353,7 @@ def test_command_runs(cmd):
     if cmd["marks"]:
         pytest.skip(f"needs: {', '.join(sorted(cmd['marks']))} (marked in {cmd['page']})")
     args = ["--help"] if cmd["synopsis"] else cmd["args"]
-    proc = subprocess.run([sys.executable, cmd["script"], *args], cwd=ROOT, capture_output=True, text=True,
+    proc = forkserver.run([sys.executable, cmd["script"], *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     if cmd["synopsis"]:

@@ -2,7 +2,6 @@
 sanity checks on a planted masked model, the L2 threat model, the worst case, the reference
 AutoAttack and its own checks, and eval.py end to end."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from attacks import PGD, AutoAttack
 from evaluation.accuracy import check_attacks, correct_per_example, standard_attacks
 from evaluation.checks import noise, sanity_warnings
 from evaluation.report import report
+import forkserver
 from helpers import ROOT, script_env, train_lenet
 
 # Subprocesses run on one thread, like the in-process tests (conftest.py): on a busy 2-core machine
@@ -366,7 +366,7 @@ def run_eval(*args, pre=""):
     """eval.py as a user runs it; ``pre`` is Python run first in the same process (to hide a package)."""
     code = (f"{pre or 'pass'}; import sys, runpy; sys.argv = ['eval.py', *sys.argv[1:]]; "
             "runpy.run_path('eval.py', run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+    return forkserver.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -376,7 +376,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     sets = ["data.train_limit=500", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "adv.steps=2",
             "eval.steps=2", "eval.limit=100"]
-    proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
+    proc = forkserver.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
                            *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

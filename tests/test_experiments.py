@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ROOT, script_env
+import forkserver
+from helpers import ROOT, SCRIPT_ENV, script_env
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from inherit import inherit, inherited_checkpoint  # noqa: E402
@@ -158,11 +159,20 @@ def test_plan_shares_the_large_pretrained_model():
     assert all(d in cells for c in cells.values() for d in c["deps"])
 
 
-def test_quick_sweep_end_to_end(tmp_path):
+def test_quick_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """The quick sweep and its report. The driver runs in this process; the scripts of its 58
+    commands run as processes of their own, forked from one that has imported torch
+    (``forkserver``), which saves about two minutes of imports."""
+    import sweep
     out, docs = tmp_path / "sweep", tmp_path / "docs"
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
-                                    timeout=600, env=script_env())
-    proc = run("experiments/sweep.py", "--quick", "--out", str(out))
+    for key, value in SCRIPT_ENV.items():  # the cells' environment (sweep.Sweep copies this one)
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(subprocess, "run", forkserver.run)
+
+    def run(*args):
+        code = sweep.main(list(args))
+        return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+    proc = run("--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and not summary["failed"]
@@ -182,16 +192,17 @@ def test_quick_sweep_end_to_end(tmp_path):
     assert 6 in cells["pre-adv-w1-s0"]["finding"]  # the dense reference, shared with findings 1 and 5
 
     # Resumable: a second run finds every cell done and runs nothing.
-    again = run("experiments/sweep.py", "--quick", "--out", str(out))
+    again = run("--quick", "--out", str(out))
     assert again.returncode == 0 and f"{len(summary['planned'])} already done" in again.stdout
     # An empty cell record is not "done": the cell runs again (its stages are done: only its evaluation).
     (out / "cells" / "pre-nat-w1-s0.json").write_text("")
-    again = run("experiments/sweep.py", "--quick", "--out", str(out))
+    again = run("--quick", "--out", str(out))
     assert again.returncode == 0 and f"{len(summary['planned']) - 1} already done" in again.stdout
     assert "pre-nat-w1-s0.json is empty or damaged: the cell runs again" in again.stdout
     assert json.loads((out / "cells" / "pre-nat-w1-s0.json").read_text())["id"] == "pre-nat-w1-s0"
 
-    proc = run("experiments/report.py", "--summary", str(out / "summary.json"), "--out", str(docs))
+    proc = forkserver.run([sys.executable, "experiments/report.py", "--summary", str(out / "summary.json"), "--out",
+                           str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (docs / "RESULTS.md").read_text()
     for n in range(1, 7):
@@ -215,7 +226,7 @@ def test_submitit_local_launcher_runs_cells_as_jobs_and_never_twice(tmp_path):
     out = tmp_path / "sweep"
     args = ["experiments/sweep.py", "--quick", "--out", str(out), "--launcher", "submitit-local",
             "--only", "oneshot-lamp-t90-main"]
-    run = lambda: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+    run = lambda: forkserver.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
                                  timeout=600, env=script_env())
     proc = run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,6 @@ files are refused, and the export is plain data."""
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +21,7 @@ from common import UserError, run_cli, save_checkpoint
 from config import load_config
 from data import INFO
 from models import model_from_config
+import forkserver
 from helpers import ROOT, SETUPS, inputs, make, max_rel_diff, script_env
 
 SCHEMES = ("irregular", "filter", "column")
@@ -250,14 +250,14 @@ def test_export_script_on_a_checkpoint(tmp_path):
                      "model": masked.state_dict(), "masks": None}, str(ckpt))
     out, js = tmp_path / "model.export.pt", tmp_path / "fig.json"
     cmd = [sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(ckpt), "--out", str(out), "--json", str(js)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
+    proc = forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "channels kept: conv1 1/4, conv2 2/8, fc1 32/128" in proc.stdout
     assert os.path.getsize(out) < os.path.getsize(ckpt) / 3
     model, cfg2, meta = formats.load_model(str(out))
     assert meta["format"] == "export" and meta["compression"]["bytes"]["export"] == os.path.getsize(out)
     assert meta["sparsity"]["type"] == "filter" and cfg2 == cfg
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())  # no silent overwrite
+    again = forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())  # no silent overwrite
     assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
 
 

@@ -2,10 +2,10 @@
 and on synthetic CIFAR-shaped data."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import forkserver
 from helpers import ROOT, run_in_process, script_env
 
 
@@ -16,7 +16,7 @@ FAST = ["data.train_limit=500", "pretrain.epochs=5", "pretrain.lr=0.005", "admm.
 
 
 def run(script, *args):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+    proc = forkserver.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=script_env())
     return proc
 

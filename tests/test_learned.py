@@ -3,7 +3,6 @@ gamma, resume mid-stage, and a score stage's checkpoint read by eval.py and expo
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,6 +22,7 @@ from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.stops import Interrupted
 from training.state import TrainState
+import forkserver
 from helpers import ROOT, StopAt, script_env
 
 CPU = torch.device("cpu")
@@ -187,7 +187,7 @@ def test_resume_mid_stage_is_bit_identical(kind, tmp_path):
 def test_hydra_checkpoint_is_a_plain_model_that_eval_and_export_read(tmp_path):
     sets = ["data.train_limit=256", "pretrain.epochs=1", "admm.epochs=1", "retrain.epochs=1", "adv.steps=1",
             "eval.steps=1", "eval.limit=50", "prune.method=hydra", "prune.target=0.95", "prune.allocation=lamp"]
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600,  # noqa: E731
+    run = lambda *a: forkserver.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600,  # noqa: E731
                                     env=script_env())
     proc = run("adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path),
                *[x for s in sets for x in ("--set", s)])

@@ -2,7 +2,6 @@
 papers' definitions, their inner attacks, and which training methods they combine with."""
 import copy
 import math
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from config import load_config
 from training.losses import MART, TRADES, CleanTarget
 from training.methods import AttackTraining, make_method, train_step
 from models import build_model
+import forkserver
 from helpers import ROOT, script_env
 
 
@@ -160,7 +160,7 @@ def test_resume_mid_stage_is_bit_identical(tmp_path, loss):
 
     def run(out, *extra, signal_at=None):
         env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
-        return subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
+        return forkserver.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
                                "--stage", "pretrain", *[a for s in sets for a in ("--set", s)], *extra],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

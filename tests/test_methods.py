@@ -1,7 +1,6 @@
 """The fast adversarial training methods: each runs all three stages and keeps exact sparsity;
 their training steps do what the papers say."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import data as data_lib
 from config import load_config
 from training.methods import AttackTraining, Free, Natural, free_step, make_method, train_step
 from models import build_model
+import forkserver
 from helpers import ROOT, script_env
 
 
@@ -19,7 +19,7 @@ from helpers import ROOT, script_env
 def test_method_runs_all_stages_with_exact_sparsity(tmp_path, method):
     sets = ["data.train_limit=512", "pretrain.epochs=2", "admm.epochs=2", "retrain.epochs=2", "adv.steps=2",
             "eval.steps=2", "eval.limit=100", f"adv.method={method}", "adv.free_replays=2"]
-    proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path),
+    proc = forkserver.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path),
                            *[a for o in sets for a in ("--set", o)]], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,6 @@ HARP ship, read by eval.py's and export.py's reader and by --init. Expected valu
 model that wrote the file, or from a hand-written masked forward (torch.nn.functional) and a
 count of kept weights done here from the scores, never from the code under test."""
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ import config
 from common import LOG, UserError
 from deploy import formats
 from models import build_model
+import forkserver
 from helpers import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_harp_checkpoint_uses_its_learned_rates(tmp_path, lenet):
 
 def test_hydra_checkpoint_without_k_is_one_line_exit_2(tmp_path, lenet):
     path = saved(tmp_path, "hydra.pt", {"state_dict": subnet_state(lenet)})
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(path), "--config", "configs/demo.yaml",
+    proc = forkserver.run([sys.executable, "eval.py", "--ckpt", str(path), "--config", "configs/demo.yaml",
                            "--set", "model.width=1", "--attacks", "natural", "--limit", "10"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
     assert proc.returncode == 2, proc.stderr
@@ -185,7 +185,7 @@ def test_hydra_checkpoint_exports_and_fine_tunes(tmp_path, lenet):
     path = saved(tmp_path, "hydra.pt", {"state_dict": sd})
     common = ["--config", "configs/demo.yaml", "--set", "model.width=1", "--set", "subnet.k=0.3"]
     out = tmp_path / "h.export.pt"
-    proc = subprocess.run([sys.executable, "export.py", "--ckpt", str(path), "--out", str(out), "--no-latency", *common],
+    proc = forkserver.run([sys.executable, "export.py", "--ckpt", str(path), "--out", str(out), "--no-latency", *common],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     model, _, _ = formats.load_exported(str(out))
@@ -194,7 +194,7 @@ def test_hydra_checkpoint_exports_and_fine_tunes(tmp_path, lenet):
     with torch.no_grad():
         torch.testing.assert_close(model(X), lenet_by_hand(masked, X), rtol=0, atol=1e-5)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "main.py", *common, "--out", str(run), "--stage", "retrain", "--init", str(path),
+    proc = forkserver.run([sys.executable, "main.py", *common, "--out", str(run), "--stage", "retrain", "--init", str(path),
                            "--set", "retrain.epochs=1", "--set", "data.train_limit=128", "--set", "eval.limit=50"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
@@ -217,7 +217,7 @@ def test_non_finite_weights_are_refused_everywhere(tmp_path):
                 ["export.py", "--ckpt", str(path), "--out", str(tmp_path / "e.pt")],
                 ["main.py", "--config", "configs/demo.yaml", "--set", "model.width=1", "--stage", "retrain",
                  "--init", str(path), "--out", str(tmp_path / "run")]):
-        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
+        proc = forkserver.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
         assert proc.returncode == 2, (cmd, proc.stderr)
         line, = proc.stderr.strip().splitlines()
         assert "fc1.weight holds 3 NaN or inf values" in line, line
@@ -234,7 +234,7 @@ def test_a_folder_or_an_export_given_as_a_checkpoint_is_called_so(tmp_path):
         formats.read_checkpoint(golden, None, "--init")
     with pytest.raises(UserError, match=r"is an export \(torch, written by export.py\).*eval.py --ckpt"):
         formats.read_checkpoint(os.path.join(golden, "retrain.export.pt"), None, "--init")
-    proc = subprocess.run([sys.executable, "export.py", "--ckpt", os.path.join(golden, "retrain.pt"), "--out",
+    proc = forkserver.run([sys.executable, "export.py", "--ckpt", os.path.join(golden, "retrain.pt"), "--out",
                            str(tmp_path / "g.export.safetensors"), "--no-latency"], cwd=ROOT, capture_output=True, timeout=300, env=script_env())
     assert proc.returncode == 0
     with pytest.raises(UserError, match=r"is an export \(safetensors, written by export.py\).*--init needs"):
@@ -255,7 +255,7 @@ def test_a_truncated_file_is_one_line(tmp_path, lenet):
 def test_a_folder_as_rates_from_or_init_is_called_a_folder(tmp_path):
     for extra in (["--set", "prune.allocation=from_checkpoint", "--set", "prune.target=0.5",
                    "--set", f"prune.rates_from={tmp_path}"], ["--init", str(tmp_path)]):
-        proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--set", "model.width=1",
+        proc = forkserver.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--set", "model.width=1",
                                "--stage", "admm", "--out", str(tmp_path / "run"), *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
         assert proc.returncode == 2, proc.stderr

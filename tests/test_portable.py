@@ -5,7 +5,6 @@ the source's accuracies; dense MACs agree with torch's FlopCounterMode; ``determ
 repeat bit for bit."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deploy import formats
 from deploy import measure
 from models import build_model
+import forkserver
 from helpers import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ print(json.dumps({"pt2": (a.argmax(1) == y).float().mean().item(), "safetensors"
 
 
 def export(ckpt, out, fmt, *extra):
-    proc = subprocess.run([sys.executable, "export.py", "--ckpt", ckpt, "--out", str(out), "--format", fmt,
+    proc = forkserver.run([sys.executable, "export.py", "--ckpt", ckpt, "--out", str(out), "--format", fmt,
                            "--no-latency", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     return out
@@ -74,7 +74,7 @@ def fresh_process_check(ckpt, tmp_path):
     st = export(ckpt, tmp_path / "m.export.safetensors", "safetensors", "--storage", "compact")
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(pt2), str(st), os.path.join(ROOT, "data", "mnist_5k.npz")],
+    proc = forkserver.run([sys.executable, "-I", str(script), str(pt2), str(st), os.path.join(ROOT, "data", "mnist_5k.npz")],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
@@ -102,7 +102,7 @@ def test_eval_attacks_the_pt2_program_to_the_sources_accuracies(tmp_path):
     pt2 = export(GOLDEN, tmp_path / "g.export.pt2", "pt2")
     reports = {}
     for name, path in (("source", GOLDEN), ("pt2", str(pt2))):
-        proc = subprocess.run([sys.executable, "eval.py", "--ckpt", path, "--attacks", "natural,fgsm,pgd", "--steps", "5",
+        proc = forkserver.run([sys.executable, "eval.py", "--ckpt", path, "--attacks", "natural,fgsm,pgd", "--steps", "5",
                                "--no-checks", "--limit", "200", "--json", str(tmp_path / f"{name}.json")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
         assert proc.returncode == 0, proc.stderr
@@ -142,7 +142,7 @@ def test_dense_macs_match_torchs_flop_counter(arch, width, shape):
 def test_deterministic_runs_repeat_bit_for_bit(tmp_path):
     ckpts = []
     for run in ("a", "b"):
-        proc = subprocess.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path / run),
+        proc = forkserver.run([sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(tmp_path / run),
                                "--stage", "pretrain", "--set", "deterministic=true", "--set", "model.width=1",
                                "--set", "pretrain.epochs=1", "--set", "data.train_limit=256", "--set", "eval.limit=50",
                                "--set", "eval.steps=2", "--set", "adv.steps=2"],

@@ -3,7 +3,6 @@ the quantization projection, and the quantize stage."""
 import json
 import math
 import shutil
-import subprocess
 import sys
 import signal
 
@@ -16,6 +15,7 @@ from common import UserError
 from config import load_config
 from models import build_model
 from pruning.plan import make_stage, stage_names
+import forkserver
 from helpers import ROOT, script_env
 
 
@@ -327,7 +327,7 @@ def run_script(out, *sets, extra=(), signal_at=None):
     args = [sys.executable, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
     env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return forkserver.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ from deploy import formats
 from pruning import quant
 from deploy import storage
 from common import save_checkpoint
+import forkserver
 from helpers import ROOT, checkpoint, quantized_lenet, script_env
 
 
@@ -227,7 +227,7 @@ def test_round_to_nearest_baseline_is_the_quantize_stage_with_no_epochs(tmp_path
     model, cfg, masks, before, _ = quantized_lenet(0.75, "3")
     save_checkpoint(before, str(tmp_path / "pruned.pt"))
     out = tmp_path / "rtn"
-    proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--out", str(out),
+    proc = forkserver.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--out", str(out),
                            "--stage", "quantize", "--init", str(tmp_path / "pruned.pt"),
                            "--set", "model.width=2", "--set", "quant.bits.*=3", "--set", "quantize.epochs=0",
                            "--set", "data.train_limit=64"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import forkserver
 from helpers import ROOT, run_in_process
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -185,7 +186,7 @@ def test_results_regenerate_byte_identical_from_the_stored_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     same = lambda a, b: open(a, "rb").read() == open(b, "rb").read()  # noqa: E731
     assert same(tmp_path / "as_stored" / "results" / "paper_findings.json", os.path.join(docs, "results", "paper_findings.json"))
-    first = subprocess.run([sys.executable, "experiments/methods_report.py", "--summary", s["arena"], "--out", str(out)],
+    first = forkserver.run([sys.executable, "experiments/methods_report.py", "--summary", s["arena"], "--out", str(out)],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     for name in ("pruning_methods.md", "pruning_methods.json", "arena_fair.md", "arena_fair.json", "quantization.md",

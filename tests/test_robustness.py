@@ -15,6 +15,7 @@ import torch
 
 from deploy import formats
 from common import UserError, load_checkpoint, save_checkpoint
+import forkserver
 from helpers import ROOT, run_in_process, script_env
 
 SMALL = ["data.train_limit=640", "pretrain.epochs=2", "admm.epochs=4", "retrain.epochs=1", "adv.steps=2",
@@ -30,7 +31,7 @@ def run(args, signal_at=None):
     """``signal_at`` ("<stage>:<step>:<SIGNAME>"): the run sends itself that signal after that
     step (``training.SelfSignal``), a stop at a known point instead of a race with a timer."""
     env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return forkserver.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def weights(path):

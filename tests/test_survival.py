@@ -16,6 +16,7 @@ import torch
 
 from training import command as engine
 from common import UserError, load_checkpoint, run_cli
+import forkserver
 from helpers import ROOT, full_disk, script_env
 from training.rundir import RunFolder
 
@@ -65,7 +66,7 @@ def test_second_run_on_a_busy_folder_stops_at_once_and_touches_nothing(tmp_path)
             assert os.WIFSTOPPED(status), "the first run ended before it paused"
             before = files(out)
             assert "pretrain.last.pt" in before and "log.txt" in before
-            second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
+            second = forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=script_env())
             assert files(out) == before  # byte for byte
         finally:
             first.send_signal(signal.SIGCONT)
@@ -153,7 +154,7 @@ def test_a_real_3mb_disk_ends_the_run_with_one_line_and_resume_finishes_it(tmp_p
         pytest.skip("cannot mount a tmpfs here (needs root); the injected full disk above covers each write site")
     try:
         out = disk / "run"
-        proc = subprocess.run([sys.executable, "adv_main.py", *argv(out)], cwd=ROOT, capture_output=True, text=True,
+        proc = forkserver.run([sys.executable, "adv_main.py", *argv(out)], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env=script_env())
         assert proc.returncode == 2, proc.stderr
         line, = proc.stderr.strip().splitlines()
@@ -161,7 +162,7 @@ def test_a_real_3mb_disk_ends_the_run_with_one_line_and_resume_finishes_it(tmp_p
         assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
         assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0
         resume = shlex.split(line.split(" and continue with: ")[1])
-        proc = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        proc = forkserver.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env=script_env())
         assert proc.returncode == 0, proc.stderr[-2000:]
         final = torch.load(out / "retrain.pt", weights_only=True)["model"]

@@ -4,7 +4,6 @@ the tensorboard package, --tensorboard stops in one line."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import tblog
 from training import tensorboard
 from common import UserError
+import forkserver
 from helpers import ROOT, script_env
 
 
@@ -39,7 +39,7 @@ def test_training_with_tensorboard_writes_every_metrics_row(tmp_path):
     out = tmp_path / "run"
     small = ["data.train_limit=256", "pretrain.epochs=2", "admm.epochs=2", "retrain.epochs=1", "adv.steps=1",
              "eval.steps=1", "eval.limit=64"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "adv_main.py"), "--config", "configs/demo.yaml",
+    proc = forkserver.run([sys.executable, os.path.join(ROOT, "adv_main.py"), "--config", "configs/demo.yaml",
                            "--out", str(out), *[a for o in small for a in ("--set", o)], "--tensorboard"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_tensorboard_log_without_the_package_stops_with_one_line(tmp_path, monke
 def test_training_without_tensorboard_stops_before_training_in_one_line(tmp_path):
     code = ("import sys; sys.modules['torch.utils.tensorboard'] = None; sys.argv = sys.argv[1:]; "
             "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, "adv_main.py", "--config", "configs/demo.yaml",
+    proc = forkserver.run([sys.executable, "-c", code, "adv_main.py", "--config", "configs/demo.yaml",
                            "--out", str(tmp_path / "r"), "--tensorboard"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from models import build_model
 from training.rundir import RunFolder
 from pruning.plan import make_stage
 from training.state import EpochMeter, Schedule, TrainState, lr_at
+import forkserver
 from helpers import ROOT, script_env
 
 
@@ -60,7 +60,7 @@ def run_script(out, *sets, extra=(), script="adv_main.py", signal_at=None):
     args = [sys.executable, script, "--config", "configs/demo.yaml", "--out", str(out),
             *[a for o in sets for a in ("--set", o)], *extra]
     env = script_env(**({"ADMM_AT_TEST_SIGNAL": signal_at} if signal_at else {}))
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return forkserver.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def rows(out):
