@@ -1,6 +1,5 @@
 """DDP on CPU (gloo, 2 processes via torchrun): 2 x half batch == 1 x full batch, and the ranks'
 ADMM states agree (engine checks it at every Z/U update and logs it)."""
-import subprocess
 import sys
 
 import torch
@@ -18,7 +17,7 @@ SETTINGS = ["device=cpu", "data.train_limit=640", "pretrain.epochs=2", "admm.epo
 def _run(launcher, out, batch):
     sets = [a for o in (*SETTINGS, f"data.batch_size={batch}") for a in ("--set", o)]
     env = script_env()
-    proc = subprocess.run([*launcher, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
+    proc = forkserver.run([*launcher, "adv_main.py", "--config", "configs/demo.yaml", "--out", str(out), *sets],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
