@@ -353,7 +353,26 @@ def section(summary, plot_name=f"{STEM}.png"):
               f"Verdict: {claim(T, spec, still)}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
     dropped = [r["id"] for r in rs if r["excluded"]]
     lines += ["Seeds dropped as not converged (largest pruned energy above 5 %): " + (", ".join(dropped) or "none") + ".", ""]
-    return "\n".join(lines + cost_lines(summary, rs)), rs
+    return "\n".join(lines + rebuilt_lines(summary) + cost_lines(summary, rs)), rs
+
+
+def rebuilt_lines(summary):
+    """The cells that started from a checkpoint rebuilt in a later session (its run folder gone,
+    not kept) whose figures differ from its record: the same command on another CPU
+    (``sweep.check_again``)."""
+    by = {}
+    for c in summary["cells"]:
+        for d, f in c.get("rebuilt_inputs", {}).items():
+            by.setdefault(d, (f, []))[1].append(c["id"])
+    if not by:
+        return []
+    fig = lambda a: " / ".join(f"{100 * a[k]:.1f}" for k in ("natural", "pgd") if k in a)  # noqa: E731
+    return ["**Rebuilt inputs.** These checkpoints were lost between sessions and rebuilt by the same command on "
+            "another machine, whose float sums gave other figures (natural / PGD on the test images, recorded -> "
+            "rebuilt); the cells listed started from the rebuilt one, the cells that finished before from the "
+            "recorded one:", ""] + \
+        [f"- {d}: {fig(f['record'])} -> {fig(f['rebuilt'])}; {len(ids)} cells: {', '.join(sorted(ids))}"
+         for d, (f, ids) in sorted(by.items())] + [""]
 
 
 def dense_aa(summary):

@@ -1,5 +1,6 @@
 """The experiments driver: inherited initialization, matched pruning ratios, and a --quick sweep
 end to end (cells, summary, report tables and plots). These test the driver, not the paper's numbers."""
+import gzip
 import json
 import os
 import subprocess
@@ -311,14 +312,19 @@ def test_arena_ranking_check_lists_each_variant_by_pgd_mean_over_its_seeds():
     assert sum(line.startswith("- 95 %, main") for line in lines) == 1  # once per target and seeds
 
 
-def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_must_match(tmp_path, monkeypatch):
+def test_a_record_restores_finished_cells_keeps_the_checkpoints_still_needed_and_rebuilds_a_lost_one(
+        tmp_path, monkeypatch):
     """A spec's ``record`` keeps finished cells across sessions. In a fresh folder (the run
-    folders gone) they are done; a done cell whose checkpoint a new cell needs runs again, keeps
-    its first record, and fails, with the cells that need it, when its figures differ."""
+    folders gone) they are done; the checkpoint of a done cell that a new cell needs is kept beside
+    the record and put back. Where it was not kept, the cell runs again, keeps its first record,
+    and a cell that starts from a rebuilt checkpoint whose figures differ (another CPU) says so."""
+    import shutil
+
     import sweep
     from launch import make_launcher
     spec = sweep.load_spec(os.path.join(ROOT, "experiments", "quick.yaml"))
     spec["record"] = str(tmp_path / "record.json")  # absolute: os.path.join(ROOT, it) is itself
+    kept = tmp_path / "record_checkpoints"
     both = sweep.select(sweep.plan(spec), "oneshot-lamp-t90-main,admm-lamp-t90-main")
     pre, one, admm = "pre-adv-w1-s0", "oneshot-lamp-t90-main-s0", "admm-lamp-t90-main-s0"
     assert sorted(c["id"] for c in both) == sorted([pre, one, admm])
@@ -327,13 +333,21 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
     def fake_run_cell(self, cell):  # writes what a real cell writes, with the figure the test sets
         calls.append(cell["id"])
         os.makedirs(self.run_dir(cell["id"]), exist_ok=True)
-        open(self.output(cell), "w").close()
+        torch.save({"model": {"w": torch.full((2,), figures[cell["id"]])}, "config": {}, "optimizer": {"m": 1}},
+                   self.output(cell))
         res = {"id": cell["id"], "eval": {"accuracy": {"natural": figures[cell["id"]]}}, "wall_s": len(calls)}
         sweep.write_json(self.result(cell["id"]), res)
         return res
     monkeypatch.setattr(sweep.Sweep, "run_cell", fake_run_cell)
 
-    def session(name, cells):
+    def session(name, cells, forget=(), keep=True):  # forget: cells dropped from the record first
+        record = json.loads((tmp_path / "record.json").read_text()) if forget else None
+        if forget:
+            record["cells"] = [c for c in record["cells"] if c["id"] not in forget]
+            (tmp_path / "record.json").write_text(json.dumps(record))
+        if not keep:
+            shutil.rmtree(kept, ignore_errors=True)
+        calls.clear()
         s, log = sweep.Sweep(spec, str(tmp_path / name)), []
         sweep.restore(s, cells, log.append)
         done, failed, _ = sweep.run_cells(s, cells, make_launcher("local", 1, s.out, {}), "quick", s.out, 0, log.append)
@@ -343,39 +357,43 @@ def test_a_record_restores_finished_cells_and_rebuilds_a_lost_checkpoint_that_mu
     assert calls == [pre, one]
     record = json.loads((tmp_path / "record.json").read_text())
     assert [c["id"] for c in record["cells"]] == sorted([pre, one]) and record["spec"]["name"] == "quick"
-    # A new session: both restored; the new cell needs the pretrained checkpoint, so it runs again first.
-    calls.clear()
+    # pre's checkpoint was kept while one still needed it (one's was not: nothing needs it), without the optimizer
+    assert sorted(os.listdir(kept)) == [f"{pre}.pt.gz"]
+    with gzip.open(kept / f"{pre}.pt.gz") as f:
+        small = torch.load(f, weights_only=True)
+    assert set(small) == {"model", "config"} and torch.equal(small["model"]["w"], torch.full((2,), 0.5))
+    # A new session: both restored; the new cell needs pre's checkpoint, which is put back.
     done, failed, log = session("second", both)
+    assert calls == [admm] and not failed and done == {pre, one, admm}
+    assert "2 finished cells restored from" in log[0] and f"put back {pre}'s checkpoint from" in log[2]
+    # Not kept: it runs again first, and the record keeps its first record.
+    done, failed, log = session("third", both, forget=[admm], keep=False)
     assert calls == [pre, admm] and not failed and done == {pre, one, admm}
-    assert "2 finished cells restored from" in log[0]
     assert any(line.startswith(f"again {pre}: {admm} needs its checkpoint") for line in log)
-    kept = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
-    assert kept[pre]["wall_s"] == 1 and set(kept) == {pre, one, admm}  # the first record, not the rerun's
-    # The rerun gives another figure: it fails, and so does the cell that starts from it.
-    calls.clear()
+    kept_records = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
+    assert kept_records[pre]["wall_s"] == 1 and set(kept_records) == {pre, one, admm}  # the first record
+    assert "rebuilt_inputs" not in kept_records[admm]
+    # The rerun gives another figure (another CPU): the new cell starts from it and its record says so.
     figures[pre] = 0.75
-    record = json.loads((tmp_path / "record.json").read_text())
-    record["cells"] = [c for c in record["cells"] if c["id"] != admm]
-    (tmp_path / "record.json").write_text(json.dumps(record))
-    done, failed, log = session("third", both)
-    assert calls == [pre] and set(failed) == {pre, admm}
-    assert "ran again for its checkpoint, it gave {'natural': 0.75} against its record {'natural': 0.5}" in failed[pre]
-    assert failed[admm] == f"needs {pre}, which failed"
-    assert json.loads((tmp_path / "third" / "cells" / f"{pre}.json").read_text())["wall_s"] == 1
+    done, failed, log = session("fourth", both, forget=[admm], keep=False)
+    assert calls == [pre, admm] and not failed
+    assert any(line.startswith(f"note  {pre} ran again for its checkpoint and gave {{'natural': 0.75}} against its "
+                               "record {'natural': 0.5}") for line in log)
+    kept_records = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
+    assert kept_records[admm]["rebuilt_inputs"] == {pre: {"record": {"natural": 0.5}, "rebuilt": {"natural": 0.75}}}
+    assert kept_records[pre]["eval"]["accuracy"] == {"natural": 0.5}
     # Two deep: the new cell needs HARP's checkpoint only, and HARP needs the pretrained one; both
     # are gone, so both run again, the pretrained first.
     figures[pre] = 0.5
     harp, on_harp = "harp-learned-t90-main-s0", "admm_harp-harp-t90-main-s0"
     chain = {c["id"]: c for c in sweep.select(sweep.plan(spec), on_harp)}
     figures.update({harp: 0.375, on_harp: 0.0625})
-    session("fourth", [chain[pre], chain[harp]])
-    calls.clear()
-    done, failed, log = session("fifth", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}])
+    session("fifth", [chain[pre], chain[harp]])
+    done, failed, log = session("sixth", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}], keep=False)
     assert calls == [pre, harp, on_harp] and not failed
     # A lost input runs in the turn of the first cell that needs it, after the cells ahead of that
     # cell in the spec's order (not first of all).
     figures.update({"free": 0.5, "late": 0.25})
-    calls.clear()
-    done, failed, log = session("sixth", [chain[pre], {**chain[harp], "id": "free", "deps": []},
-                                          {**chain[on_harp], "id": "late", "deps": [pre]}])
+    done, failed, log = session("seventh", [chain[pre], {**chain[harp], "id": "free", "deps": []},
+                                            {**chain[on_harp], "id": "late", "deps": [pre]}], keep=False)
     assert calls == ["free", pre, "late"] and not failed

@@ -90,3 +90,15 @@ def test_after_b12_names_the_resnet_rows_and_autoattack_cells_by_the_rules():
     assert lines[-1] == "[hydra-lamp-t99-b12-h2-s0]"  # the only seed-0 row of record that is not an (a) cell
     with pytest.raises(fair_arena.UserError, match="waiting: hydra"):
         fair_arena.after_b12(summary_of([r for r in recs if r["id"] != "hydra-lamp-t95-b12-h1-s1"]))
+
+
+def test_cells_started_from_a_rebuilt_checkpoint_are_named(cells):
+    """sweep.check_again marks the cells that started from a checkpoint rebuilt with other figures."""
+    start = {"record": {"natural": 0.787, "pgd": 0.627}, "rebuilt": {"natural": 0.787, "pgd": 0.626}}
+    recs = [record(c) for c in cells.values() if c["kind"] == "pretrain"]
+    recs += [{**record(cells["hydra-lamp-t99-a36-s0"]), "rebuilt_inputs": {"pre-adv-w4-s0": start}},
+             {**record(cells["harp-learned-t99-a36-s0"]), "rebuilt_inputs": {"pre-adv-w4-s0": start}},
+             record(cells["oneshot-lamp-t99-a36-s0"])]
+    text, _ = fair_arena.section(summary_of(recs))
+    assert "- pre-adv-w4-s0: 78.7 / 62.7 -> 78.7 / 62.6; 2 cells: harp-learned-t99-a36-s0, hydra-lamp-t99-a36-s0" in text
+    assert "Rebuilt inputs" not in fair_arena.section(summary_of(recs[:-3]))[0]
