@@ -392,7 +392,8 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
     failed, again = {}, {}  # again: {id: its record} of the done cells that run again for their checkpoint
-    rebuilt = {}  # {id: {"record": figures, "rebuilt": figures}} of those whose figures came out otherwise
+    rebuilt = {d: {"record": r["eval"]["accuracy"], "rebuilt": r["rebuilt"]}  # {id: figures} of the checkpoints
+               for d in done if "rebuilt" in (r := read_cell(sweep.result(d)))}  # rebuilt with other figures
     for c in pending:
         if os.path.exists(sweep.result(c["id"])):
             log(f"warning: {sweep.result(c['id'])} is empty or damaged: the cell runs again")
@@ -467,10 +468,12 @@ def check_again(sweep, record, res, rebuilt, log):
     deterministic on one machine at one thread. Another CPU's float sums can give other ones; then
     the cells still to run start from the rebuilt checkpoint, and their records name it
     (``rebuilt_inputs``), so the report can say which cells did."""
-    write_json(sweep.result(record["id"]), record)
     new, old = res["eval"]["accuracy"], record["eval"]["accuracy"]
-    if new != old:
+    if new != old:  # kept in the input's record too, for the cells a later driver starts from it
+        record = {**record, "rebuilt": new}
         rebuilt[record["id"]] = {"record": old, "rebuilt": new}
+    write_json(sweep.result(record["id"]), record)
+    if new != old:
         log(f"note  {record['id']} ran again for its checkpoint and gave {new} against its record {old} "
             "(another CPU?): the cells still to run start from the rebuilt checkpoint, and their records say so")
 

@@ -381,7 +381,15 @@ def test_a_record_restores_finished_cells_keeps_the_checkpoints_still_needed_and
                                "record {'natural': 0.5}") for line in log)
     kept_records = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
     assert kept_records[admm]["rebuilt_inputs"] == {pre: {"record": {"natural": 0.5}, "rebuilt": {"natural": 0.75}}}
-    assert kept_records[pre]["eval"]["accuracy"] == {"natural": 0.5}
+    assert kept_records[pre]["eval"]["accuracy"] == {"natural": 0.5} and kept_records[pre]["rebuilt"] == {"natural": 0.75}
+    # A later driver, the rebuilt checkpoint still there: a new cell that starts from it says so too.
+    figures["late"] = 0.25
+    s = sweep.Sweep(spec, str(tmp_path / "fourth"))
+    late = {**both[-1], "id": "late", "deps": [pre]}
+    calls.clear()
+    done, failed, _ = sweep.run_cells(s, [*both, late], make_launcher("local", 1, s.out, {}), "quick", s.out, 0, print)
+    assert calls == ["late"] and json.loads((tmp_path / "fourth" / "cells" / "late.json").read_text())[
+        "rebuilt_inputs"] == {pre: {"record": {"natural": 0.5}, "rebuilt": {"natural": 0.75}}}
     # Two deep: the new cell needs HARP's checkpoint only, and HARP needs the pretrained one; both
     # are gone, so both run again, the pretrained first.
     figures[pre] = 0.5
