@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 # Read when the interpreter or the OpenMP runtime starts: a request must agree with the server's.
 LOADED = ("PYTHONHASHSEED", "OMP_WAIT_POLICY", "PYTHONPATH", "PYTHONOPTIMIZE", "PYTHONDONTWRITEBYTECODE",
@@ -30,6 +31,7 @@ LOADED = ("PYTHONHASHSEED", "OMP_WAIT_POLICY", "PYTHONPATH", "PYTHONOPTIMIZE", "
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONHASHSEED": "0"}
 _server = {}  # {"proc": Popen, "path": socket path, "env": its environment} of this process's server
 _subprocess_run = subprocess.run  # a test may put ``run`` in its place
+_starting = threading.Lock()  # a sweep's driver calls ``run`` from several threads
 
 
 def run(args, *, cwd=None, env=None, timeout=None, input=None, capture_output=False, text=False,
@@ -40,20 +42,20 @@ def run(args, *, cwd=None, env=None, timeout=None, input=None, capture_output=Fa
     if not _servable(args, env):
         return _subprocess_run(args, cwd=cwd, env=env, timeout=timeout, input=input,
                               capture_output=capture_output, text=text, stdout=stdout, stderr=stderr)
+    pipe_out = capture_output or stdout == subprocess.PIPE
+    pipe_err = capture_output or stderr == subprocess.PIPE
     with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         if input is not None:
             inp.write(input.encode() if isinstance(input, str) else input)
             inp.seek(0)
-        capture = capture_output or stdout == subprocess.PIPE
-        fd_out = out.fileno() if capture else (stdout.fileno() if stdout is not None else 1)
-        fd_err = fd_out if stderr == subprocess.STDOUT else \
-            err.fileno() if capture_output or stderr == subprocess.PIPE else (stderr.fileno() if stderr is not None else 2)
+        fd_out = out.fileno() if pipe_out else 1 if stdout is None else stdout.fileno()
+        fd_err = fd_out if stderr == subprocess.STDOUT else err.fileno() if pipe_err else 2 if stderr is None \
+            else stderr.fileno()
         code = _request(args, cwd or os.getcwd(), env, timeout, [inp.fileno(), fd_out, fd_err])
         got = []
-        for f in (out, err):
+        for f, piped in ((out, pipe_out), (err, pipe_err and stderr != subprocess.STDOUT)):
             f.seek(0)
-            data = f.read()
-            got.append((data.decode() if text else data) if capture_output or f is out and capture else None)
+            got.append(None if not piped else f.read().decode() if text else f.read())
     return subprocess.CompletedProcess(args, code, *got)
 
 
@@ -85,6 +87,11 @@ def _request(args, cwd, env, timeout, fds):
 
 def _start():
     """This process's server (started on first use, again if it died): its socket's path."""
+    with _starting:
+        return _start_once()
+
+
+def _start_once():
     if "proc" not in _server or _server["proc"].poll() is not None:
         path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")
         env = {**os.environ, **SERVER_ENV}
