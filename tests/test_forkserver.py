@@ -24,9 +24,9 @@ PROBE = ("import os, sys, torch; print(sys.argv[1:], os.getcwd(), os.environ.get
 def test_a_script_runs_as_under_subprocess(tmp_path, args):
     env = script_env(PROBE="p", OMP_NUM_THREADS="2")
     cwd = ROOT if args[0] == "eval.py" else str(tmp_path)
-    kw = dict(cwd=cwd, env=env, capture_output=True, text=True, timeout=120, input="abc")
-    want = subprocess.run([sys.executable, *args], **kw)
-    got = forkserver.run([sys.executable, *args], **kw)
+    kw = dict(cwd=cwd, capture_output=True, text=True, timeout=120, input="abc")
+    want = subprocess.run([sys.executable, *args], env=env, **kw)
+    got = forkserver.run([sys.executable, *args], env=env, **kw)
     assert forkserver._servable([sys.executable, *args], env)  # it did not just fall back
     assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr)
 

@@ -117,7 +117,7 @@ def test_every_script_a_test_starts_gets_the_fixed_environment():
             continue
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, "tests", f)).read())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("run", "Popen") and getattr(node.func.value, "id", "") == "subprocess"):
+                    and node.func.attr in ("run", "Popen") and getattr(node.func.value, "id", "") in ("subprocess", "forkserver")):
                 continue
             first = node.args[0] if node.args else None
             external = isinstance(first, ast.List) and first.elts and isinstance(first.elts[0], ast.Constant)
