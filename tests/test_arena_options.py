@@ -280,9 +280,18 @@ def test_fair_arena_plan_budgets_starts_and_per_target_sets():
     assert "harp-learned-t99-main-s1" in cells["admm_harp-harp-t99-b12-x1-s1"]["deps"]
     assert "harp-learned-t95-a36-s0" in cells["admm_harp-harp-t95-b36-x2-s0"]["deps"]
     # every (b) method has 2 settings per budget; seeds 3 at 12 epochs, 2 at 36
-    b12 = [c for c in cells.values() if c["meta"].get("variant", "").startswith("b12-")]
-    b36 = [c for c in cells.values() if c["meta"].get("variant", "").startswith("b36-")]
+    trained = [c for c in cells.values() if c["kind"] != "autoattack"]
+    b12 = [c for c in trained if c["meta"].get("variant", "").startswith("b12-")]
+    b36 = [c for c in trained if c["meta"].get("variant", "").startswith("b36-")]
     assert len(b12) == 7 * 2 * 2 * 3 and len(b36) == 7 * 2 * 2 * 2
+    # written in after the b12 cells: 5 ResNet rows x 2 seeds from their own start; AutoAttack on
+    # seed 0's 14 (a) and 14 (b) cells of record at 12 epochs and on the two LeNet starts of seed 0
+    r18 = [c for c in trained if c["meta"].get("variant", "").startswith("r18-")]
+    assert len(r18) == 10 and all(c["deps"] == [f"pre-adv-w2-s{c['seed']}-r18"] for c in r18)
+    assert value("hydra-lamp-t99-r18-hydra-s1", "prune.score_optimizer") == "sgd"
+    aa = sorted(c["id"] for c in cells.values() if c["kind"] == "autoattack")
+    assert len(aa) == 30 and "pre-adv-w4-s0-aa" in aa and "pre-adv-w4-s0-e10-aa" in aa
+    assert "hydra-lamp-t99-b12-h2-s0-aa" in aa and "hydra-lamp-t99-main-s0-aa" in aa
     assert {c["meta"]["budget"] for c in b36} == {36}
     # the config each cell's stages load is valid (every key known, every value in range)
     for c in list(cells.values())[::7]:
