@@ -459,7 +459,7 @@ def requeue_lost(sweep, by_id, done, pending, again, log):
         again[d] = read_cell(sweep.result(d))
         pending.insert(pending.index(c), by_id[d])
         log(f"again {d}: {c['id']} needs its checkpoint, which is not here; it runs again "
-            "and must give its recorded figures")
+            "and should give its recorded figures")
 
 
 def check_again(sweep, record, res, rebuilt, log):
