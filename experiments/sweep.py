@@ -427,9 +427,9 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             c = running.pop(fut)
             try:
                 res = fut.result()
-                if c["id"] in again:
+                if c["id"] in again:  # its first record stays: the rebuilt figures join it
                     check_again(sweep, again.pop(c["id"]), res, rebuilt, log)
-                if any(d in rebuilt for d in c["deps"]):  # the record says which inputs were rebuilt
+                elif any(d in rebuilt for d in c["deps"]):  # the record says which inputs were rebuilt
                     res["rebuilt_inputs"] = {d: rebuilt[d] for d in c["deps"] if d in rebuilt}
                     write_json(sweep.result(c["id"]), res)
                 done.add(c["id"])
@@ -469,8 +469,10 @@ def check_again(sweep, record, res, rebuilt, log):
     the cells still to run start from the rebuilt checkpoint, and their records name it
     (``rebuilt_inputs``), so the report can say which cells did."""
     new, old = res["eval"]["accuracy"], record["eval"]["accuracy"]
+    record = {k: v for k, v in record.items() if k != "rebuilt"}  # an earlier rebuild's figures: replaced
+    rebuilt.pop(record["id"], None)
     if new != old:  # kept in the input's record too, for the cells a later driver starts from it
-        record = {**record, "rebuilt": new}
+        record["rebuilt"] = new
         rebuilt[record["id"]] = {"record": old, "rebuilt": new}
     write_json(sweep.result(record["id"]), record)
     if new != old:

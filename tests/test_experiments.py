@@ -399,9 +399,21 @@ def test_a_record_restores_finished_cells_keeps_the_checkpoints_still_needed_and
     session("fifth", [chain[pre], chain[harp]])
     done, failed, log = session("sixth", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}], keep=False)
     assert calls == [pre, harp, on_harp] and not failed
+    # Both rebuilt with other figures: each keeps its first record, the rebuilt figures beside it.
+    figures.update({pre: 0.625, harp: 0.25})
+    done, failed, log = session("seventh", [chain[pre], chain[harp], {**chain[on_harp], "deps": [harp]}],
+                                forget=[on_harp], keep=False)
+    assert calls == [pre, harp, on_harp] and not failed
+    kept_records = {c["id"]: c for c in json.loads((tmp_path / "record.json").read_text())["cells"]}
+    assert [kept_records[i]["eval"]["accuracy"]["natural"] for i in (pre, harp)] == [0.5, 0.375]
+    assert [kept_records[i]["rebuilt"]["natural"] for i in (pre, harp)] == [0.625, 0.25]
+    assert kept_records[on_harp]["rebuilt_inputs"] == {harp: {"record": {"natural": 0.375}, "rebuilt": {"natural": 0.25}}}
+    # harp's first run (fifth session) started from pre as rebuilt in the fourth: its record still says so
+    assert kept_records[harp]["rebuilt_inputs"] == {pre: {"record": {"natural": 0.5}, "rebuilt": {"natural": 0.75}}}
+    figures.update({pre: 0.5, harp: 0.375})
     # A lost input runs in the turn of the first cell that needs it, after the cells ahead of that
     # cell in the spec's order (not first of all).
     figures.update({"free": 0.5, "late": 0.25})
-    done, failed, log = session("seventh", [chain[pre], {**chain[harp], "id": "free", "deps": []},
+    done, failed, log = session("eighth", [chain[pre], {**chain[harp], "id": "free", "deps": []},
                                             {**chain[on_harp], "id": "late", "deps": [pre]}], keep=False)
     assert calls == ["free", pre, "late"] and not failed
