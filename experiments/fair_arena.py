@@ -353,7 +353,7 @@ def section(summary, plot_name=f"{STEM}.png"):
               f"Verdict: {claim(T, spec, still)}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
     dropped = [r["id"] for r in rs if r["excluded"]]
     lines += ["Seeds dropped as not converged (largest pruned energy above 5 %): " + (", ".join(dropped) or "none") + ".", ""]
-    return "\n".join(lines + rebuilt_lines(summary) + cost_lines(summary, rs)), rs
+    return "\n".join(lines + rebuilt_lines(summary) + cost_lines(summary, rs) + [""]), rs  # a blank line after
 
 
 def rebuilt_lines(summary):
@@ -371,7 +371,7 @@ def rebuilt_lines(summary):
             "another machine, whose float sums gave other figures (natural / PGD on the test images, recorded -> "
             "rebuilt); the cells listed started from the rebuilt one, the cells that finished before from the "
             "recorded one:", ""] + \
-        [f"- {d}: {fig(f['record'])} -> {fig(f['rebuilt'])}; {len(ids)} cells: {', '.join(sorted(ids))}"
+        [f"- {d}: {fig(f['record'])} -> {fig(f['rebuilt'])}; {len(ids)} cell{'s' * (len(ids) > 1)}: {', '.join(sorted(ids))}"
          for d, (f, ids) in sorted(by.items())] + [""]
 
 
