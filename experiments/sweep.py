@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)  # launch.py, also when this module is imported (tests)
-from common import UserError, atomic_write, run_cli  # noqa: E402
+from common import UserError, atomic_write, load_checkpoint, run_cli  # noqa: E402
 from training.rundir import RunFolder  # noqa: E402
 from launch import make_launcher  # noqa: E402
 from cells import matched_ratios, weight_counts  # noqa: E402,F401 - the plan's helpers, also used from here
@@ -392,8 +392,6 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
     done = {c["id"] for c in cells if read_cell(sweep.result(c["id"])) is not None}
     pending = [c for c in cells if c["id"] not in done]
     failed, again = {}, {}  # again: {id: its record} of the done cells that run again for their checkpoint
-    rebuilt = {d: {"record": r["eval"]["accuracy"], "rebuilt": r["rebuilt"]}  # {id: figures} of the checkpoints
-               for d in done if "rebuilt" in (r := read_cell(sweep.result(d)))}  # rebuilt with other figures
     for c in pending:
         if os.path.exists(sweep.result(c["id"])):
             log(f"warning: {sweep.result(c['id'])} is empty or damaged: the cell runs again")
@@ -428,10 +426,9 @@ def run_cells(sweep, cells, launcher, spec_path, out, t_start, log):
             try:
                 res = fut.result()
                 if c["id"] in again:  # its first record stays: the rebuilt figures join it
-                    check_again(sweep, again.pop(c["id"]), res, rebuilt, log)
-                elif any(d in rebuilt for d in c["deps"]):  # the record says which inputs were rebuilt
-                    res["rebuilt_inputs"] = {d: rebuilt[d] for d in c["deps"] if d in rebuilt}
-                    write_json(sweep.result(c["id"]), res)
+                    check_again(sweep, again.pop(c["id"]), res, log)
+                else:
+                    name_rebuilt_inputs(sweep, c, res)
                 done.add(c["id"])
                 acc = res["eval"]["accuracy"]
                 log(f"done  {c['id']} in {res['wall_s']:.0f}s: "
@@ -462,22 +459,30 @@ def requeue_lost(sweep, by_id, done, pending, again, log):
             "and should give its recorded figures")
 
 
-def check_again(sweep, record, res, rebuilt, log):
+def check_again(sweep, record, res, log):
     """A cell that ran again to rebuild its checkpoint keeps its first record (the cells that
     finished before started from that model). Its new figures should equal it: the scripts are
     deterministic on one machine at one thread. Another CPU's float sums can give other ones; then
-    the cells still to run start from the rebuilt checkpoint, and their records name it
-    (``rebuilt_inputs``), so the report can say which cells did."""
+    the cells still to run start from the rebuilt checkpoint: its record keeps the rebuilt figures
+    (``rebuilt``), and theirs name it (``name_rebuilt_inputs``), so the report can say which did."""
     new, old = res["eval"]["accuracy"], record["eval"]["accuracy"]
     record = {k: v for k, v in record.items() if k != "rebuilt"}  # an earlier rebuild's figures: replaced
-    rebuilt.pop(record["id"], None)
-    if new != old:  # kept in the input's record too, for the cells a later driver starts from it
+    if new != old:
         record["rebuilt"] = new
-        rebuilt[record["id"]] = {"record": old, "rebuilt": new}
     write_json(sweep.result(record["id"]), record)
     if new != old:
         log(f"note  {record['id']} ran again for its checkpoint and gave {new} against its record {old} "
             "(another CPU?): the cells still to run start from the rebuilt checkpoint, and their records say so")
+
+
+def name_rebuilt_inputs(sweep, cell, res):
+    """``cell``'s record names the inputs it started from that were rebuilt with other figures
+    than their records (``check_again``): ``rebuilt_inputs``, {id: {"record", "rebuilt"}}."""
+    inputs = {d: read_cell(sweep.result(d)) for d in cell["deps"]}
+    rebuilt = {d: {"record": r["eval"]["accuracy"], "rebuilt": r["rebuilt"]}
+               for d, r in inputs.items() if r and "rebuilt" in r}
+    if rebuilt:
+        write_json(sweep.result(cell["id"]), {**res, "rebuilt_inputs": rebuilt})
 
 
 def keep_inputs(sweep, by_id, done, pending, log):
@@ -505,7 +510,7 @@ def keep_checkpoint(path, kept):
     import io
 
     import torch
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     ckpt.pop("optimizer", None)
     buf = io.BytesIO()
     torch.save(ckpt, buf)

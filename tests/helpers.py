@@ -2,11 +2,8 @@
 LeNet, randomly pruned models of each architecture and their inputs, quantized LeNet checkpoints,
 and a disk that fills up on demand."""
 import builtins
-import contextlib
 import errno
-import io
 import os
-import runpy
 import sys
 
 import torch
@@ -14,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import admm
+import forkserver
 import data
 from config import load_config
 from data import INFO
@@ -36,30 +34,11 @@ def script_env(**extra):
     return {**os.environ, **SCRIPT_ENV, **extra}
 
 
-def run_in_process(args, cwd=ROOT):
-    """(exit status, stdout, stderr) of ``python *args``, run in this process: the script's own
-    ``__main__`` block with its argv, folder and import path, without a new interpreter's ~2 s of
-    imports. For commands that stop on their input or only read; a run that trains gets a process
-    of its own (it sets up logging and threads), and so does a test whose point is a fresh
-    interpreter (test_docs.py: the scripts' imports and logging kept out of the test process)."""
-    script, out, err = os.path.join(cwd, args[0]), io.StringIO(), io.StringIO()
-    argv, path, here = sys.argv, list(sys.path), os.getcwd()
-    try:
-        sys.argv = [script, *args[1:]]
-        sys.path.insert(0, os.path.dirname(script))
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(script, run_name="__main__")
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-    finally:
-        sys.argv, sys.path[:] = argv, path
-        os.chdir(here)
-    return code, out.getvalue(), err.getvalue()
+def run_script(*args, cwd=ROOT, timeout=120):
+    """``python *args`` as a test starts a script: through the fork server, with ``script_env()``,
+    its output captured as text; the ``CompletedProcess``."""
+    return forkserver.run([sys.executable, *args], cwd=cwd, env=script_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def train_lenet(split, epochs, batch_size, width=2, lr=3e-3):

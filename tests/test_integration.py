@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import forkserver
-from helpers import ROOT, run_in_process, script_env
+from helpers import ROOT, run_script, script_env
 
 
 # A small but real run: 500 training digits, short stages, a small eps and weak PGD for speed.
@@ -107,5 +107,6 @@ def test_stage_by_stage_with_init(tmp_path):
 def test_eval_rejects_bad_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    code, _, err = run_in_process(["eval.py", "--ckpt", str(bad)])
-    assert code == 2 and "cannot load checkpoint" in err and "Traceback" not in err
+    proc = run_script("eval.py", "--ckpt", str(bad))
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+

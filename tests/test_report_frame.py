@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import forkserver
-from helpers import ROOT, run_in_process
+from helpers import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import paper  # noqa: E402
@@ -79,7 +79,8 @@ def test_paper_table_groups_cells_by_fields_not_ids():
 # --------------------------------------------------------------------------- strict commands
 
 def _one_line_error(args, cwd=ROOT):
-    code, out, err = run_in_process(args, cwd)
+    proc = run_script(*args, cwd=cwd)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
     lines = err.strip().splitlines()
     assert code == 2, out[-2000:] + err[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out + err, err

@@ -16,7 +16,7 @@ import torch
 from deploy import formats
 from common import UserError, load_checkpoint, save_checkpoint
 import forkserver
-from helpers import ROOT, run_in_process, script_env
+from helpers import ROOT, run_script, script_env
 
 SMALL = ["data.train_limit=640", "pretrain.epochs=2", "admm.epochs=4", "retrain.epochs=1", "adv.steps=2",
          "eval.steps=2", "eval.limit=100", "checkpoint.every_steps=2"]
@@ -115,8 +115,8 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
         pickle.dump({"model": _Evil(str(target)), "config": {}}, f)
     with pytest.raises(UserError, match="weights-only"):
         load_checkpoint(str(bad))
-    code, _, err = run_in_process(["eval.py", "--ckpt", str(bad)])
-    assert code == 2 and "cannot load checkpoint" in err
+    proc = run_script("eval.py", "--ckpt", str(bad))
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
     proc = run(cmd("adv_main.py", tmp_path / "r", extra=["--stage", "admm", "--init", str(bad)]))
     assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
     assert not target.exists()
@@ -139,8 +139,8 @@ def test_malicious_safetensors_header_is_refused_without_running_code(tmp_path):
     for bad, what in ((evil, "not a valid safetensors export"), (lying, "not a valid safetensors file")):
         with pytest.raises(UserError, match=what):
             formats.load_model(str(bad))
-        code, _, err = run_in_process(["eval.py", "--ckpt", str(bad)])
-        assert code == 2 and err.count("\n") == 1 and what in err
+        proc = run_script("eval.py", "--ckpt", str(bad))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and what in proc.stderr
     assert not target.exists()
 
 
@@ -309,3 +309,4 @@ def test_a_stop_request_is_honoured_within_one_attack_iteration(tmp_path):
     assert "stopping the training attack" in err and "after step 0; saved" in err and "--resume" in err
     last = load_checkpoint(str(tmp_path / "pretrain.last.pt"))
     assert last["step"] == 0 and last["epoch"] == 0 and "Traceback" not in err
+
