@@ -238,8 +238,9 @@ def answers(T, spec, limit, dense):
                                                                  f"({', '.join(pairs)})" if pairs else "the same order"))
     out.append("1. Does the ranking hold across protocols, budgets and networks (PGD-20 means; * a swap beyond "
                "noise in both tables)? " + ("; ".join(q1) or "not run yet") + ".")
+    own = [g for g in gs if g[0] == "b" or (A.get("starts") or {}).get(g, {}).get("arch")]
     q2 = []
-    for g in [g for g in gs if g[0] == "b"]:
+    for g in own:
         keys = row_keys(T, g, 0.99)
         w = winner(T, keys)
         hh = winner(T, [k for k in keys if k[2] in ("hydra", "harp")])
@@ -257,13 +258,21 @@ def answers(T, spec, limit, dense):
     out.append("3. Does any pipeline keep at least 90 % of the dense model's AutoAttack accuracy at 99 %? "
                + q3(T, gs, dense) + ".")
     q4 = []
-    for g in [g for g in gs if g[0] == "b"]:
+    for g in own:
         for t in A["targets"]:
             w = winner(T, row_keys(T, g, t))
             if w:
-                q4.append(f"{100 * t:g} %, {g[1:]} epochs: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, g, t), limit))
-    out.append("4. What should a user pick (under protocol (b))? " + ("; ".join(q4) or "not run yet") + ".")
+                where = f"{g[1:]} epochs" if g[0] == "b" else f"{T.kept(w)[0]['budget']} epochs, {network(A, g)}"
+                q4.append(f"{100 * t:g} %, {where}: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, g, t), limit))
+    out.append("4. What should a user pick (under protocol (b); the second network at the settings chosen on LeNet)? " + ("; ".join(q4) or "not run yet") + ".")
     return out
+
+
+def network(A, g):
+    """The network of the start ``g`` of ``arena.starts`` ("ResNet-18 w=2")."""
+    start = A["starts"][g]
+    name = {"resnet18": "ResNet-18"}.get(start["arch"], start["arch"])
+    return f"{name} w={start.get('width', A['width'])}"
 
 
 def q3(T, gs, dense):

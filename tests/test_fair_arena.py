@@ -67,6 +67,7 @@ def test_section_reads_as_the_spec_plans(cells, tmp_path):
         assert heading in text, heading
     assert "| 12 | 99 % | one-shot | 0: o2, 1: ..., 2: ... |" in text  # seeds 1 and 2: not run
     assert "99 %, 12 epochs: one-shot" in text  # question 4 under (b): the only row ahead
+    assert "99 %, 12 epochs, ResNet-18 w=2: " in text and "r18: " in text  # questions 4 and 2: the second network too
     assert (tmp_path / "arena_fair.png").stat().st_size > 1000
 
 
