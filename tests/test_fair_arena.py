@@ -103,3 +103,15 @@ def test_cells_started_from_a_rebuilt_checkpoint_are_named(cells):
     text, _ = fair_arena.section(summary_of(recs))
     assert "- pre-adv-w4-s0: 78.7 / 62.7 -> 78.7 / 62.6; 2 cells: harp-learned-t99-a36-s0, hydra-lamp-t99-a36-s0" in text
     assert "Rebuilt inputs" not in fair_arena.section(summary_of(recs[:-3]))[0]
+
+
+def test_the_claim_waits_only_for_the_cells_it_reads():
+    """Every cell finished but the check row's (another start, not read by the claim): the verdict
+    is given; ADMM ties one-shot everywhere, so it never beats it: did not hold. Without one
+    protocol-(b) candidate it is not decided."""
+    elsewhere = [c for c in plan(SPEC) if c["meta"].get("start") == "e10"]
+    assert len(elsewhere) == 16  # the e10 start, its AutoAttack and 14 check-row cells
+    recs = [record(c) for c in plan(SPEC) if c not in elsewhere]
+    assert "Verdict: **did not hold**" in fair_arena.section(summary_of(recs))[0]
+    recs = [r for r in recs if r["id"] != "admm-lamp-t99-b36-a2-s1"]
+    assert "Verdict: not decided (cells missing: 1 still to run)" in fair_arena.section(summary_of(recs))[0]
