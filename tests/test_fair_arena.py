@@ -115,3 +115,24 @@ def test_the_claim_waits_only_for_the_cells_it_reads():
     assert "Verdict: **did not hold**" in fair_arena.section(summary_of(recs))[0]
     recs = [r for r in recs if r["id"] != "admm-lamp-t99-b36-a2-s1"]
     assert "Verdict: not decided (cells missing: 1 still to run)" in fair_arena.section(summary_of(recs))[0]
+
+
+def test_the_readme_picks_what_finding_5_answers():
+    """README's "What to use" table names, per sparsity, budget and network, the pick and the rows
+    within noise of it that question 4 of the committed Finding 5 (docs/results/arena_fair.md,
+    regenerated from the record) gives."""
+    section = open(os.path.join(ROOT, "docs", "results", "arena_fair.md"), encoding="utf-8").read()
+    q4 = next(line for line in section.splitlines() if line.startswith("4. "))
+    answers = {}
+    for part in q4.split("? ", 1)[1].rstrip(".").split("; "):
+        where, pick = part.split(": ", 1)
+        pick, _, near = pick.replace(" (lamp)", "").partition(" (within noise: ")
+        answers[where] = (pick, near.rstrip(")") or "none")
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("## What to use"):].split("\n\n")[2].splitlines()[2:]
+    rows = {}
+    for line in table:
+        pruned, epochs, net, pick, near = (x.strip() for x in line.strip("|").split("|"))
+        where = f"{pruned}, {epochs} epochs" + ("" if net.startswith("LeNet") else f", {net}")
+        rows[where] = (pick, near)
+    assert rows == answers
