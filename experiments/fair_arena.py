@@ -323,6 +323,27 @@ def claim(T, spec, still):
     return MISSING if not n else tally(wins, n)
 
 
+def start_check_lines(T, A):
+    """What the converged start did: per check start (``arena.starts`` on the same network) and
+    target, each method's PGD-20 from the converged start minus from the check start, under the
+    same protocol-(a) budget, paired by seed."""
+    lines = []
+    for g in sorted(s for s, v in (A.get("starts") or {}).items() if not v.get("arch")):
+        parts = []
+        for t in A["targets"]:
+            diffs = []
+            for k in row_keys(T, g, t):
+                p = paired(T, (f"a{T.groups[k][0]['budget']}", *k[1:]), k)
+                diffs.append(f"{label(T.groups[k][0])} " + ("dropped" if p is None else f"{100 * p[0]:+.1f}"))
+            if diffs:
+                parts.append(f"{100 * t:g} %: {', '.join(diffs)}")
+        if parts:
+            sets = ", ".join(A["starts"][g].get("sets", []))
+            lines += [f"**What the start did.** PGD-20 points that the converged start gave each method over the start "
+                      f"{g!r} ({sets}), protocol (a), paired by seed: {'; '.join(parts)}.", ""]
+    return lines
+
+
 def cost_lines(summary, rs):
     """The cost of every kind of cell: count, median and total wall time."""
     kinds = {}
@@ -368,6 +389,7 @@ def section(summary, plot_name=f"{STEM}.png"):
         for t in A["targets"]:
             if row_keys(T, g, t):
                 lines += table_lines(T, g, t, (g, t, "oneshot", A["allocation"]))
+    lines += start_check_lines(T, A)
     lines += ["### Answers to the pre-registered questions", ""] + answers(T, spec, limit, dense_aa(summary)) + [""]
     lines += [f"The paper's claim (ADMM beats magnitude pruning at high ratios), at each method's own protocol. "
               f"Verdict: {claim(T, spec, claim_reads(spec, still))}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]

@@ -136,3 +136,14 @@ def test_the_readme_picks_what_finding_5_answers():
         where = f"{pruned}, {epochs} epochs" + ("" if net.startswith("LeNet") else f", {net}")
         rows[where] = (pick, near)
     assert rows == answers
+
+
+def test_what_the_start_did_pairs_the_check_row_with_protocol_a(cells):
+    """The check row's cells (today's 10-epoch start) against protocol (a)'s 12-epoch cells of the
+    same seed: the converged start's gain in PGD points, by hand; a dropped check cell says so."""
+    recs = [record(cells["oneshot-lamp-t95-main-s0"], pgd=0.62), record(cells["oneshot-lamp-t95-check10-s0"], pgd=0.60),
+            record(cells["hydra-lamp-t95-main-s0"], pgd=0.55), record(cells["hydra-lamp-t95-check10-s0"], pgd=0.58),
+            record(cells["admm-lamp-t99-main-s0"]), record(cells["admm-lamp-t99-check10-s0"], energy=0.2)]
+    text, _ = fair_arena.section(summary_of(recs))
+    assert "(pretrain.epochs=10, pretrain.patience=0), protocol (a), paired by seed: 95 %: one-shot (lamp) +2.0, " \
+           "HYDRA (lamp) -3.0; 99 %: ADMM (lamp) dropped." in text
