@@ -138,8 +138,10 @@ def start_lines(summary):
         name = "main" if start == "spec" else start
         aa = cells.get(c["id"] + "-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
         acc = c["eval"]["accuracy"]
-        kept = kept_epoch(curve, run_sets(spec, start)) if curve else (None, None)
-        lines.append(f"| {name} | {c['seed']} | {len(curve) or '-'} | {kept[0] or '-'} | "
+        sets = run_sets(spec, start)
+        ran = len(curve) or sets.get("pretrain.epochs", "-")  # no validation curve without early stopping
+        kept = kept_epoch(curve, sets) if curve else (ran, None)
+        lines.append(f"| {name} | {c['seed']} | {ran} | {kept[0]} | "
                      f"{'-' if kept[1] is None else f'{100 * kept[1]:.1f}'} | {100 * acc['natural']:.1f} | "
                      f"{100 * acc['pgd']:.1f} | {'-' if aa is None else f'{100 * aa:.1f}'} |")
         if len(curve) > 1:
