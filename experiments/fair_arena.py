@@ -102,10 +102,13 @@ def tables(summary):
 def kept_epoch(curve, sets):
     """(epoch, validation PGD) of the weights a pretraining run kept: ``EarlyStop``'s rule replayed
     on its curve [[epoch, val_pgd], ...] with the run's settings ``sets``; without early stopping
-    (patience 0) its last epoch."""
+    (patience 0) its last epoch, (``pretrain.epochs``, None) where it ran no validation; (None,
+    None) for a curve missing."""
     rule = EarlyStop(int(sets.get("pretrain.patience", 0)), float(sets.get("pretrain.min_delta", 0)))
     if not rule.patience:
-        return tuple(curve[-1])
+        return tuple(curve[-1]) if curve else (sets.get("pretrain.epochs"), None)
+    if not curve:
+        return None, None
     for epoch, v in curve:
         rule.observe(epoch, v, nn.Module())
     return rule.best_epoch, rule.best
@@ -138,10 +141,9 @@ def start_lines(summary):
         name = "main" if start == "spec" else start
         aa = cells.get(c["id"] + "-aa", {}).get("eval", {}).get("accuracy", {}).get("autoattack")
         acc = c["eval"]["accuracy"]
-        sets = run_sets(spec, start)
-        ran = len(curve) or sets.get("pretrain.epochs", "-")  # no validation curve without early stopping
-        kept = kept_epoch(curve, sets) if curve else (ran, None)
-        lines.append(f"| {name} | {c['seed']} | {ran} | {kept[0]} | "
+        kept = kept_epoch(curve, run_sets(spec, start))
+        ran = len(curve) or kept[0]  # without early stopping, no validation curve: the epochs configured
+        lines.append(f"| {name} | {c['seed']} | {ran or '-'} | {kept[0] or '-'} | "
                      f"{'-' if kept[1] is None else f'{100 * kept[1]:.1f}'} | {100 * acc['natural']:.1f} | "
                      f"{100 * acc['pgd']:.1f} | {'-' if aa is None else f'{100 * aa:.1f}'} |")
         if len(curve) > 1:
@@ -325,25 +327,24 @@ def claim(T, spec, still):
     return MISSING if not n else tally(wins, n)
 
 
-def start_check_lines(T, A):
-    """What the converged start did: per check start (``arena.starts`` on the same network) and
-    target, each method's PGD-20 from the converged start minus from the check start, under the
-    same protocol-(a) budget, paired by seed."""
-    lines = []
-    for g in sorted(s for s, v in (A.get("starts") or {}).items() if not v.get("arch")):
-        parts = []
-        for t in A["targets"]:
-            diffs = []
-            for k in row_keys(T, g, t):
-                p = paired(T, (f"a{T.groups[k][0]['budget']}", *k[1:]), k)
-                diffs.append(f"{label(T.groups[k][0])} " + ("dropped" if p is None else f"{100 * p[0]:+.1f}"))
-            if diffs:
-                parts.append(f"{100 * t:g} %: {', '.join(diffs)}")
-        if parts:
-            sets = ", ".join(A["starts"][g].get("sets", []))
-            lines += [f"**What the start did.** PGD-20 points that the converged start gave each method over the start "
-                      f"{g!r} ({sets}), protocol (a), paired by seed: {'; '.join(parts)}.", ""]
-    return lines
+def start_check_lines(T, A, g):
+    """What the converged start did, where ``g`` is a check start (one of ``arena.starts`` on the
+    same network): per target, each method's PGD-20 from the converged start minus from ``g``,
+    under the same protocol-(a) budget, paired by seed ("dropped": the check cell was; "-": no
+    seed has both)."""
+    start = (A.get("starts") or {}).get(g)
+    if start is None or start.get("arch"):
+        return []
+    parts = []
+    for t in A["targets"]:
+        diffs = []
+        for k in row_keys(T, g, t):
+            p = paired(T, (f"a{T.groups[k][0]['budget']}", *k[1:]), k)
+            diffs.append(f"{label(T.groups[k][0])} " + (f"{100 * p[0]:+.1f}" if p else "dropped" if T.excluded(k) else "-"))
+        if diffs:
+            parts.append(f"{100 * t:g} %: {', '.join(diffs)}")
+    return [f"**What the start did.** PGD-20 points that the converged start gave each method over the start {g!r} "
+            f"({', '.join(start.get('sets', []))}), protocol (a), paired by seed: {'; '.join(parts)}.", ""] if parts else []
 
 
 def cost_lines(summary, rs):
@@ -391,7 +392,7 @@ def section(summary, plot_name=f"{STEM}.png"):
         for t in A["targets"]:
             if row_keys(T, g, t):
                 lines += table_lines(T, g, t, (g, t, "oneshot", A["allocation"]))
-    lines += start_check_lines(T, A)
+        lines += start_check_lines(T, A, g)
     lines += ["### Answers to the pre-registered questions", ""] + answers(T, spec, limit, dense_aa(summary)) + [""]
     lines += [f"The paper's claim (ADMM beats magnitude pruning at high ratios), at each method's own protocol. "
               f"Verdict: {claim(T, spec, claim_reads(spec, still))}.", "", f"![the starts and robust accuracy at 99 %]({plot_name})", ""]
