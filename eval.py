@@ -18,7 +18,7 @@ from models import outside
 from common import ArgumentParser, UserError, atomic_write, get_device, run_cli, write_json
 from config import add_model_flags, check_stored, check_value, parse_float, user_config
 from evaluation.accuracy import ATTACKS, check_attacks, standard_attacks, sweep_attacks
-from evaluation.report import final_report, format_report
+from evaluation.report import SEED, final_report, format_report
 
 
 def plot_sweep(rep, path, title, num_classes):
@@ -65,7 +65,8 @@ def parse(argv=None):
                         "training set (its data.val_size): what choices between runs read")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
+    p.add_argument("--seed", type=int, default=SEED, help=f"seed of the attacks' random starts (default {SEED}, "
+                   "as in the training scripts' final report)")
     args = p.parse_args(argv)
     for flag, key in (("--steps", "eval.steps"), ("--restarts", "eval.restarts"), ("--limit", "eval.limit")):
         if getattr(args, flag[2:]) is not None:

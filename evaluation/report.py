@@ -14,6 +14,8 @@ from training.methods import training_info
 
 # --------------------------------------------------------------------------- report
 
+SEED = 0  # the attacks' random starts in a final report: the training scripts' and eval.py's default alike
+
 def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, sweep=None):
     """Sparsity of ``model`` against ``cfg``'s prune settings plus, on the first ``limit`` test
     examples (0 = all), all on the same examples: accuracy under each of ``attacks`` ({name: attack
@@ -76,11 +78,13 @@ def checkpoint_meta(ckpt, model, cfg):
             "quantization": quant.quantization_meta(model, cfg, ckpt.get("stage"), quant.recorded_scales(ckpt))}
 
 
-def final_report(model, cfg, test, device, attacks, meta, limit=0, seed=None, checks=None, sweep=None, path=None):
+def final_report(model, cfg, test, device, attacks, meta, limit=0, seed=SEED, checks=None, sweep=None, path=None):
     """The report that the training scripts print at the end and ``eval.py`` prints: ``report``'s
     figures completed with what the model's file says of it (``meta``: ``checkpoint_meta``, or
     ``deploy.formats.load_model``'s, which adds the export's "sparsity" and "compression").
-    ``path``: the file, recorded with its format and stage under "checkpoint"."""
+    ``path``: the file, recorded with its format and stage under "checkpoint". The attacks' random
+    starts come from ``seed``, not from the training's RNG, so ``eval.py --ckpt`` repeats a run's
+    final figures."""
     rep = report(model, cfg, test, device, attacks, limit, seed, checks, sweep)
     if "sparsity" in meta:  # the pruned model's; an export's compact layers no longer show the zeros
         rep["sparsity"] = meta["sparsity"]

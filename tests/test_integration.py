@@ -69,6 +69,9 @@ def test_all_stages_hit_target_sparsity(tmp_path, script, scheme):
     assert acc["pgd"] <= acc["natural"]
     assert set(acc) == {"natural", "fgsm", "pgd"}
     assert 0 < rep["sparsity"]["overall"] < 1 and rep["sparsity"]["compression_rate"] > 1
+    # eval.py at its defaults repeats the run's own final report: the same examples, attacks and random starts
+    run_rep = json.loads((out / "eval.json").read_text())
+    assert evaluate(out / "retrain.pt", tmp_path, "--no-checks")[0]["accuracy"] == run_rep["accuracy"]
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "resnet18"])
