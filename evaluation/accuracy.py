@@ -31,7 +31,8 @@ def count_correct(model, x, y):
 def _rng(seed, name, batch, device):
     """With a ``seed``, each (attack, batch) draws its random numbers from its own stream, so an
     attack's result depends on the seed alone, not on which other attacks run or in what order.
-    With None the global RNG is used as it is (the training scripts, whose next epochs draw from it)."""
+    With None the global RNG is used as it is (the per-epoch evaluations during training, whose
+    next epochs draw from it)."""
     if seed is None:
         yield
         return
