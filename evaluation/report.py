@@ -16,6 +16,7 @@ from training.methods import training_info
 
 SEED = 0  # the attacks' random starts in a final report: the training scripts' and eval.py's default alike
 
+
 def report(model, cfg, test, device, attacks, limit=0, seed=None, checks=None, sweep=None):
     """Sparsity of ``model`` against ``cfg``'s prune settings plus, on the first ``limit`` test
     examples (0 = all), all on the same examples: accuracy under each of ``attacks`` ({name: attack

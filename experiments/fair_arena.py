@@ -242,7 +242,7 @@ def answers(T, spec, limit, dense):
                                                                  f"({', '.join(pairs)})" if pairs else "the same order"))
     out.append("1. Does the ranking hold across protocols, budgets and networks (PGD-20 means; * a swap beyond "
                "noise in both tables)? " + ("; ".join(q1) or "not run yet") + ".")
-    own = [g for g in gs if g[0] == "b" or (A.get("starts") or {}).get(g, {}).get("arch")]
+    own = [g for g in gs if g[0] == "b" or other_network(A, g)]
     q2 = []
     for g in own:
         keys = row_keys(T, g, 0.99)
@@ -270,6 +270,11 @@ def answers(T, spec, limit, dense):
                 q4.append(f"{100 * t:g} %, {where}: {label(T.kept(w)[0])}" + close(T, w, row_keys(T, g, t), limit))
     out.append("4. What should a user pick (under protocol (b); the second network at the settings chosen on LeNet)? " + ("; ".join(q4) or "not run yet") + ".")
     return out
+
+
+def other_network(A, g):
+    """Whether the table ``g`` comes from a start of ``arena.starts`` on another network (its ``arch``)."""
+    return bool((A.get("starts") or {}).get(g, {}).get("arch"))
 
 
 def network(A, g):
@@ -332,8 +337,7 @@ def start_check_lines(T, A, g):
     same network): per target, each method's PGD-20 from the converged start minus from ``g``,
     under the same protocol-(a) budget, paired by seed ("dropped": the check cell was; "-": no
     seed has both)."""
-    start = (A.get("starts") or {}).get(g)
-    if start is None or start.get("arch"):
+    if g not in (A.get("starts") or {}) or other_network(A, g):
         return []
     parts = []
     for t in A["targets"]:
@@ -344,7 +348,7 @@ def start_check_lines(T, A, g):
         if diffs:
             parts.append(f"{100 * t:g} %: {', '.join(diffs)}")
     return [f"**What the start did.** PGD-20 points that the converged start gave each method over the start {g!r} "
-            f"({', '.join(start.get('sets', []))}), protocol (a), paired by seed: {'; '.join(parts)}.", ""] if parts else []
+            f"({', '.join(A['starts'][g].get('sets', []))}), protocol (a), paired by seed: {'; '.join(parts)}.", ""] if parts else []
 
 
 def cost_lines(summary, rs):

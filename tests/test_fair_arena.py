@@ -145,7 +145,7 @@ def test_what_the_start_did_pairs_the_check_row_with_protocol_a(cells):
     e10's configured epochs (it ran no validation)."""
     s1 = next(c for c in plan(SPEC) if c["id"] == "oneshot-lamp-t95-main-s1")
     recs = [record(cells["oneshot-lamp-t95-main-s0"], pgd=0.62), record(cells["oneshot-lamp-t95-check10-s0"], pgd=0.60),
-            record(s1, pgd=0.90), record({**cells["pre-adv-w4-s0-e10"]}),
+            record(s1, pgd=0.90), record(cells["pre-adv-w4-s0-e10"]),
             record(cells["hydra-lamp-t95-main-s0"], pgd=0.55), record(cells["hydra-lamp-t95-check10-s0"], pgd=0.58),
             record(cells["admm-lamp-t99-main-s0"]), record(cells["admm-lamp-t99-check10-s0"], energy=0.2)]
     text, _ = fair_arena.section(summary_of(recs))
